@@ -1,0 +1,25 @@
+"""The segmentation the measurement needs, on the CT grid."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .labels import CLASS_LABEL
+
+
+@dataclass
+class Segmentation:
+    """Masks on the CT grid, indexed [k, r, c] like `CTVolume.hu`.
+
+    `labels` uses TotalSegmentator's `total` numbering (see node.labels); `body` is the
+    `vertebrae_body` class of the `vertebrae_body` task, or None when it was not run.
+    """
+
+    labels: np.ndarray  # uint8
+    body: np.ndarray | None = None  # bool
+    totalsegmentator_version: str | None = None
+
+    def mask(self, class_name: str) -> np.ndarray:
+        return self.labels == CLASS_LABEL[class_name]
