@@ -1,0 +1,273 @@
+"""Durable spool of received instances: root/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm.
+
+An instance is acknowledged to a sender only after `Spool.store` returns, so every write is
+temp file → fsync → rename → fsync of the directory. The bytes are written as they arrived
+(no decode/re-encode): that keeps the original encoding for audit and keeps the receive path fast.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import Protocol
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+log = logging.getLogger(__name__)
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_TEMP_SUFFIX = ".partial"
+_SUMMARY_TAGS = (
+    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
+    "ImageType", "SliceThickness", "SeriesDescription", "BodyPartExamined", "ConvolutionKernel",
+    "PatientID", "AccessionNumber", "StudyDate", "InstanceNumber",
+)
+
+
+class SpoolError(Exception):
+    """Input that cannot be spooled; the message says why in one line."""
+
+
+class StoreOutcome(enum.Enum):
+    """What `Spool.store` did, so callers can tell a resend from changed content."""
+
+    NEW = "new"
+    DUPLICATE = "duplicate"  # identical bytes were already spooled: nothing written
+    REPLACED = "replaced"  # same SOP Instance UID, different bytes: replaced atomically
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """How an instance reached the node (an association or a watch-folder batch)."""
+
+    association_id: str
+    calling_ae: str
+    received_at: float
+
+
+@dataclass(frozen=True)
+class SpooledInstance:
+    """One durable instance plus the header fields series selection needs (never the patient name)."""
+
+    path: Path
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    association_id: str
+    calling_ae: str
+    received_at: float
+    modality: str
+    image_type: tuple[str, ...]
+    slice_thickness: float | None
+    series_description: str
+    body_part: str
+    convolution_kernel: str
+    patient_id: str
+    accession_number: str
+    study_date: str
+    instance_number: int | None
+    outcome: StoreOutcome = StoreOutcome.NEW
+
+
+class SpoolListener(Protocol):
+    """Told about every spooled instance; implemented by the series/job state."""
+
+    def instance_stored(self, instance: SpooledInstance) -> None: ...
+
+    def association_released(self, association_id: str) -> None: ...
+
+
+class Spool:
+    """The on-disk spool; safe for concurrent stores from several associations."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def store(self, data: bytes | bytearray | memoryview | Path, receipt: Receipt) -> SpooledInstance:
+        """Durably spool one DICOM Part 10 file given as its bytes (or a file to copy them from)."""
+        raw = Path(data).read_bytes() if isinstance(data, Path) else bytes(data)
+        header = read_header(raw)
+        target = self.series_dir(header.StudyInstanceUID, header.SeriesInstanceUID) / f"{header.SOPInstanceUID}.dcm"
+        outcome = self._write(target, raw)
+        instance = summarize(header, target, receipt, outcome)
+        if outcome is StoreOutcome.REPLACED:
+            log.warning(
+                "event=instance_replaced series=%s sop=%s association=%s reason=same SOP Instance UID with different content",
+                instance.series_uid, instance.sop_instance_uid, receipt.association_id,
+            )
+        return instance
+
+    def series_dir(self, study_uid: str, series_uid: str) -> Path:
+        """Where one series' instances live (the UIDs are checked so they cannot escape the root)."""
+        return self.root / _checked_uid(study_uid, "StudyInstanceUID") / _checked_uid(series_uid, "SeriesInstanceUID")
+
+    def series_files(self, study_uid: str, series_uid: str) -> list[Path]:
+        """The spooled instance files of a series, sorted by name for stable ordering."""
+        folder = self.series_dir(study_uid, series_uid)
+        return sorted(folder.glob("*.dcm")) if folder.is_dir() else []
+
+    def series(self) -> Iterator[tuple[str, str]]:
+        """Every (study UID, series UID) present, for rebuilding state after a restart."""
+        for study in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            for series in sorted(p for p in study.iterdir() if p.is_dir()):
+                yield study.name, series.name
+
+    def remove_series(self, study_uid: str, series_uid: str) -> None:
+        """Delete a processed series (and its study folder once empty)."""
+        folder = self.series_dir(study_uid, series_uid)
+        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            folder.parent.rmdir()
+        except OSError:
+            pass
+
+    def remove_partial_files(self) -> int:
+        """Delete temp files left by writes that a crash interrupted (never acknowledged)."""
+        removed = 0
+        for partial in self.root.glob(f"*/*/.*{_TEMP_SUFFIX}"):
+            partial.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+    def free_disk_mb(self) -> int:
+        """Free space for the spool's filesystem, for the receiver's watermark."""
+        return shutil.disk_usage(self.root).free // (1024 * 1024)
+
+    def _write(self, target: Path, raw: bytes) -> StoreOutcome:
+        if target.exists():
+            if _same_content(target, raw):
+                return StoreOutcome.DUPLICATE
+            _atomic_write(target, raw)
+            return StoreOutcome.REPLACED
+        _make_dirs_durable(target.parent, self.root)
+        _atomic_write(target, raw)
+        return StoreOutcome.NEW
+
+
+def read_header(raw: bytes) -> Dataset:
+    """Parse only the header of a Part 10 file; refuse anything the spool could not file."""
+    if len(raw) < 132 or raw[128:132] != b"DICM":
+        raise SpoolError("not a DICOM Part 10 file (no 'DICM' prefix at byte 128): send DICOM files, or convert with dcmconv")
+    try:
+        header = pydicom.dcmread(BytesIO(raw), stop_before_pixels=True, specific_tags=list(_SUMMARY_TAGS))
+    except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError) as exc:
+        raise SpoolError(f"unreadable DICOM header: {exc}") from None
+    for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID"):
+        if not str(header.get(keyword, "")).strip():
+            raise SpoolError(f"DICOM file has no {keyword}: the sender must supply it")
+    if "TransferSyntaxUID" not in header.file_meta:
+        raise SpoolError("DICOM file meta has no TransferSyntaxUID: re-export the file with a complete file meta header")
+    return header
+
+
+def summarize(header: Dataset, path: Path, receipt: Receipt, outcome: StoreOutcome) -> SpooledInstance:
+    """Reduce a header to the fields the node keeps (no patient name)."""
+    return SpooledInstance(
+        path=path,
+        study_uid=str(header.StudyInstanceUID),
+        series_uid=str(header.SeriesInstanceUID),
+        sop_instance_uid=str(header.SOPInstanceUID),
+        sop_class_uid=str(header.SOPClassUID),
+        transfer_syntax_uid=str(header.file_meta.TransferSyntaxUID),
+        association_id=receipt.association_id,
+        calling_ae=receipt.calling_ae,
+        received_at=receipt.received_at,
+        modality=_text(header, "Modality"),
+        image_type=tuple(str(v).strip() for v in _values(header.get("ImageType"))),
+        slice_thickness=_float_or_none(header.get("SliceThickness")),
+        series_description=_text(header, "SeriesDescription"),
+        body_part=_text(header, "BodyPartExamined"),
+        convolution_kernel="\\".join(str(v) for v in _values(header.get("ConvolutionKernel"))),
+        patient_id=_text(header, "PatientID"),
+        accession_number=_text(header, "AccessionNumber"),
+        study_date=_text(header, "StudyDate"),
+        instance_number=_int_or_none(header.get("InstanceNumber")),
+        outcome=outcome,
+    )
+
+
+def _checked_uid(uid: str, keyword: str) -> str:
+    uid = str(uid).strip()
+    if len(uid) > 64 or not _UID.match(uid):
+        raise SpoolError(f"{keyword} {uid[:70]!r} is not a valid UID (digits and dots, at most 64 characters): fix the sender")
+    return uid
+
+
+def _values(value: object) -> list:
+    if value is None or value == "":
+        return []
+    return list(value) if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [value]
+
+
+def _text(header: Dataset, keyword: str) -> str:
+    value = header.get(keyword)
+    return "" if value is None else str(value).strip()
+
+
+def _float_or_none(value: object) -> float | None:
+    try:
+        return None if value in (None, "") else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _int_or_none(value: object) -> int | None:
+    try:
+        return None if value in (None, "") else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _same_content(path: Path, raw: bytes) -> bool:
+    try:
+        return path.stat().st_size == len(raw) and path.read_bytes() == raw
+    except FileNotFoundError:
+        return False
+
+
+def _atomic_write(target: Path, raw: bytes) -> None:
+    temp = target.parent / f".{target.name}.{secrets.token_hex(4)}{_TEMP_SUFFIX}"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    try:
+        with os.fdopen(fd, "wb", closefd=True) as handle:
+            handle.write(raw)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, target)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(target.parent)
+
+
+def _make_dirs_durable(folder: Path, root: Path) -> None:
+    """Create missing folders and fsync each parent, so a new series folder survives a crash."""
+    missing = []
+    current = folder
+    while current != root and not current.exists():
+        missing.append(current)
+        current = current.parent
+    for path in reversed(missing):
+        path.mkdir(exist_ok=True)
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
