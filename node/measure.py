@@ -1,0 +1,248 @@
+"""Paraspinal muscle volume and attenuation per thoracic level: the published "seed" method.
+
+Pure numpy on arrays already in memory. The method (reference: the MESA paraspinal study and
+its vBMD code) is, per level Tn:
+  body mask = vertebrae_body ∩ vertebrae_Tn ∩ (body_hu_min ≤ HU ≤ body_hu_max)
+  slab      = min..max slice index k containing the body mask
+  muscle    = (autochthon_left ∪ autochthon_right) on the slab's slices
+and T1–T10 is the muscle on the union of the ten slabs. Attenuation is the median HU of all
+muscle voxels with no HU window (the `lean` block adds the −29..150 HU window users ask for).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from . import __version__
+from .config import MeasureConfig
+from .ct import CTVolume
+from .labels import AUTOCHTHON_LEFT, AUTOCHTHON_RIGHT, MEASURED_LEVELS, VERTEBRA_LABEL
+from .segmentation import Segmentation
+
+METHOD_NAME = "seed"
+METHOD_REFERENCE = (
+    "Paraspinal muscle at T1-T10 by slabs of TotalSegmentator vertebral bodies (1-700 HU); "
+    "median HU of left+right autochthon voxels, no HU window (MESA paraspinal muscle study)"
+)
+SIDES = ("left", "right", "combined")
+
+
+@dataclass
+class HUStats:
+    voxels: int
+    volume_cm3: float
+    median_hu: float | None
+    mean_hu: float | None
+    sd_hu: float | None
+    p25_hu: float | None
+    p75_hu: float | None
+
+
+@dataclass
+class MuscleStats(HUStats):
+    fat_fraction: float | None
+    lean: HUStats
+
+
+@dataclass
+class Slab:
+    first_slice: int
+    last_slice: int
+    height_mm: float
+
+
+@dataclass
+class LevelResult:
+    level: str
+    status: str  # complete, partial or absent
+    reasons: list[str]
+    slab: Slab | None
+    left: MuscleStats
+    right: MuscleStats
+    combined: MuscleStats
+
+
+@dataclass
+class QCFinding:
+    code: str
+    message: str
+
+
+@dataclass
+class MeasurementResult:
+    levels: list[LevelResult]
+    total: dict[str, MuscleStats]
+    qc: list[QCFinding]
+    method: dict
+    source: dict
+    software: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def level(self, name: str) -> LevelResult:
+        return next(level for level in self.levels if level.level == name)
+
+
+def measure(ct: CTVolume, seg: Segmentation, params: MeasureConfig) -> MeasurementResult:
+    if seg.labels.shape != ct.hu.shape or (seg.body is not None and seg.body.shape != ct.hu.shape):
+        raise ValueError(f"segmentation shape {seg.labels.shape} differs from CT shape {ct.hu.shape}")
+    boxes = ndimage.find_objects(seg.labels, max_label=max(VERTEBRA_LABEL.values()))
+    levels = [_measure_level(ct, seg, params, name, boxes[VERTEBRA_LABEL[name] - 1]) for name in MEASURED_LEVELS]
+    slab_slices = _union_of_slabs(levels, ct.shape[0])
+    total = _muscle_on_slices(ct, seg, params, slab_slices)
+    return MeasurementResult(
+        levels=levels,
+        total=total,
+        qc=_qc_findings(ct, seg, params, levels),
+        method={
+            "name": METHOD_NAME,
+            "vertebral_body_source": "vertebrae_body" if seg.body is not None else "whole_vertebra",
+            "parameters": {
+                "body_hu_min": params.body_hu_min,
+                "body_hu_max": params.body_hu_max,
+                "fat_hu_below": params.fat_hu_below,
+                "lean_hu_min": params.lean_hu_min,
+                "lean_hu_max": params.lean_hu_max,
+                "slab": "min..max axial slice index of the level body mask",
+                "statistics": "all muscle voxels, no HU window, no resampling; percentiles linear; SD population",
+            },
+            "reference": METHOD_REFERENCE,
+        },
+        source={"study_instance_uid": ct.study_uid, "series_instance_uid": ct.series_uid},
+        software={"paraspinal_node": __version__, "totalsegmentator": seg.totalsegmentator_version},
+    )
+
+
+def _measure_level(ct: CTVolume, seg: Segmentation, params: MeasureConfig, name: str, box) -> LevelResult:
+    slab = _slab(ct, seg, params, VERTEBRA_LABEL[name], box)
+    if slab is None:
+        reason = "vertebra not segmented" if box is None else "no vertebral body voxels within the HU window"
+        empty = _muscle_stats(np.empty(0, np.int16), ct.voxel_volume_mm3, params)
+        return LevelResult(name, "absent", [reason], None, empty, empty, empty)
+    selected = np.zeros(ct.shape[0], dtype=bool)
+    selected[slab.first_slice : slab.last_slice + 1] = True
+    sides = _muscle_on_slices(ct, seg, params, selected)
+    reasons = _partial_reasons(ct, seg, box, slab)
+    return LevelResult(name, "partial" if reasons else "complete", reasons, slab, **sides)
+
+
+def _slab(ct: CTVolume, seg: Segmentation, params: MeasureConfig, label: int, box) -> Slab | None:
+    """Only the vertebra's bounding box is scanned: the rest of the volume cannot hold its body."""
+    if box is None:
+        return None
+    body = seg.labels[box] == label
+    if seg.body is not None:
+        body &= seg.body[box]
+    hu = ct.hu[box]
+    body &= (hu >= params.body_hu_min) & (hu <= params.body_hu_max)
+    slices = np.flatnonzero(body.any(axis=(1, 2)))
+    if slices.size == 0:
+        return None
+    first, last = int(box[0].start + slices[0]), int(box[0].start + slices[-1])
+    return Slab(first, last, (last - first + 1) * ct.spacing[0])
+
+
+def _partial_reasons(ct: CTVolume, seg: Segmentation, box, slab: Slab) -> list[str]:
+    reasons = []
+    if box[0].start == 0 or box[0].stop == ct.shape[0]:
+        reasons.append("vertebra touches the first or last slice")
+    muscle = np.isin(seg.labels[slab.first_slice : slab.last_slice + 1], (AUTOCHTHON_LEFT, AUTOCHTHON_RIGHT))
+    border = muscle[:, 0, :].any() or muscle[:, -1, :].any() or muscle[:, :, 0].any() or muscle[:, :, -1].any()
+    if border:
+        reasons.append("muscle touches the in-plane image border")
+    return reasons
+
+
+def _union_of_slabs(levels: list[LevelResult], n_slices: int) -> np.ndarray:
+    selected = np.zeros(n_slices, dtype=bool)
+    for level in levels:
+        if level.slab is not None:
+            selected[level.slab.first_slice : level.slab.last_slice + 1] = True
+    return selected
+
+
+def _muscle_on_slices(ct: CTVolume, seg: Segmentation, params: MeasureConfig, selected: np.ndarray) -> dict[str, MuscleStats]:
+    """Left, right and combined statistics of the muscle on the selected slices."""
+    ks = np.flatnonzero(selected)
+    labels, hu = seg.labels[ks], ct.hu[ks]
+    left, right = hu[labels == AUTOCHTHON_LEFT], hu[labels == AUTOCHTHON_RIGHT]
+    volume = ct.voxel_volume_mm3
+    return {
+        "left": _muscle_stats(left, volume, params),
+        "right": _muscle_stats(right, volume, params),
+        "combined": _muscle_stats(np.concatenate([left, right]), volume, params),
+    }
+
+
+def _muscle_stats(values: np.ndarray, voxel_mm3: float, params: MeasureConfig) -> MuscleStats:
+    lean = values[(values >= params.lean_hu_min) & (values <= params.lean_hu_max)]
+    fat = float(np.count_nonzero(values < params.fat_hu_below) / values.size) if values.size else None
+    return MuscleStats(**dataclasses.asdict(_hu_stats(values, voxel_mm3)), fat_fraction=fat, lean=_hu_stats(lean, voxel_mm3))
+
+
+def _hu_stats(values: np.ndarray, voxel_mm3: float) -> HUStats:
+    n = int(values.size)
+    volume = n * voxel_mm3 / 1000.0
+    if n == 0:
+        return HUStats(0, 0.0, None, None, None, None, None)
+    as_float = values.astype(np.float64)
+    p25, median, p75 = np.percentile(as_float, [25, 50, 75])
+    return HUStats(n, volume, float(median), float(as_float.mean()), float(as_float.std()), float(p25), float(p75))
+
+
+def _qc_findings(ct: CTVolume, seg: Segmentation, params: MeasureConfig, levels: list[LevelResult]) -> list[QCFinding]:
+    found: list[QCFinding] = []
+    present = [level for level in levels if level.slab is not None]
+    if seg.body is None:
+        found.append(QCFinding("whole_vertebra_bodies", "vertebrae_body not available: slabs use the whole-vertebra masks"))
+    if not present:
+        found.append(QCFinding("no_levels", "none of T1–T10 was found in this series"))
+    thickness = ct.slice_thickness if ct.slice_thickness is not None else ct.spacing[0]
+    if thickness > params.max_slice_thickness_mm:
+        found.append(QCFinding("slice_thickness", f"slice thickness {thickness:.1f} mm is above {params.max_slice_thickness_mm:.1f} mm"))
+    if ct.shape[0] < params.min_slices:
+        found.append(QCFinding("too_few_slices", f"{ct.shape[0]} slices, fewer than {params.min_slices}"))
+    found += _order_findings(ct, present)
+    found += _height_findings(params, present)
+    found += _overlap_findings(present)
+    return found
+
+
+def _order_findings(ct: CTVolume, present: list[LevelResult]) -> list[QCFinding]:
+    """T1 must lie above T2 and so on, and no level may be missing between two found ones."""
+    found = []
+    height = [ct.superior_sign * (level.slab.first_slice + level.slab.last_slice) / 2 for level in present]
+    for upper, lower, h_upper, h_lower in zip(present, present[1:], height, height[1:]):
+        if h_upper <= h_lower:
+            found.append(QCFinding("level_order", f"{upper.level} is not above {lower.level}: labels out of cranio-caudal order"))
+    if present:
+        names = list(MEASURED_LEVELS)
+        span = names[names.index(present[0].level) : names.index(present[-1].level) + 1]
+        missing = [name for name in span if name not in {level.level for level in present}]
+        if missing:
+            found.append(QCFinding("level_gap", f"levels not contiguous: {', '.join(missing)} missing between found levels"))
+    return found
+
+
+def _height_findings(params: MeasureConfig, present: list[LevelResult]) -> list[QCFinding]:
+    return [
+        QCFinding("body_height", f"{level.level} vertebral body height {level.slab.height_mm:.1f} mm is outside "
+                  f"{params.body_height_min_mm:.0f}–{params.body_height_max_mm:.0f} mm")
+        for level in present
+        if level.status == "complete" and not params.body_height_min_mm <= level.slab.height_mm <= params.body_height_max_mm
+    ]
+
+
+def _overlap_findings(present: list[LevelResult]) -> list[QCFinding]:
+    found = []
+    for i, a in enumerate(present):
+        for b in present[i + 1 :]:
+            shared = min(a.slab.last_slice, b.slab.last_slice) - max(a.slab.first_slice, b.slab.first_slice) + 1
+            if shared > 0:
+                found.append(QCFinding("slab_overlap", f"{a.level} and {b.level} slabs share {shared} slice(s); they count in both"))
+    return found

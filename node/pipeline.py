@@ -1,0 +1,57 @@
+"""One series from disk to results on disk: load → segment → measure → encode.
+
+Both `paraspinal-node measure` and the worker run exactly this, so a result made by hand and
+one made by the node are the same computation.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import Config
+from .ct import CTVolume
+from .ct_load import load_ct
+from .measure import MeasurementResult, measure
+from .report import write_reports
+from .seg_load import PrecomputedSegmenter, load_segmentation
+from .segmentation import Segmentation
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PipelineResult:
+    measurement: MeasurementResult
+    files: dict[str, Path] = field(default_factory=dict)  # measurements_json, measurements_csv, seg, sr, keyimage
+
+
+def run_pipeline(ct_path: Path, out_dir: Path, config: Config, seg_path: Path | None = None, dicom: bool = True) -> PipelineResult:
+    """Raises InputError for input to refuse, WeightsMissingError when the model is not installed."""
+    ct = load_ct(ct_path)
+    log.info("event=ct_loaded series=%s slices=%d", ct.series_uid, ct.shape[0])
+    seg = load_segmentation(seg_path, ct) if seg_path is not None else segment(ct, config)
+    result = measure(ct, seg, config.measure)
+    json_path, csv_path = write_reports(result, out_dir)
+    files = {"measurements_json": json_path, "measurements_csv": csv_path}
+    if dicom and ct.datasets:
+        files.update(_encode(ct, seg, result, out_dir, config))
+    log.info("event=measured series=%s levels_present=%d", ct.series_uid, sum(lv.status != "absent" for lv in result.levels))
+    return PipelineResult(result, files)
+
+
+def segment(ct: CTVolume, config: Config) -> Segmentation:
+    if config.segmenter.backend == "precomputed":
+        return PrecomputedSegmenter(config.segmenter).segment(ct)
+    from .segment import make_segmenter
+
+    return make_segmenter(config.segmenter).segment(ct)
+
+
+def _encode(ct: CTVolume, seg: Segmentation, result: MeasurementResult, out_dir: Path, config: Config) -> dict[str, Path]:
+    from dicom_sr.results import EncodeOptions, write_results
+
+    options = EncodeOptions(low_attenuation_hu=config.measure.low_attenuation_hu)
+    written = write_results(ct, seg, result.to_dict(), out_dir, options)
+    return {"seg": written.seg, "sr": written.sr, "keyimage": written.keyimage}

@@ -1,0 +1,89 @@
+"""Read an existing TotalSegmentator output and map it onto the CT grid by physical coordinates.
+
+Two forms are accepted, as TotalSegmentator writes them: a folder of per-class masks
+(`vertebrae_T1.nii.gz`, `autochthon_left.nii.gz`, optional `vertebrae_body.nii.gz`), or one
+multilabel NIfTI in `total` numbering (with an optional `vertebrae_body.nii.gz` beside it).
+Nearest-neighbour resampling keeps labels exact when the grids share voxel centres, whatever
+the orientation or axis order of the mask files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .config import SegmenterConfig
+from .ct import CTVolume, InputError
+from .labels import BODY_CLASS, CLASS_LABEL
+from .segmentation import Segmentation
+
+BODY_FILE = f"{BODY_CLASS}.nii.gz"
+
+
+def load_segmentation(path: Path, ct: CTVolume) -> Segmentation:
+    path = Path(path)
+    if path.is_dir():
+        return _load_folder(path, ct)
+    if path.is_file():
+        labels = _on_ct_grid(path, ct)
+        return Segmentation(labels=labels, body=_optional_body(path.parent / BODY_FILE, ct))
+    raise InputError(f"segmentation {path} does not exist: give a TotalSegmentator output folder or multilabel NIfTI")
+
+
+class PrecomputedSegmenter:
+    """Reads segmentations made elsewhere from `precomputed_dir/<SeriesInstanceUID>/`."""
+
+    def __init__(self, config: SegmenterConfig) -> None:
+        self.root = Path(config.precomputed_dir)
+
+    def segment(self, ct: CTVolume) -> Segmentation:
+        folder = self.root / str(ct.series_uid)
+        if not folder.is_dir():
+            raise InputError(f"no precomputed segmentation in {folder}: put the TotalSegmentator output for this series there")
+        return load_segmentation(folder, ct)
+
+
+def _load_folder(folder: Path, ct: CTVolume) -> Segmentation:
+    present = {name: folder / f"{name}.nii.gz" for name in CLASS_LABEL if (folder / f"{name}.nii.gz").is_file()}
+    if not present:
+        raise InputError(f"{folder} holds none of the TotalSegmentator masks (vertebrae_T1.nii.gz, autochthon_left.nii.gz, ...)")
+    labels = np.zeros(ct.shape, dtype=np.uint8)
+    for name, file in present.items():
+        labels[_on_ct_grid(file, ct) > 0] = CLASS_LABEL[name]
+    return Segmentation(labels=labels, body=_optional_body(folder / BODY_FILE, ct))
+
+
+def _optional_body(file: Path, ct: CTVolume) -> np.ndarray | None:
+    """The vertebrae_body task writes 1 = body, 2 = discs (multilabel) or a binary body mask."""
+    return _on_ct_grid(file, ct) == 1 if file.is_file() else None
+
+
+def _on_ct_grid(file: Path, ct: CTVolume) -> np.ndarray:
+    try:
+        image = sitk.ReadImage(str(file))
+    except RuntimeError as exc:
+        raise InputError(f"cannot read mask {file}: {str(exc).strip().splitlines()[-1]}") from None
+    reference = ct.reference_image()
+    _check_same_extent(image, reference, file)
+    image = sitk.Cast(image, sitk.sitkUInt8) if image.GetPixelID() != sitk.sitkUInt8 else image
+    resampled = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    return sitk.GetArrayFromImage(resampled)
+
+
+def _check_same_extent(image: sitk.Image, reference: sitk.Image, file: Path) -> None:
+    """A mask of another series would be measured silently wrong; demand the same physical box."""
+    tolerance = max(max(image.GetSpacing()), max(reference.GetSpacing()))
+    if np.max(np.abs(_box(image) - _box(reference))) > tolerance:
+        raise InputError(f"mask {file.name} does not cover the same region as the CT: is it from another series?")
+
+
+def _box(image: sitk.Image) -> np.ndarray:
+    size = image.GetSize()
+    corners = [
+        image.TransformContinuousIndexToPhysicalPoint([c * (n - 1) for c, n in zip(corner, size)])
+        for corner in np.ndindex(2, 2, 2)
+    ]
+    points = np.array(corners)
+    return np.concatenate([points.min(axis=0), points.max(axis=0)])
