@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +42,15 @@ class DestinationConfig:
 class StorageConfig:
     state_dir: Path = Path("./state")
 
+    @property
+    def database(self) -> Path:
+        return self.state_dir / "state.sqlite"
+
+    @property
+    def outbox_dir(self) -> Path:
+        """Per-job result folders, kept until every delivery of the job is settled and beyond."""
+        return self.state_dir / "outbox"
+
 
 @dataclass
 class SegmenterConfig:
@@ -67,12 +78,66 @@ class MeasureConfig:
 
 
 @dataclass
+class SelectionConfig:
+    """Which completed series are worth a segmentation run; the rest are recorded as skipped."""
+
+    modalities: list[str] = field(default_factory=lambda: ["CT"])
+    image_type: list[str] = field(default_factory=lambda: ["ORIGINAL", "PRIMARY", "AXIAL"])  # all required
+    slice_thickness_min_mm: float = 0.5
+    slice_thickness_max_mm: float = 5.0
+    min_slices: int = 20
+    # Regular expressions (Python syntax, searched anywhere in the value); empty: no rule.
+    series_description_include: str = ""
+    series_description_exclude: str = "(?i)scout|topogram|localizer|surview|dose|mip|mpr"
+    body_part_include: str = ""
+    body_part_exclude: str = ""
+    kernel_include: str = ""
+    kernel_exclude: str = ""
+
+
+@dataclass
+class CompletionConfig:
+    release_quiet_s: float = 5.0  # after the association that carried the series was released
+    idle_quiet_s: float = 60.0  # after the last instance, when no release was seen
+
+
+@dataclass
+class WorkerConfig:
+    count: int = 1  # worker processes `serve` supervises (0: run `paraspinal-node worker` separately)
+    lease_s: float = 120.0  # a job whose worker stops renewing for this long is queued again
+    max_attempts: int = 3  # attempts before a repeatedly failing job ends as failed
+    retry_delay_s: float = 30.0
+    poll_s: float = 1.0
+    weights_check_s: float = 60.0  # how often held jobs look for newly installed weights
+
+
+@dataclass
+class DeliveryConfig:
+    retry_base_s: float = 10.0  # first retry delay, doubled after each failure
+    retry_max_interval_s: float = 900.0
+    horizon_s: float = 86400.0  # after this long without success a delivery ends as failed
+    timeout_s: float = 60.0  # network timeout of one association
+    results_dir: Path | None = None  # also write measurements as JSON and CSV here
+
+
+@dataclass
+class LoggingConfig:
+    level: str = "INFO"
+    format: str = "kv"  # kv (key=value) or json
+
+
+@dataclass
 class Config:
     receiver: ReceiverConfig = field(default_factory=ReceiverConfig)
     destinations: list[DestinationConfig] = field(default_factory=list)
     storage: StorageConfig = field(default_factory=StorageConfig)
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    completion: CompletionConfig = field(default_factory=CompletionConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 _VALID_BACKENDS = ("totalsegmentator", "precomputed")
@@ -110,6 +175,8 @@ def _build(cls: type, raw: object, where: str):
 
 
 def _convert(hint, value, key: str):
+    if _optional_of(hint) is not None:
+        return _convert(_optional_of(hint), value, key)
     origin = typing.get_origin(hint)
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, key)
@@ -129,6 +196,15 @@ def _convert(hint, value, key: str):
     return value
 
 
+def _optional_of(hint) -> type | None:
+    """The X of `X | None`, else None; TOML has no null, so an absent key means None."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return None
+
+
 def _key(where: str, name: str) -> str:
     return f"{where}.{name}" if where else name
 
@@ -146,6 +222,8 @@ def _apply_environment(config: Config, environ: typing.Mapping[str, str]) -> Non
 
 
 def _from_text(hint, text: str, env: str):
+    if _optional_of(hint) is not None:
+        return _from_text(_optional_of(hint), text, env) if text else None
     try:
         if hint is bool:
             if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
@@ -173,3 +251,52 @@ def _validate(config: Config) -> None:
     for i, dest in enumerate(config.destinations):
         if not dest.ae_title or not dest.host:
             raise ConfigError(f"destinations[{i}] needs ae_title and host")
+        if not 0 < len(dest.ae_title) <= 16:
+            raise ConfigError(f"destinations[{i}].ae_title must be 1 to 16 characters")
+        if not 0 < dest.port < 65536:
+            raise ConfigError(f"destinations[{i}].port must be 1..65535, not {dest.port}")
+    _validate_selection(config.selection)
+    _validate_positive(config)
+    if config.logging.format not in ("kv", "json"):
+        raise ConfigError(f"logging.format must be kv or json, not {config.logging.format!r}")
+    if config.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"logging.level must be DEBUG, INFO, WARNING or ERROR, not {config.logging.level!r}")
+
+
+_REGEX_KEYS = tuple(
+    f"{part}_{way}" for part in ("series_description", "body_part", "kernel") for way in ("include", "exclude")
+)
+
+
+def _validate_selection(selection: SelectionConfig) -> None:
+    for name in _REGEX_KEYS:
+        try:
+            re.compile(getattr(selection, name))
+        except re.error as exc:
+            raise ConfigError(f"selection.{name} is not a valid regular expression ({exc}): fix the pattern") from None
+    if selection.slice_thickness_min_mm > selection.slice_thickness_max_mm:
+        raise ConfigError("selection.slice_thickness_min_mm must not exceed selection.slice_thickness_max_mm")
+    if selection.min_slices < 1:
+        raise ConfigError("selection.min_slices must be at least 1")
+
+
+def _validate_positive(config: Config) -> None:
+    positive = {
+        "completion.release_quiet_s": config.completion.release_quiet_s,
+        "completion.idle_quiet_s": config.completion.idle_quiet_s,
+        "worker.lease_s": config.worker.lease_s,
+        "worker.max_attempts": config.worker.max_attempts,
+        "worker.poll_s": config.worker.poll_s,
+        "worker.weights_check_s": config.worker.weights_check_s,
+        "delivery.retry_base_s": config.delivery.retry_base_s,
+        "delivery.retry_max_interval_s": config.delivery.retry_max_interval_s,
+        "delivery.horizon_s": config.delivery.horizon_s,
+        "delivery.timeout_s": config.delivery.timeout_s,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be greater than 0, not {value}")
+    if config.worker.count < 0:
+        raise ConfigError(f"worker.count must be 0 or more, not {config.worker.count}")
+    if config.worker.retry_delay_s < 0:
+        raise ConfigError(f"worker.retry_delay_s must be 0 or more, not {config.worker.retry_delay_s}")

@@ -1,0 +1,470 @@
+"""Durable node state in SQLite (WAL): series, jobs and deliveries.
+
+Several processes share the database (the service and its workers), so every write is one
+short `BEGIN IMMEDIATE` transaction and every state change that must happen together (a job
+finishing and its deliveries appearing) happens in the same one. The job queue is reached
+through the `JobStore` protocol so that a multi-host backend can replace it later.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class StateError(Exception):
+    """The state database cannot be used; the message says why and what to do."""
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    HELD = "held"
+
+
+class DeliveryStatus(StrEnum):
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class SeriesRecord:
+    """What the node knows about a completed series; patient ID and accession feed the worklist."""
+
+    series_uid: str
+    study_uid: str
+    patient_id: str
+    accession: str
+    study_date: str
+    modality: str
+    description: str
+    instances: int
+    fingerprint: str
+    series_dir: str
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    series_uid: str
+    fingerprint: str
+    series_dir: str
+    status: JobStatus
+    attempts: int
+    last_error: str | None
+    lease_owner: str | None
+    lease_expires_at: float | None
+    not_before: float
+    created_at: float
+    updated_at: float
+    finished_at: float | None
+
+
+@dataclass(frozen=True)
+class Delivery:
+    id: int
+    job_id: int
+    destination: str
+    file: str
+    status: DeliveryStatus
+    attempts: int
+    next_attempt_at: float
+    last_error: str | None
+    created_at: float
+    sent_at: float | None
+
+
+@dataclass(frozen=True)
+class NewDelivery:
+    """One file for one destination ("AE@host:port", or "folder" for the results folder)."""
+
+    destination: str
+    file: str
+
+
+class JobStore(Protocol):
+    """The job queue as workers and the scheduler use it."""
+
+    def add_job(self, series_uid: str, fingerprint: str, series_dir: str,
+                status: JobStatus = JobStatus.QUEUED, reason: str | None = None) -> Job | None: ...
+
+    def claim(self, owner: str, lease_s: float, max_attempts: int) -> Job | None: ...
+
+    def renew(self, job_id: int, owner: str, lease_s: float) -> bool: ...
+
+    def complete(self, job_id: int, owner: str, result: dict[str, Any], deliveries: list[NewDelivery]) -> bool: ...
+
+    def fail(self, job_id: int, owner: str, error: str, retry_at: float | None) -> bool: ...
+
+    def hold(self, job_id: int, owner: str, reason: str) -> bool: ...
+
+    def release_held(self) -> int: ...
+
+    def requeue_owner(self, owner: str) -> int: ...
+
+    def retry(self, job_id: int) -> str: ...
+
+    def get_job(self, job_id: int) -> Job | None: ...
+
+
+_MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE series (
+        series_uid TEXT PRIMARY KEY,
+        study_uid TEXT NOT NULL,
+        patient_id TEXT NOT NULL,
+        accession TEXT NOT NULL,
+        study_date TEXT NOT NULL,
+        modality TEXT NOT NULL,
+        description TEXT NOT NULL,
+        instances INTEGER NOT NULL,
+        fingerprint TEXT NOT NULL,
+        series_dir TEXT NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        series_uid TEXT NOT NULL REFERENCES series(series_uid),
+        fingerprint TEXT NOT NULL,
+        series_dir TEXT NOT NULL,
+        status TEXT NOT NULL
+            CHECK (status IN ('queued', 'running', 'done', 'failed', 'skipped', 'held')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT,
+        lease_owner TEXT,
+        lease_expires_at REAL,
+        not_before REAL NOT NULL DEFAULT 0,
+        result TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        finished_at REAL,
+        UNIQUE (series_uid, fingerprint)
+    );
+    CREATE INDEX jobs_by_status ON jobs (status, not_before);
+    CREATE TABLE deliveries (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id INTEGER NOT NULL REFERENCES jobs(id),
+        destination TEXT NOT NULL,
+        file TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('pending', 'sent', 'failed')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL,
+        last_error TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        sent_at REAL,
+        UNIQUE (job_id, destination, file)
+    );
+    CREATE INDEX deliveries_due ON deliveries (status, next_attempt_at);
+    """,
+)
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+_JOB_COLUMNS = ("id, series_uid, fingerprint, series_dir, status, attempts, last_error, lease_owner, "
+                "lease_expires_at, not_before, created_at, updated_at, finished_at")
+_DELIVERY_COLUMNS = ("id, job_id, destination, file, status, attempts, next_attempt_at, last_error, "
+                     "created_at, sent_at")
+
+
+def open_state(database: Path) -> State:
+    """Open (creating and migrating as needed) the state database at `database`."""
+    database.parent.mkdir(parents=True, exist_ok=True)
+    return State(database)
+
+
+class State:
+    """The SQLite implementation of JobStore, plus the series and delivery tables.
+
+    One connection per object, shared by the threads of one process under a lock.
+    """
+
+    def __init__(self, database: Path, clock=time.time) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(database, timeout=30.0, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.Error as exc:
+            raise StateError(f"cannot open state database {database} ({exc}): check storage.state_dir "
+                             "exists and is writable by the service user") from None
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._migrate(database)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _migrate(self, database: Path) -> None:
+        with self._transaction() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StateError(f"state database {database} has schema version {version}, newer than this "
+                                 f"paraspinal-node knows ({SCHEMA_VERSION}): upgrade paraspinal-node")
+            for number in range(version, SCHEMA_VERSION):
+                for statement in _statements(_MIGRATIONS[number]):
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version={number + 1}")
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """An immediate write transaction, so concurrent claimers serialise instead of deadlocking."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, params: tuple | dict = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    @property
+    def schema_version(self) -> int:
+        return self._query("PRAGMA user_version")[0][0]
+
+    # series -------------------------------------------------------------------------------
+
+    def record_series(self, series: SeriesRecord) -> None:
+        """Insert or refresh a completed series; the latest content wins."""
+        values = {**series.__dict__, "now": self._clock()}
+        with self._transaction() as db:
+            db.execute(
+                """INSERT INTO series VALUES (:series_uid, :study_uid, :patient_id, :accession, :study_date,
+                   :modality, :description, :instances, :fingerprint, :series_dir, :now)
+                   ON CONFLICT (series_uid) DO UPDATE SET study_uid=excluded.study_uid,
+                   patient_id=excluded.patient_id, accession=excluded.accession, study_date=excluded.study_date,
+                   modality=excluded.modality, description=excluded.description, instances=excluded.instances,
+                   fingerprint=excluded.fingerprint, series_dir=excluded.series_dir, updated_at=excluded.updated_at""",
+                values,
+            )
+
+    def get_series(self, series_uid: str) -> SeriesRecord | None:
+        rows = self._query(
+            "SELECT series_uid, study_uid, patient_id, accession, study_date, modality, description, instances, "
+            "fingerprint, series_dir FROM series WHERE series_uid = ?", (series_uid,))
+        return SeriesRecord(*rows[0]) if rows else None
+
+    def has_job_for(self, series_uid: str, fingerprint: str) -> bool:
+        """Whether this exact series content was already queued or skipped."""
+        return bool(self._query("SELECT 1 FROM jobs WHERE series_uid = ? AND fingerprint = ?",
+                                (series_uid, fingerprint)))
+
+    # jobs ---------------------------------------------------------------------------------
+
+    def add_job(self, series_uid: str, fingerprint: str, series_dir: str,
+                status: JobStatus = JobStatus.QUEUED, reason: str | None = None) -> Job | None:
+        """Queue (or record as skipped) one series content; None when that content already has a job."""
+        now = self._clock()
+        finished = now if status in (JobStatus.SKIPPED, JobStatus.DONE, JobStatus.FAILED) else None
+        with self._transaction() as db:
+            cursor = db.execute(
+                """INSERT INTO jobs (series_uid, fingerprint, series_dir, status, last_error, created_at,
+                   updated_at, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                   ON CONFLICT (series_uid, fingerprint) DO NOTHING""",
+                (series_uid, fingerprint, series_dir, str(status), reason, now, now, finished),
+            )
+            if cursor.rowcount == 0:
+                return None
+            return _job(db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (cursor.lastrowid,)).fetchone())
+
+    def claim(self, owner: str, lease_s: float, max_attempts: int) -> Job | None:
+        """Take the oldest runnable job for `owner`, first settling leases whose worker died."""
+        now = self._clock()
+        with self._transaction() as db:
+            self._settle_expired_leases(db, now, max_attempts)
+            row = db.execute(
+                "SELECT id FROM jobs WHERE status = 'queued' AND not_before <= ? ORDER BY not_before, id LIMIT 1",
+                (now,)).fetchone()
+            if row is None:
+                return None
+            db.execute(
+                """UPDATE jobs SET status = 'running', attempts = attempts + 1, lease_owner = ?,
+                   lease_expires_at = ?, updated_at = ? WHERE id = ?""",
+                (owner, now + lease_s, now, row[0]))
+            return _job(db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (row[0],)).fetchone())
+
+    def _settle_expired_leases(self, db: sqlite3.Connection, now: float, max_attempts: int) -> None:
+        db.execute(
+            """UPDATE jobs SET status = 'failed', finished_at = :now, updated_at = :now, lease_owner = NULL,
+               last_error = 'worker stopped during the job ' || attempts || ' times (lease expired); last error: '
+                            || COALESCE(last_error, 'none')
+               WHERE status = 'running' AND lease_expires_at < :now AND attempts >= :max""",
+            {"now": now, "max": max_attempts})
+        db.execute(
+            """UPDATE jobs SET status = 'queued', updated_at = :now, lease_owner = NULL, lease_expires_at = NULL
+               WHERE status = 'running' AND lease_expires_at < :now""", {"now": now})
+
+    def renew(self, job_id: int, owner: str, lease_s: float) -> bool:
+        """Extend the lease; False means the lease was lost and the worker must drop the job."""
+        now = self._clock()
+        with self._transaction() as db:
+            cursor = db.execute(
+                """UPDATE jobs SET lease_expires_at = ?, updated_at = ?
+                   WHERE id = ? AND lease_owner = ? AND status = 'running'""", (now + lease_s, now, job_id, owner))
+            return cursor.rowcount == 1
+
+    def complete(self, job_id: int, owner: str, result: dict[str, Any], deliveries: list[NewDelivery]) -> bool:
+        """Mark the job done and queue its deliveries in one transaction, only while `owner` holds it."""
+        now = self._clock()
+        with self._transaction() as db:
+            cursor = db.execute(
+                """UPDATE jobs SET status = 'done', result = ?, last_error = NULL, lease_owner = NULL,
+                   lease_expires_at = NULL, finished_at = ?, updated_at = ?
+                   WHERE id = ? AND lease_owner = ? AND status = 'running'""",
+                (json.dumps(result), now, now, job_id, owner))
+            if cursor.rowcount != 1:
+                return False
+            db.executemany(
+                """INSERT INTO deliveries (job_id, destination, file, status, next_attempt_at, created_at, updated_at)
+                   VALUES (?, ?, ?, 'pending', ?, ?, ?) ON CONFLICT (job_id, destination, file) DO NOTHING""",
+                [(job_id, d.destination, d.file, now, now, now) for d in deliveries])
+            return True
+
+    def fail(self, job_id: int, owner: str, error: str, retry_at: float | None) -> bool:
+        """Record a failed attempt: queued again at `retry_at`, or failed for good when it is None."""
+        now = self._clock()
+        status, finished = ("queued", None) if retry_at is not None else ("failed", now)
+        with self._transaction() as db:
+            cursor = db.execute(
+                """UPDATE jobs SET status = ?, last_error = ?, not_before = ?, finished_at = ?, lease_owner = NULL,
+                   lease_expires_at = NULL, updated_at = ? WHERE id = ? AND lease_owner = ? AND status = 'running'""",
+                (status, error, retry_at or 0, finished, now, job_id, owner))
+            return cursor.rowcount == 1
+
+    def hold(self, job_id: int, owner: str, reason: str) -> bool:
+        """Park a job that cannot run yet (missing weights); the attempt does not count."""
+        now = self._clock()
+        with self._transaction() as db:
+            cursor = db.execute(
+                """UPDATE jobs SET status = 'held', last_error = ?, attempts = MAX(attempts - 1, 0),
+                   lease_owner = NULL, lease_expires_at = NULL, updated_at = ?
+                   WHERE id = ? AND lease_owner = ? AND status = 'running'""", (reason, now, job_id, owner))
+            return cursor.rowcount == 1
+
+    def release_held(self) -> int:
+        """Queue every held job again; returns how many."""
+        now = self._clock()
+        with self._transaction() as db:
+            return db.execute("UPDATE jobs SET status = 'queued', not_before = 0, updated_at = ? "
+                              "WHERE status = 'held'", (now,)).rowcount
+
+    def requeue_owner(self, owner: str) -> int:
+        """Give back the jobs of a worker known to be dead, without waiting for its lease to expire."""
+        now = self._clock()
+        with self._transaction() as db:
+            return db.execute("UPDATE jobs SET lease_expires_at = ? WHERE status = 'running' AND lease_owner = ?",
+                              (now - 1, owner)).rowcount
+
+    def retry(self, job_id: int) -> str:
+        """Operator retry: queue a failed, held or skipped job again, or resend failed deliveries."""
+        now = self._clock()
+        with self._transaction() as db:
+            row = db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise StateError(f"no job {job_id}: see `paraspinal-node status` for job numbers")
+            if row[0] in ("failed", "held", "skipped"):
+                db.execute("""UPDATE jobs SET status = 'queued', attempts = 0, not_before = 0, finished_at = NULL,
+                              updated_at = ? WHERE id = ?""", (now, job_id))
+                return f"job {job_id} queued again"
+            resent = db.execute(
+                """UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = ?, created_at = ?,
+                   updated_at = ? WHERE job_id = ? AND status = 'failed'""", (now, now, now, job_id)).rowcount
+            if resent:
+                return f"job {job_id}: {resent} failed deliveries pending again"
+            raise StateError(f"job {job_id} is {row[0]} with no failed deliveries: there is nothing to retry")
+
+    def get_job(self, job_id: int) -> Job | None:
+        rows = self._query(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
+        return _job(rows[0]) if rows else None
+
+    def jobs(self, limit: int = 50) -> list[Job]:
+        return [_job(r) for r in self._query(f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY id DESC LIMIT ?", (limit,))]
+
+    def job_result(self, job_id: int) -> dict[str, Any] | None:
+        rows = self._query("SELECT result FROM jobs WHERE id = ?", (job_id,))
+        return json.loads(rows[0][0]) if rows and rows[0][0] else None
+
+    def job_counts(self) -> dict[str, int]:
+        return dict(self._query("SELECT status, COUNT(*) FROM jobs GROUP BY status"))
+
+    def processed(self, since: str | None) -> list[tuple[SeriesRecord, int, dict[str, Any]]]:
+        """The latest done job of each series, with its measurements, oldest study first."""
+        rows = self._query(
+            """SELECT s.series_uid, s.study_uid, s.patient_id, s.accession, s.study_date, s.modality,
+                      s.description, s.instances, s.fingerprint, s.series_dir, j.id, j.result
+               FROM jobs j JOIN series s ON s.series_uid = j.series_uid
+               WHERE j.status = 'done' AND j.id = (SELECT MAX(id) FROM jobs k
+                                                    WHERE k.series_uid = j.series_uid AND k.status = 'done')
+                 AND (:since IS NULL OR s.study_date >= :since)
+               ORDER BY s.study_date, j.id""", {"since": since})
+        return [(SeriesRecord(*r[:10]), r[10], json.loads(r[11])) for r in rows]
+
+    # deliveries ---------------------------------------------------------------------------
+
+    def due_deliveries(self, limit: int = 100) -> list[Delivery]:
+        rows = self._query(
+            f"""SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE status = 'pending' AND next_attempt_at <= ?
+                ORDER BY next_attempt_at, id LIMIT ?""", (self._clock(), limit))
+        return [_delivery(r) for r in rows]
+
+    def mark_sent(self, delivery_id: int) -> None:
+        now = self._clock()
+        with self._transaction() as db:
+            db.execute("""UPDATE deliveries SET status = 'sent', attempts = attempts + 1, last_error = NULL,
+                          sent_at = ?, updated_at = ? WHERE id = ? AND status = 'pending'""", (now, now, delivery_id))
+
+    def mark_not_sent(self, delivery_id: int, error: str, next_attempt_at: float | None) -> None:
+        """Record a failed attempt: pending again at `next_attempt_at`, or failed for good when None."""
+        now = self._clock()
+        status = "pending" if next_attempt_at is not None else "failed"
+        with self._transaction() as db:
+            db.execute("""UPDATE deliveries SET status = ?, attempts = attempts + 1, last_error = ?,
+                          next_attempt_at = ?, updated_at = ? WHERE id = ? AND status = 'pending'""",
+                       (status, error, next_attempt_at if next_attempt_at is not None else now, now, delivery_id))
+
+    def deliveries(self, job_id: int | None = None) -> list[Delivery]:
+        sql = f"SELECT {_DELIVERY_COLUMNS} FROM deliveries"
+        rows = self._query(sql + " WHERE job_id = ? ORDER BY id", (job_id,)) if job_id is not None \
+            else self._query(sql + " ORDER BY id")
+        return [_delivery(r) for r in rows]
+
+    def delivery_counts(self) -> dict[str, int]:
+        return dict(self._query("SELECT status, COUNT(*) FROM deliveries GROUP BY status"))
+
+    def recent_errors(self, limit: int = 10) -> list[tuple[str, int, str]]:
+        """(kind, id, error) of the latest job and delivery errors, newest first."""
+        rows = self._query(
+            """SELECT kind, id, last_error FROM (
+                   SELECT 'job' AS kind, id, last_error, updated_at FROM jobs WHERE last_error IS NOT NULL
+                   UNION ALL
+                   SELECT 'delivery', id, last_error, updated_at FROM deliveries WHERE last_error IS NOT NULL)
+               ORDER BY updated_at DESC LIMIT ?""", (limit,))
+        return [(r[0], r[1], r[2]) for r in rows]
+
+
+def _statements(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]
+
+
+def _job(row: tuple) -> Job:
+    return Job(row[0], row[1], row[2], row[3], JobStatus(row[4]), *row[5:])
+
+
+def _delivery(row: tuple) -> Delivery:
+    return Delivery(row[0], row[1], row[2], row[3], DeliveryStatus(row[4]), *row[5:])
