@@ -12,10 +12,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="paraspinal-node", description=__doc__)
     parser.add_argument("--version", action="version", version=__version__)
     sub = parser.add_subparsers(dest="command", required=True)
-    from . import measure_cli, weights
+    from . import measure_cli, service_cli, weights
 
     measure_cli.add_subcommand(sub)
     weights.add_subcommand(sub)
+    service_cli.add_subcommand(sub)
     return parser
 
 

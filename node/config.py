@@ -47,6 +47,11 @@ class StorageConfig:
         return self.state_dir / "state.sqlite"
 
     @property
+    def spool_dir(self) -> Path:
+        """Received instances, <StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm, written before acknowledgement."""
+        return self.state_dir / "spool"
+
+    @property
     def outbox_dir(self) -> Path:
         """Per-job result folders, kept until every delivery of the job is settled and beyond."""
         return self.state_dir / "outbox"

@@ -110,6 +110,8 @@ class JobStore(Protocol):
 
     def hold(self, job_id: int, owner: str, reason: str) -> bool: ...
 
+    def release(self, job_id: int, owner: str) -> bool: ...
+
     def release_held(self) -> int: ...
 
     def requeue_owner(self, owner: str) -> int: ...
@@ -355,6 +357,16 @@ class State:
                 """UPDATE jobs SET status = 'held', last_error = ?, attempts = MAX(attempts - 1, 0),
                    lease_owner = NULL, lease_expires_at = NULL, updated_at = ?
                    WHERE id = ? AND lease_owner = ? AND status = 'running'""", (reason, now, job_id, owner))
+            return cursor.rowcount == 1
+
+    def release(self, job_id: int, owner: str) -> bool:
+        """Hand a job back unfinished (the worker is stopping); the attempt does not count."""
+        now = self._clock()
+        with self._transaction() as db:
+            cursor = db.execute(
+                """UPDATE jobs SET status = 'queued', attempts = MAX(attempts - 1, 0), lease_owner = NULL,
+                   lease_expires_at = NULL, updated_at = ? WHERE id = ? AND lease_owner = ? AND status = 'running'""",
+                (now, job_id, owner))
             return cursor.rowcount == 1
 
     def release_held(self) -> int:

@@ -1,0 +1,235 @@
+"""Series completion and selection: when a spooled series is whole, and whether it is worth a job.
+
+A series is complete after a quiet period: `completion.release_quiet_s` after the last
+association that carried it was released, otherwise `completion.idle_quiet_s` after its last
+instance. Each complete series is fingerprinted over its instances, so the same content is never
+queued twice while a series that grew is queued again. Series that fail a selection rule become
+skipped jobs that name the rule.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pydicom
+
+from .config import CompletionConfig, SelectionConfig
+from .spool import Receipt, Spool, SpooledInstance, StoreOutcome, SpoolError, summarize
+from .state import JobStatus, SeriesRecord, State
+
+log = logging.getLogger(__name__)
+
+_RECOVERED = Receipt(association_id="recovered", calling_ae="", received_at=0.0)
+
+
+@dataclass(frozen=True)
+class SeriesSummary:
+    """The series-level header values the selection rules test (the most common value of each)."""
+
+    modalities: frozenset[str]
+    image_types: tuple[tuple[str, ...], ...]
+    slice_thicknesses: frozenset[float]
+    description: str
+    body_part: str
+    kernel: str
+    instances: int
+
+
+def summarize_series(instances: list[SpooledInstance]) -> SeriesSummary:
+    """Collapse instance headers; modality, ImageType and thickness keep every distinct value."""
+    return SeriesSummary(
+        modalities=frozenset(i.modality for i in instances),
+        image_types=tuple(sorted({i.image_type for i in instances})),
+        slice_thicknesses=frozenset(i.slice_thickness for i in instances if i.slice_thickness is not None),
+        description=_most_common(i.series_description for i in instances),
+        body_part=_most_common(i.body_part for i in instances),
+        kernel=_most_common(i.convolution_kernel for i in instances),
+        instances=len(instances),
+    )
+
+
+def selection_refusal(summary: SeriesSummary, rules: SelectionConfig) -> str | None:
+    """The first rule the series fails, as a one-line reason naming the config key; None if selected."""
+    allowed = {m.upper() for m in rules.modalities}
+    other = sorted(m for m in summary.modalities if m.upper() not in allowed)
+    if other:
+        return f"modality {', '.join(other) or '(none)'} is not in selection.modalities"
+    required = {v.upper() for v in rules.image_type}
+    for image_type in summary.image_types:
+        missing = sorted(required - {v.upper() for v in image_type})
+        if missing:
+            shown = "\\".join(image_type) or "(none)"
+            return f"ImageType {shown} lacks {', '.join(missing)} (selection.image_type)"
+    outside = sorted(t for t in summary.slice_thicknesses
+                     if not rules.slice_thickness_min_mm <= t <= rules.slice_thickness_max_mm)
+    if outside:
+        return (f"slice thickness {outside[0]:g} mm is outside selection.slice_thickness_min_mm.."
+                f"slice_thickness_max_mm ({rules.slice_thickness_min_mm:g}..{rules.slice_thickness_max_mm:g} mm)")
+    if summary.instances < rules.min_slices:
+        return f"{summary.instances} slices, fewer than selection.min_slices ({rules.min_slices})"
+    return _pattern_refusal(summary, rules)
+
+
+def _pattern_refusal(summary: SeriesSummary, rules: SelectionConfig) -> str | None:
+    values = {"series_description": summary.description, "body_part": summary.body_part, "kernel": summary.kernel}
+    for name, value in values.items():
+        include, exclude = getattr(rules, f"{name}_include"), getattr(rules, f"{name}_exclude")
+        if include and not re.search(include, value):
+            return f"{name.replace('_', ' ')} {value!r} does not match selection.{name}_include"
+        if exclude and re.search(exclude, value):
+            return f"{name.replace('_', ' ')} {value!r} matches selection.{name}_exclude"
+    return None
+
+
+def fingerprint(files: list[Path]) -> str:
+    """Identity of a series' content: its sorted instance UIDs (file names) and their sizes."""
+    digest = hashlib.sha256()
+    for path in sorted(files, key=lambda p: p.name):
+        digest.update(f"{path.stem}:{path.stat().st_size}\n".encode())
+    return digest.hexdigest()
+
+
+def _most_common(values) -> str:
+    counts = Counter(values)
+    return counts.most_common(1)[0][0] if counts else ""
+
+
+@dataclass
+class _Pending:
+    study_uid: str
+    last_instance_at: float
+    open_associations: set[str] = field(default_factory=set)
+    released_at: float | None = None
+    instances: dict[str, SpooledInstance] = field(default_factory=dict)
+
+    def complete(self, now: float, periods: CompletionConfig) -> bool:
+        if not self.open_associations and self.released_at is not None:
+            if now - self.released_at >= periods.release_quiet_s:
+                return True
+        return now - self.last_instance_at >= periods.idle_quiet_s
+
+
+class SeriesTracker:
+    """The spool's listener: tracks series in flight and turns complete ones into jobs.
+
+    Receiver threads call `instance_stored`/`association_released`; the scheduler thread calls
+    `tick`. Nothing here is durable on purpose: the spool is, and `recover` rebuilds the
+    pending series from it after a restart.
+    """
+
+    def __init__(self, spool: Spool, state: State, completion: CompletionConfig, selection: SelectionConfig,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._spool = spool
+        self._state = state
+        self._completion = completion
+        self._selection = selection
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._pending: dict[str, _Pending] = {}
+
+    def instance_stored(self, instance: SpooledInstance) -> None:
+        with self._lock:
+            pending = self._pending.get(instance.series_uid)
+            if pending is None:
+                pending = self._pending[instance.series_uid] = _Pending(instance.study_uid, self._clock())
+            pending.last_instance_at = self._clock()
+            pending.released_at = None
+            pending.open_associations.add(instance.association_id)
+            pending.instances[instance.sop_instance_uid] = instance
+
+    def association_released(self, association_id: str) -> None:
+        now = self._clock()
+        with self._lock:
+            for pending in self._pending.values():
+                if association_id in pending.open_associations:
+                    pending.open_associations.discard(association_id)
+                    if not pending.open_associations:
+                        pending.released_at = now
+
+    def pending_series(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def recover(self) -> int:
+        """After a restart: every spooled series whose content has no job yet is pending again."""
+        now = self._clock()
+        recovered = 0
+        for study_uid, series_uid in self._spool.series():
+            files = self._spool.series_files(study_uid, series_uid)
+            if not files or self._state.has_job_for(series_uid, fingerprint(files)):
+                continue
+            with self._lock:
+                if series_uid not in self._pending:
+                    self._pending[series_uid] = _Pending(study_uid, now, released_at=now)
+                    recovered += 1
+        if recovered:
+            log.info("event=series_recovered count=%d", recovered)
+        return recovered
+
+    def tick(self) -> list[int]:
+        """Turn every series whose quiet period is over into a job; returns the new job IDs."""
+        now = self._clock()
+        with self._lock:
+            done = [(uid, p) for uid, p in self._pending.items() if p.complete(now, self._completion)]
+            for uid, _ in done:
+                del self._pending[uid]
+        return [job_id for uid, pending in done if (job_id := self._finish(uid, pending)) is not None]
+
+    def _finish(self, series_uid: str, pending: _Pending) -> int | None:
+        files = self._spool.series_files(pending.study_uid, series_uid)
+        if not files:
+            return None
+        content = fingerprint(files)
+        if self._state.has_job_for(series_uid, content):
+            log.info("event=series_unchanged series=%s instances=%d", series_uid, len(files))
+            return None
+        instances = _instances_for(files, pending.instances)
+        if not instances:
+            log.warning("event=series_unreadable series=%s instances=%d", series_uid, len(files))
+            return None
+        self._state.record_series(_record(series_uid, instances, content, files[0].parent))
+        reason = selection_refusal(summarize_series(instances), self._selection)
+        status = JobStatus.SKIPPED if reason else JobStatus.QUEUED
+        job = self._state.add_job(series_uid, content, str(files[0].parent), status, reason)
+        if job is None:
+            return None
+        log.info("event=series_complete series=%s job=%d instances=%d status=%s%s", series_uid, job.id,
+                 len(instances), status, f" reason={reason!r}" if reason else "")
+        return job.id
+
+
+def _instances_for(files: list[Path], known: dict[str, SpooledInstance]) -> list[SpooledInstance]:
+    """The summaries of the files on disk, reading headers only for instances not seen live."""
+    instances = []
+    for path in files:
+        instance = known.get(path.stem) or _read_instance(path)
+        if instance is not None:
+            instances.append(instance)
+    return instances
+
+
+def _read_instance(path: Path) -> SpooledInstance | None:
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+    except (OSError, pydicom.errors.InvalidDicomError, SpoolError) as exc:
+        log.warning("event=spool_unreadable file=%s error=%r", path.name, str(exc))
+        return None
+    return summarize(header, path, _RECOVERED, StoreOutcome.NEW)
+
+
+def _record(series_uid: str, instances: list[SpooledInstance], content: str, folder: Path) -> SeriesRecord:
+    first = instances[0]
+    return SeriesRecord(
+        series_uid=series_uid, study_uid=first.study_uid, patient_id=first.patient_id,
+        accession=first.accession_number, study_date=first.study_date, modality=first.modality,
+        description=first.series_description, instances=len(instances), fingerprint=content,
+        series_dir=str(folder),
+    )

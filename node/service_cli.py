@@ -1,0 +1,165 @@
+"""Node service subcommands: serve, worker, status, retry, echo, config check, worklist.
+
+Every command takes --config FILE (environment variables PARASPINAL_<SECTION>_<KEY> override it)
+and returns 0 on success, 1 when the operation failed, 2 for a usage or configuration problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .config import Config, ConfigError, load_config
+from .logs import configure
+from .state import StateError, open_state
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
+    _add(subparsers, "serve", "run the node: receiver, watch folder, scheduler, sender, workers", _serve)
+    worker = _add(subparsers, "worker", "run job workers (one per GPU in a multi-GPU install)", _worker)
+    worker.add_argument("--count", type=int, default=1, help="worker processes to run (default 1)")
+    worker.add_argument("--index", type=int, default=None, help=argparse.SUPPRESS)
+    status = _add(subparsers, "status", "queue depths, recent errors and the state of each job", _status)
+    status.add_argument("--jobs", type=int, default=50, help="how many recent jobs to list (default 50)")
+    status.add_argument("--format", choices=("text", "json"), default="text")
+    retry = _add(subparsers, "retry", "queue a failed/held/skipped job again, or resend its failed deliveries",
+                 _retry)
+    retry.add_argument("job", type=int, help="job number from `status`")
+    echo = _add(subparsers, "echo", "C-ECHO a DICOM peer with the node's AE title", _echo)
+    echo.add_argument("peer", help="AE@host:port, e.g. PACS@10.0.0.5:104")
+    config = subparsers.add_parser("config", help="configuration tools")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    _add(config_sub, "check", "validate the config file and show the effective values", _config_check)
+    worklist = _add(subparsers, "worklist", "screening worklist of processed studies", _worklist)
+    worklist.add_argument("--since", help="only studies with StudyDate on or after this date (YYYY-MM-DD)")
+    worklist.add_argument("--format", choices=("csv", "json"), default="csv")
+
+
+def _add(subparsers: argparse._SubParsersAction, name: str, help_text: str, handler) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(name, help=help_text, description=help_text)
+    parser.add_argument("--config", type=Path, default=None, help="node TOML config (see config/node.toml)")
+    parser.set_defaults(handler=lambda args: _guarded(handler, args))
+    return parser
+
+
+def _guarded(handler, args: argparse.Namespace) -> int:
+    """Configuration and state problems end in one line naming the fix, never a traceback."""
+    try:
+        config = load_config(args.config)
+        return handler(args, config)
+    except (ConfigError, StateError) as exc:
+        print(f"paraspinal-node {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _serve(args: argparse.Namespace, config: Config) -> int:
+    from .service import serve
+
+    configure(config.logging)
+    return serve(config, args.config)
+
+
+def _worker(args: argparse.Namespace, config: Config) -> int:
+    from .worker import run_worker
+
+    configure(config.logging)
+    store = open_state(config.storage.database)
+    if args.index is not None or args.count == 1:
+        return run_worker(config, store, args.index or 0)
+    from .supervisor import WorkerSupervisor
+    from .service import stop_on_signals
+
+    stop = stop_on_signals()
+    supervisor = WorkerSupervisor(args.config, args.count, store)
+    while not stop.wait(1.0):
+        supervisor.check()
+    supervisor.stop()
+    return EXIT_OK
+
+
+def _status(args: argparse.Namespace, config: Config) -> int:
+    state = open_state(config.storage.database)
+    jobs = state.jobs(args.jobs)
+    report = {
+        "jobs": state.job_counts(),
+        "deliveries": state.delivery_counts(),
+        "recent_errors": [{"kind": k, "id": i, "error": e} for k, i, e in state.recent_errors()],
+        "recent_jobs": [{"id": j.id, "series": j.series_uid, "status": str(j.status), "attempts": j.attempts,
+                         "updated": _when(j.updated_at), "last_error": j.last_error} for j in jobs],
+    }
+    print(json.dumps(report, indent=2) if args.format == "json" else _status_text(report))
+    return EXIT_OK
+
+
+def _status_text(report: dict) -> str:
+    lines = ["jobs:       " + _counts(report["jobs"]), "deliveries: " + _counts(report["deliveries"]), ""]
+    lines += ["recent errors:"] + [f"  {e['kind']} {e['id']}: {e['error']}" for e in report["recent_errors"]]
+    lines += ["", f"{'job':>6}  {'status':8} {'tries':>5}  {'updated':19}  series / last error"]
+    for job in report["recent_jobs"]:
+        line = f"{job['id']:>6}  {job['status']:8} {job['attempts']:>5}  {job['updated']:19}  {job['series']}"
+        lines.append(line + (f"\n{'':44}{job['last_error']}" if job["last_error"] else ""))
+    return "\n".join(lines)
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{status} {n}" for status, n in sorted(counts.items())) or "none"
+
+
+def _when(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+
+
+def _retry(args: argparse.Namespace, config: Config) -> int:
+    print(open_state(config.storage.database).retry(args.job))
+    return EXIT_OK
+
+
+def _echo(args: argparse.Namespace, config: Config) -> int:
+    from .delivery import parse_destination
+    from .sender import echo
+
+    try:
+        peer = parse_destination(args.peer)
+    except ValueError as exc:
+        print(f"paraspinal-node echo: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    outcome = echo(peer, config.receiver.ae_title, config.delivery.timeout_s)
+    print(f"{args.peer}: {outcome.describe()}")
+    return EXIT_OK if outcome.ok else EXIT_FAILED
+
+
+def _config_check(args: argparse.Namespace, config: Config) -> int:
+    from .weights import missing_models
+
+    source = args.config or "built-in defaults"
+    print(f"config OK ({source})")
+    print(f"  receiver:     {config.receiver.ae_title} on {config.receiver.bind_address}:{config.receiver.port}")
+    print(f"  state:        {config.storage.state_dir}")
+    print("  destinations: " + (", ".join(f"{d.ae_title}@{d.host}:{d.port}" for d in config.destinations) or "none"))
+    print(f"  segmenter:    {config.segmenter.backend} on {config.segmenter.device}")
+    if config.segmenter.backend == "totalsegmentator":
+        missing = missing_models(config.segmenter)
+        if missing:
+            print(f"  warning: weights missing in {config.segmenter.weights_dir}: {', '.join(missing)} "
+                  "(jobs will be held until `paraspinal-node weights install` adds them)")
+    return EXIT_OK
+
+
+def _worklist(args: argparse.Namespace, config: Config) -> int:
+    from .worklist import parse_since, render, worklist_row
+
+    try:
+        since = parse_since(args.since) if args.since else None
+    except ValueError as exc:
+        print(f"paraspinal-node worklist: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    state = open_state(config.storage.database)
+    rows = [worklist_row(series, job_id, result, config.measure.low_attenuation_hu)
+            for series, job_id, result in state.processed(since)]
+    sys.stdout.write(render(rows, args.format))
+    return EXIT_OK
