@@ -1,0 +1,95 @@
+"""Coded concepts and display colours shared by the SEG, the SR and the key image.
+
+Standard codes follow ../shared/reference.md (TotalSegmentator's own SNOMED mapping for the
+muscle, CID 7603 for the vertebrae). Concepts DICOM has no code for (25th/75th percentile,
+the lean-muscle HU window, QC findings) use the private scheme PRIVATE_SCHEME, which every
+object that uses it declares in its Coding Scheme Identification Sequence.
+"""
+
+from __future__ import annotations
+
+from highdicom.sr import CodedConcept
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
+
+from node.labels import MEASURED_LEVELS
+
+PRIVATE_SCHEME = "99PSNODE"
+PRIVATE_SCHEME_ITEM = CodingSchemeIdentificationItem(
+    designator=PRIVATE_SCHEME,
+    name="paraspinal-node local codes",
+    responsible_organization="paraspinal-node project",
+)
+
+
+def _sct(value: str, meaning: str) -> CodedConcept:
+    return CodedConcept(value, "SCT", meaning)
+
+
+def _dcm(value: str, meaning: str) -> CodedConcept:
+    return CodedConcept(value, "DCM", meaning)
+
+
+def _private(value: str, meaning: str) -> CodedConcept:
+    return CodedConcept(value, PRIVATE_SCHEME, meaning)
+
+
+ANATOMICAL_STRUCTURE = _sct("123037004", "Anatomical Structure")
+DEEP_MUSCLE_OF_BACK = _sct("244849004", "Deep muscle of back")
+LATERALITY = {
+    "left": _sct("7771000", "Left"),
+    "right": _sct("24028007", "Right"),
+    "combined": _sct("51440002", "Bilateral"),
+}
+VERTEBRA = {
+    level: _sct(value, f"{level} vertebra")
+    for level, value in zip(
+        MEASURED_LEVELS,
+        ("64864005", "53733008", "1626008", "73071006", "56401006",
+         "45296009", "62487009", "11068009", "82687006", "7610001"),
+    )
+}
+
+VOLUME = _sct("118565006", "Volume")
+ATTENUATION = _dcm("112031", "Attenuation Coefficient")
+FAT_FRACTION = _dcm("129100", "Fat fraction")
+CUBIC_CENTIMETER = CodedConcept("cm3", "UCUM", "cubic centimeter")
+HOUNSFIELD_UNIT = CodedConcept("[hnsf'U]", "UCUM", "Hounsfield unit")
+NO_UNITS = CodedConcept("1", "UCUM", "no units")
+
+MEAN = _sct("373098007", "Mean")
+MEDIAN = _sct("373099004", "Median")
+STANDARD_DEVIATION = _sct("386136009", "Standard Deviation")
+PERCENTILE_25 = _private("P25", "25th percentile")
+PERCENTILE_75 = _private("P75", "75th percentile")
+LEAN_WINDOW = _private("LEANHU", "Lean muscle HU window")
+VALUE_INDETERMINATE = _dcm("114011", "Value indeterminate")
+
+PROCEDURE_CT_CHEST = CodedConcept("24627-2", "LN", "CT Chest")
+ARTIFICIAL_INTELLIGENCE = _dcm("123110", "Artificial Intelligence")
+ANALYSIS_QUALITY = _dcm("111693", "Analysis Quality Rating")
+FINDING = _dcm("121071", "Finding")
+LEVEL_STATUS = {
+    "complete": _sct("255594003", "Complete"),
+    "partial": _sct("255609007", "Partial"),
+    "absent": _dcm("121054", "Absent"),
+}
+
+
+def qc_finding(code: str) -> CodedConcept:
+    """The measurement's QC codes are the node's own vocabulary, hence private."""
+    return _private(code[:16], code.replace("_", " ")[:64])
+
+
+# RGB 0..255; left takes the level colour, right a darker shade so the sides stay apart.
+LEVEL_RGB: dict[str, tuple[int, int, int]] = dict(zip(MEASURED_LEVELS, (
+    (230, 25, 75), (245, 130, 48), (255, 225, 25), (60, 180, 75), (70, 240, 240),
+    (0, 130, 200), (145, 30, 180), (240, 50, 230), (170, 110, 40), (128, 128, 0),
+)))
+RIGHT_SHADE = 0.7
+VERTEBRA_RGB = (241, 214, 145)
+
+
+def side_rgb(level: str, side: str) -> tuple[int, int, int]:
+    red, green, blue = LEVEL_RGB[level]
+    shade = RIGHT_SHADE if side == "right" else 1.0
+    return (round(red * shade), round(green * shade), round(blue * shade))

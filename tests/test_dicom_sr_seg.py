@@ -1,0 +1,150 @@
+"""The SEG read back and mapped onto the phantom through its own geometry gives the input masks.
+
+The mapping uses only the SEG's frame positions and orientation and the phantom's canonical
+grid, so it is independent of the loader's and the builder's slice order and in-plane layout.
+"""
+
+from __future__ import annotations
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+
+import phantom as ph
+from dicom_sr.options import EncodeOptions
+from dicom_sr.results import write_results
+from dicom_sr.seg import MUSCLE_SEGMENTS, build_seg, muscle_segment_number, segment_map
+from node.config import MeasureConfig
+from node.ct_load import load_ct
+from node.labels import AUTOCHTHON_LEFT, AUTOCHTHON_RIGHT, MEASURED_LEVELS, VERTEBRA_LABEL
+from node.measure import measure
+from node.segmentation import Segmentation
+
+
+def loaded_case(phantom: ph.Phantom, series: ph.DicomSeries, layout: ph.DicomLayout):
+    """CT as the node loads it, masks brought onto its grid, and the measurement."""
+    ct = load_ct(series.folder)
+    canonical = {uid: k for k, uid in enumerate(series.sop_instance_uids)}
+    order = [canonical[str(ds.SOPInstanceUID)] for ds in ct.datasets]
+    labels = ph.to_stored(phantom.labels[order], layout.in_plane)
+    body = ph.to_stored(phantom.body[order], layout.in_plane) == ph.BODY
+    seg = Segmentation(np.ascontiguousarray(labels), np.ascontiguousarray(body), "2.18.0")
+    return ct, seg, measure(ct, seg, MeasureConfig()).to_dict(), order
+
+
+def expected_canonical(phantom: ph.Phantom, result: dict, order: list[int]) -> dict[int, np.ndarray]:
+    """Segment number -> canonical mask: muscle on its level's slab, a shared slice to the upper level."""
+    owner = np.full(phantom.shape[0], "", dtype=object)
+    for level in reversed(result["levels"]):
+        if level["slab"]:
+            for loaded_k in range(level["slab"]["first_slice"], level["slab"]["last_slice"] + 1):
+                owner[order[loaded_k]] = level["level"]
+    masks = {}
+    for level in MEASURED_LEVELS:
+        on_slab = (owner == level)[:, None, None]
+        masks[muscle_segment_number(level, "left")] = on_slab & (phantom.labels == AUTOCHTHON_LEFT)
+        masks[muscle_segment_number(level, "right")] = on_slab & (phantom.labels == AUTOCHTHON_RIGHT)
+    present = [level for level in MEASURED_LEVELS if (phantom.labels == VERTEBRA_LABEL[level]).any()]
+    for i, level in enumerate(present):
+        masks[MUSCLE_SEGMENTS + 1 + i] = phantom.labels == VERTEBRA_LABEL[level]
+    return masks
+
+
+def read_back_canonical(path, phantom: ph.Phantom, series: ph.DicomSeries) -> dict[int, np.ndarray]:
+    """Place every SEG frame on the canonical grid by its patient coordinates; check its source image."""
+    seg = hd.seg.segread(path)
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    iop = np.array(shared.PlaneOrientationSequence[0].ImageOrientationPatient, float)
+    row_spacing, col_spacing = (float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing)
+    rows, cols = np.indices((seg.Rows, seg.Columns))
+    pixels = seg.pixel_array.reshape(-1, seg.Rows, seg.Columns)
+    masks = {int(item.SegmentNumber): np.zeros(phantom.shape, bool) for item in seg.SegmentSequence
+             if int(item.SegmentNumber) > 0}
+    for frame, item in zip(pixels, seg.PerFrameFunctionalGroupsSequence):
+        ipp = np.array(item.PlanePositionSequence[0].ImagePositionPatient, float)
+        lps = ipp + cols[..., None] * col_spacing * iop[:3] + rows[..., None] * row_spacing * iop[3:]
+        index = (lps - np.array(phantom.origin)) / np.array(phantom.spacing[::-1])  # (c, r, k)
+        c, r, k = (np.rint(index[..., i]).astype(int) for i in range(3))
+        assert np.allclose(index, np.stack([c, r, k], -1), atol=1e-3), "frame not on the CT voxel grid"
+        assert len(set(k.ravel())) == 1
+        source = item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        assert source == series.sop_instance_uids[k[0, 0]], "frame references the wrong source image"
+        if seg.SegmentationType == "LABELMAP":
+            for number in np.unique(frame[frame > 0]):
+                masks[int(number)][k[frame == number], r[frame == number], c[frame == number]] = True
+        else:
+            number = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+            hit = frame > 0
+            masks[number][k[hit], r[hit], c[hit]] = True
+    return masks
+
+
+def assert_same_masks(got: dict[int, np.ndarray], want: dict[int, np.ndarray]) -> None:
+    assert sorted(got) == sorted(want)
+    for number in want:
+        assert np.array_equal(got[number], want[number]), f"segment {number} differs"
+
+
+@pytest.mark.parametrize("layout_name", sorted(ph.LAYOUTS))
+def test_seg_maps_back_onto_input_masks_for_every_geometry(layout_name, phantom, phantom_dicom, tmp_path):
+    layout = ph.LAYOUTS[layout_name]
+    series = phantom_dicom(layout_name)
+    ct, seg, result, order = loaded_case(phantom, series, layout)
+    path = tmp_path / "seg.dcm"
+    build_seg(ct, segment_map(seg, result), result, EncodeOptions()).save_as(path)
+    assert_same_masks(read_back_canonical(path, phantom, series), expected_canonical(phantom, result, order))
+
+
+@pytest.mark.parametrize("options", [EncodeOptions(jpeg2000=True), EncodeOptions(labelmap=True)],
+                         ids=["jpeg2000", "labelmap"])
+def test_encoding_options_keep_the_masks(options, phantom, phantom_dicom, tmp_path):
+    layout = ph.LAYOUTS["flipped_feet_first_shuffled"]
+    series = phantom_dicom("flipped_feet_first_shuffled")
+    ct, seg, result, order = loaded_case(phantom, series, layout)
+    path = tmp_path / "seg.dcm"
+    build_seg(ct, segment_map(seg, result), result, options).save_as(path)
+    written = pydicom.dcmread(path, stop_before_pixels=True)
+    assert written.file_meta.TransferSyntaxUID == ("1.2.840.10008.1.2.4.90" if options.jpeg2000 else "1.2.840.10008.1.2.1")
+    assert written.SegmentationType == ("LABELMAP" if options.labelmap else "BINARY")
+    assert_same_masks(read_back_canonical(path, phantom, series), expected_canonical(phantom, result, order))
+
+
+def test_shared_slab_slice_goes_to_the_upper_level_only(phantom, phantom_dicom, tmp_path):
+    series = phantom_dicom("axial")
+    ct, seg, result, order = loaded_case(phantom, series, ph.LAYOUTS["axial"])
+    t3, t4 = result["levels"][2], result["levels"][3]
+    shared = t3["slab"]["first_slice"] if ct.superior_sign > 0 else t3["slab"]["last_slice"]
+    t4["slab"]["first_slice" if ct.superior_sign < 0 else "last_slice"] = shared  # T4 now reaches into T3
+    numbers = segment_map(seg, result).numbers
+    on_shared = numbers[shared][np.isin(seg.labels[shared], (AUTOCHTHON_LEFT, AUTOCHTHON_RIGHT))]
+    assert set(np.unique(on_shared)) <= {muscle_segment_number("T3", "left"), muscle_segment_number("T3", "right")}
+    assert on_shared.size > 0
+
+
+def test_segments_are_described_with_codes_laterality_algorithms_and_colours(phantom, phantom_dicom, tmp_path):
+    series = phantom_dicom("axial")
+    ct, seg, result, _ = loaded_case(phantom, series, ph.LAYOUTS["axial"])
+    files = write_results(ct, seg, result, tmp_path, EncodeOptions())
+    written = pydicom.dcmread(files.seg, stop_before_pixels=True)
+    segments = written.SegmentSequence
+    assert [s.SegmentLabel for s in segments[:2]] == ["T1 paraspinal muscle left", "T1 paraspinal muscle right"]
+    left = segments[0].SegmentedPropertyTypeCodeSequence[0]
+    assert (left.CodeValue, left.SegmentedPropertyTypeModifierCodeSequence[0].CodeValue) == ("244849004", "7771000")
+    assert segments[1].SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence[0].CodeValue == "24028007"
+    vertebra = segments[MUSCLE_SEGMENTS]
+    assert (vertebra.SegmentLabel, vertebra.SegmentedPropertyTypeCodeSequence[0].CodeValue) == ("T1 vertebra", "64864005")
+    assert "SegmentedPropertyTypeModifierCodeSequence" not in vertebra.SegmentedPropertyTypeCodeSequence[0]
+    (muscle,) = segments[0].SegmentationAlgorithmIdentificationSequence
+    assert (muscle.AlgorithmName, muscle.AlgorithmVersion) == ("paraspinal-node", result["software"]["paraspinal_node"])
+    assert muscle.AlgorithmSource == "TotalSegmentator 2.18.0"
+    (bone,) = vertebra.SegmentationAlgorithmIdentificationSequence
+    assert (bone.AlgorithmName, bone.AlgorithmVersion) == ("TotalSegmentator", "2.18.0")
+    colours = [tuple(s.RecommendedDisplayCIELabValue) for s in segments]
+    assert len(set(colours[:MUSCLE_SEGMENTS])) == MUSCLE_SEGMENTS
+    again = write_results(ct, seg, result, tmp_path / "again", EncodeOptions())
+    assert colours == [tuple(s.RecommendedDisplayCIELabValue) for s in pydicom.dcmread(again.seg).SegmentSequence]
+    assert int(written.NumberOfFrames) == sum(
+        int(np.count_nonzero(np.any(segment_map(seg, result).numbers == n, axis=(1, 2))))
+        for n in range(1, len(segments) + 1)
+    ), "empty frames must be left out"
