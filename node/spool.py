@@ -165,11 +165,11 @@ def read_header(raw: bytes) -> Dataset:
         header = pydicom.dcmread(BytesIO(raw), stop_before_pixels=True, specific_tags=list(_SUMMARY_TAGS))
     except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError) as exc:
         raise SpoolError(f"unreadable DICOM header: {exc}") from None
+    if "TransferSyntaxUID" not in header.file_meta:
+        raise SpoolError("DICOM file meta has no TransferSyntaxUID: re-export the file with a complete file meta header")
     for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID"):
         if not str(header.get(keyword, "")).strip():
             raise SpoolError(f"DICOM file has no {keyword}: the sender must supply it")
-    if "TransferSyntaxUID" not in header.file_meta:
-        raise SpoolError("DICOM file meta has no TransferSyntaxUID: re-export the file with a complete file meta header")
     return header
 
 
