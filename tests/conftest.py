@@ -1,0 +1,63 @@
+"""Shared fixtures: one phantom per session, and its files written once on demand."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+import phantom as ph
+
+
+@pytest.fixture(scope="session")
+def phantom() -> ph.Phantom:
+    """The default phantom (about 124x128x128 at 2.5/0.9/0.9 mm, seed 0)."""
+    return ph.make_phantom()
+
+
+@pytest.fixture(scope="session")
+def phantom_truth(phantom: ph.Phantom) -> dict:
+    """truth(phantom) with vertebrae_body; canonical slab indices."""
+    return ph.truth(phantom)
+
+
+@pytest.fixture(scope="session")
+def truncated_phantom(phantom: ph.Phantom) -> ph.Phantom:
+    """The phantom with its field of view cut through the middle of T1's body."""
+    return phantom.truncated_through("T1")
+
+
+@pytest.fixture(scope="session")
+def phantom_dicom(tmp_path_factory: pytest.TempPathFactory,
+                  phantom: ph.Phantom) -> Callable[..., ph.DicomSeries]:
+    """`phantom_dicom("flipped", storage="signed")` -> the default phantom as a DICOM series.
+
+    Series are written once per distinct arguments and shared by the session; do not modify
+    the files (copy the folder first).
+    """
+    written: dict[str, ph.DicomSeries] = {}
+
+    def get(layout: str = "axial", **options: object) -> ph.DicomSeries:
+        key = f"{layout}-{sorted(options.items())}"
+        if key not in written:
+            folder = tmp_path_factory.mktemp(f"phantom-dicom-{layout}")
+            written[key] = ph.write_dicom_series(phantom, folder, ph.LAYOUTS[layout], **options)
+        return written[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def phantom_masks(tmp_path_factory: pytest.TempPathFactory, phantom: ph.Phantom) -> Callable[..., Path]:
+    """`phantom_masks("multilabel", orientation="PIR")` -> TotalSegmentator-style masks, written once."""
+    written: dict[str, Path] = {}
+
+    def get(form: str = "folder", orientation: str = "RAS", include_body: bool = True) -> Path:
+        key = f"{form}-{orientation}-{include_body}"
+        if key not in written:
+            folder = tmp_path_factory.mktemp(f"phantom-masks-{form}-{orientation}")
+            written[key] = ph.write_masks(phantom, folder, form, orientation, include_body)
+        return written[key]
+
+    return get
