@@ -29,6 +29,9 @@ class ReceiverConfig:
     max_associations: int = 10
     min_free_disk_mb: int = 5000
     accept_other_storage: bool = True  # accept and discard non-CT storage (scouts, dose SRs)
+    watch_dir: Path | None = None  # inbox for dropped DICOM files/folders; absent: no watch folder
+    watch_rejected_dir: Path | None = None  # non-DICOM drops go here; absent: <watch_dir>-rejected
+    watch_stable_s: float = 2.0  # a dropped file is read only after its size/mtime stayed unchanged this long
 
 
 @dataclass
@@ -93,7 +96,8 @@ class SelectionConfig:
     min_slices: int = 20
     # Regular expressions (Python syntax, searched anywhere in the value); empty: no rule.
     series_description_include: str = ""
-    series_description_exclude: str = "(?i)scout|topogram|localizer|surview|dose|mip|mpr"
+    # Not "dose": low-dose chest CT (lung screening) is exactly what the node is for.
+    series_description_exclude: str = r"(?i)scout|topogram|localizer|surview|\bmip\b|\bmpr\b"
     body_part_include: str = ""
     body_part_exclude: str = ""
     kernel_include: str = ""

@@ -1,0 +1,200 @@
+"""The worker: claims a job, runs the pipeline under a renewed lease, and queues the deliveries.
+
+Outcomes by exception: refused input ends the job as failed at once (retrying cannot help);
+missing weights hold it until the weights are installed; anything else is retried with a
+growing delay until `worker.max_attempts`, then the job fails with the last reason. A worker
+that dies simply stops renewing its lease, and the job is claimed again when the lease expires.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+
+from .config import Config
+from .ct import InputError
+from .pipeline import PipelineResult, run_pipeline
+from .segment import WeightsMissingError
+from .state import Job, JobStore, NewDelivery
+from .weights import missing_models
+
+log = logging.getLogger(__name__)
+
+RESULTS_FOLDER = "folder"  # the delivery destination that stands for delivery.results_dir
+DICOM_RESULTS = ("seg", "sr", "keyimage")
+
+Pipeline = Callable[[Path, Path, Config], PipelineResult]
+
+
+class Stop(BaseException):
+    """Raised in the worker's main thread by SIGTERM, so the running job is handed back at once."""
+
+
+def worker_id(index: int = 0, pid: int | None = None) -> str:
+    """The lease owner name: unique per process, and known to the supervisor that started it."""
+    return f"{socket.gethostname()}:{os.getpid() if pid is None else pid}:{index}"
+
+
+def destination_key(ae_title: str, host: str, port: int) -> str:
+    return f"{ae_title}@{host}:{port}"
+
+
+def deliveries_for(result: PipelineResult, config: Config, out_dir: Path) -> list[NewDelivery]:
+    """Every DICOM result to every destination, plus the results folder when one is configured."""
+    files = [result.files[name] for name in DICOM_RESULTS if name in result.files]
+    wanted = [NewDelivery(destination_key(d.ae_title, d.host, d.port), str(f))
+              for d in config.destinations for f in files]
+    if config.delivery.results_dir is not None:
+        wanted.append(NewDelivery(RESULTS_FOLDER, str(out_dir)))
+    return wanted
+
+
+class Worker:
+    """One worker loop; `paraspinal-node worker` runs it in its own process."""
+
+    def __init__(self, config: Config, store: JobStore, owner: str, pipeline: Pipeline = run_pipeline,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._config = config
+        self._store = store
+        self._owner = owner
+        self._pipeline = pipeline
+        self._clock = clock
+        self._next_weights_check = 0.0
+
+    def run(self, stop: threading.Event) -> None:
+        """Work until `stop` is set; a Stop raised mid-job hands the job back before returning."""
+        log.info("event=worker_started worker=%s", self._owner)
+        while not stop.is_set():
+            if not self.run_once():
+                stop.wait(self._config.worker.poll_s)
+        log.info("event=worker_stopped worker=%s", self._owner)
+
+    def run_once(self) -> bool:
+        """Process at most one job; False when there was nothing to do."""
+        self._release_held_when_weights_arrive()
+        job = self._store.claim(self._owner, self._config.worker.lease_s, self._config.worker.max_attempts)
+        if job is None:
+            return False
+        try:
+            self._process(job)
+        except Stop:
+            self._store.release(job.id, self._owner)
+            log.info("event=job_released job=%d series=%s reason=worker stopping", job.id, job.series_uid)
+            raise
+        return True
+
+    def _process(self, job: Job) -> None:
+        """Run the pipeline under a renewed lease, then record the outcome once renewal has stopped."""
+        log.info("event=job_started job=%d series=%s attempt=%d worker=%s", job.id, job.series_uid,
+                 job.attempts, self._owner)
+        out_dir = _fresh_outbox(self._config.storage.outbox_dir, job)
+        try:
+            with _LeaseKeeper(self._store, job.id, self._owner, self._config.worker.lease_s):
+                result = self._pipeline(Path(job.series_dir), out_dir, self._config)
+        except InputError as exc:
+            self._store.fail(job.id, self._owner, f"refused input: {exc}", retry_at=None)
+            log.warning("event=job_failed job=%d series=%s reason=%r", job.id, job.series_uid, f"refused input: {exc}")
+        except WeightsMissingError as exc:
+            self._store.hold(job.id, self._owner, str(exc))
+            log.warning("event=job_held job=%d series=%s reason=%r", job.id, job.series_uid, str(exc))
+        except Exception as exc:  # noqa: BLE001 - any other failure is retried, never lost
+            self._retry_or_fail(job, f"{type(exc).__name__}: {exc}")
+        else:
+            self._complete(job, result, out_dir)
+
+    def _complete(self, job: Job, result: PipelineResult, out_dir: Path) -> None:
+        deliveries = deliveries_for(result, self._config, out_dir)
+        if self._store.complete(job.id, self._owner, result.measurement.to_dict(), deliveries):
+            log.info("event=job_done job=%d series=%s deliveries=%d", job.id, job.series_uid, len(deliveries))
+        else:
+            log.warning("event=job_lease_lost job=%d series=%s reason=another worker took the job", job.id,
+                        job.series_uid)
+
+    def _retry_or_fail(self, job: Job, error: str) -> None:
+        settings = self._config.worker
+        if job.attempts >= settings.max_attempts:
+            self._store.fail(job.id, self._owner, f"failed after {job.attempts} attempts: {error}", retry_at=None)
+            log.error("event=job_failed job=%d series=%s attempts=%d reason=%r", job.id, job.series_uid,
+                      job.attempts, error)
+            return
+        retry_at = self._clock() + settings.retry_delay_s * 2 ** (job.attempts - 1)
+        self._store.fail(job.id, self._owner, error, retry_at=retry_at)
+        log.warning("event=job_retry job=%d series=%s attempt=%d reason=%r", job.id, job.series_uid,
+                    job.attempts, error)
+
+    def _release_held_when_weights_arrive(self) -> None:
+        now = self._clock()
+        if now < self._next_weights_check:
+            return
+        self._next_weights_check = now + self._config.worker.weights_check_s
+        if not _weights_missing(self._config):
+            released = self._store.release_held()
+            if released:
+                log.info("event=held_jobs_released count=%d reason=weights installed", released)
+
+
+class _LeaseKeeper:
+    """Renews the job's lease from a side thread for as long as the pipeline runs."""
+
+    def __init__(self, store: JobStore, job_id: int, owner: str, lease_s: float) -> None:
+        self._store, self._job_id, self._owner, self._lease_s = store, job_id, owner, lease_s
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._renew, name=f"lease-{job_id}", daemon=True)
+
+    def __enter__(self) -> _LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _renew(self) -> None:
+        while not self._done.wait(self._lease_s / 3):
+            if not self._store.renew(self._job_id, self._owner, self._lease_s):
+                log.warning("event=job_lease_lost job=%d worker=%s", self._job_id, self._owner)
+                return
+
+
+def _weights_missing(config: Config) -> bool:
+    return config.segmenter.backend != "precomputed" and bool(missing_models(config.segmenter))
+
+
+def _fresh_outbox(outbox: Path, job: Job) -> Path:
+    """An empty folder for this attempt; what an earlier, interrupted attempt left is removed."""
+    job_dir = outbox / f"job-{job.id}"
+    shutil.rmtree(job_dir, ignore_errors=True)
+    out_dir = job_dir / f"attempt-{job.attempts}"
+    out_dir.mkdir(parents=True)
+    return out_dir
+
+
+def install_stop_handler() -> threading.Event:
+    """SIGTERM/SIGINT: set the returned event and interrupt a running job so it is handed back."""
+    stop = threading.Event()
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+        raise Stop(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+def run_worker(config: Config, store: JobStore, index: int = 0) -> int:
+    """The `worker` command: run until SIGTERM, then exit 0 with the queue consistent."""
+    stop = install_stop_handler()
+    try:
+        Worker(config, store, worker_id(index)).run(stop)
+    except Stop:
+        pass
+    return 0

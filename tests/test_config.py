@@ -1,0 +1,84 @@
+"""Config: the commented example covers every option, errors name the key, environment overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from node.cli import main
+from node.config import Config, ConfigError, load_config
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "config" / "node.toml"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "node.toml"
+    path.write_text(text)
+    return path
+
+
+def test_example_loads_and_mentions_every_option() -> None:
+    config = load_config(EXAMPLE, environ={})
+    assert config.destinations[0].ae_title == "PACS"
+    text = EXAMPLE.read_text()
+    for section in dataclasses.fields(Config):
+        part = getattr(config, section.name)
+        table = part[0] if isinstance(part, list) else part
+        assert re.search(rf"^\[\[?{section.name}\]\]?$", text, re.M), section.name
+        for option in dataclasses.fields(table):
+            assert re.search(rf"^#? ?{option.name} = ", text, re.M), f"{section.name}.{option.name}"
+
+
+def test_example_values_are_the_defaults_where_they_are_active() -> None:
+    example, defaults = load_config(EXAMPLE, environ={}), Config()
+    assert example.selection == defaults.selection
+    assert example.completion == defaults.completion
+    assert example.worker == defaults.worker
+    assert example.measure == defaults.measure
+    assert example.logging == defaults.logging
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("[worker]\ncuont = 2\n", "unknown key worker.cuont"),
+    ("[worker]\ncount = \"two\"\n", "worker.count must be int"),
+    ("[completion]\nrelease_quiet_s = 0\n", "completion.release_quiet_s must be greater than 0"),
+    ("[selection]\nkernel_include = \"B[\"\n", "selection.kernel_include is not a valid regular expression"),
+    ("[selection]\nslice_thickness_min_mm = 6.0\n", "slice_thickness_min_mm must not exceed"),
+    ("[logging]\nformat = \"xml\"\n", "logging.format must be kv or json"),
+    ("[[destinations]]\nae_title = \"A_VERY_LONG_AE_TITLE\"\nhost = \"h\"\n", "destinations[0].ae_title"),
+    ("[[destinations]]\nae_title = \"PACS\"\nhost = \"h\"\nport = 0\n", "destinations[0].port"),
+    ("[delivery]\nresults_dir = 5\n", "delivery.results_dir must be a path string"),
+    ("[storage\n", "not valid TOML"),
+])
+def test_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text), environ={})
+    assert message in str(caught.value)
+
+
+def test_environment_overrides_file_values(tmp_path: Path) -> None:
+    path = write(tmp_path, "[segmenter]\ndevice = \"gpu\"\n[worker]\ncount = 1\n")
+    config = load_config(path, environ={"PARASPINAL_SEGMENTER_DEVICE": "gpu:1", "PARASPINAL_WORKER_COUNT": "0",
+                                        "PARASPINAL_DELIVERY_RESULTS_DIR": "/srv/results",
+                                        "PARASPINAL_SELECTION_MODALITIES": "CT, PT"})
+    assert config.segmenter.device == "gpu:1" and config.worker.count == 0
+    assert config.delivery.results_dir == Path("/srv/results")
+    assert config.selection.modalities == ["CT", "PT"]
+
+
+def test_bad_environment_value_names_the_variable() -> None:
+    with pytest.raises(ConfigError, match="PARASPINAL_WORKER_LEASE_S='soon'"):
+        load_config(None, environ={"PARASPINAL_WORKER_LEASE_S": "soon"})
+
+
+def test_config_check_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["config", "check", "--config", str(EXAMPLE)]) == 0
+    out = capsys.readouterr().out
+    assert "config OK" in out and "PACS@pacs.example.org:104" in out and "weights missing" in out
+    assert main(["config", "check", "--config", str(write(tmp_path, "[worker]\ncount = -1\n"))]) == 2
+    assert "worker.count must be 0 or more" in capsys.readouterr().err
+    assert main(["config", "check", "--config", str(tmp_path / "absent.toml")]) == 2
+    assert "pass an existing --config FILE" in capsys.readouterr().err

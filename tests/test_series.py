@@ -1,0 +1,177 @@
+"""Series completion (quiet periods), selection rules, content fingerprints and restart recovery."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from pydicom.uid import generate_uid
+
+from dicom_peers import ct_dataset
+from node.config import CompletionConfig, SelectionConfig
+from node.series import SeriesSummary, SeriesTracker, selection_refusal
+from node.spool import Receipt, Spool
+from node.state import JobStatus, State
+
+CHEST = SeriesSummary(modalities=frozenset({"CT"}), image_types=(("ORIGINAL", "PRIMARY", "AXIAL"),),
+                      slice_thicknesses=frozenset({1.0}), description="Thorax 1.0 B30f", body_part="CHEST",
+                      kernel="B30f", instances=200)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 5000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize(("change", "rules", "expected"), [
+    ({"modalities": frozenset({"MR"})}, {}, "modality MR is not in selection.modalities"),
+    ({"image_types": (("DERIVED", "SECONDARY", "AXIAL"),)}, {}, "lacks ORIGINAL, PRIMARY (selection.image_type)"),
+    ({"image_types": (("ORIGINAL", "PRIMARY", "LOCALIZER"),)}, {}, "lacks AXIAL"),
+    ({"slice_thicknesses": frozenset({1.0, 8.0})}, {}, "slice thickness 8 mm is outside"),
+    ({"instances": 12}, {}, "12 slices, fewer than selection.min_slices (20)"),
+    ({"description": "Topogram 0.6 T20f"}, {}, "matches selection.series_description_exclude"),
+    ({}, {"series_description_include": "(?i)lung"}, "does not match selection.series_description_include"),
+    ({"body_part": "HEAD"}, {"body_part_exclude": "HEAD|BRAIN"}, "body part 'HEAD' matches selection.body_part_exclude"),
+    ({"kernel": "B70f"}, {"kernel_include": "B[1-4]"}, "kernel 'B70f' does not match selection.kernel_include"),
+])
+def test_each_rule_refuses_and_names_its_key(change: dict, rules: dict, expected: str) -> None:
+    assert selection_refusal(CHEST, SelectionConfig()) is None
+    reason = selection_refusal(replace(CHEST, **change), replace(SelectionConfig(), **rules))
+    assert reason is not None and expected in reason
+
+
+def test_defaults_select_low_dose_chest_and_missing_thickness() -> None:
+    assert selection_refusal(replace(CHEST, description="LDCT low dose chest"), SelectionConfig()) is None
+    assert selection_refusal(replace(CHEST, slice_thicknesses=frozenset()), SelectionConfig()) is None
+
+
+class Node:
+    """A spool, a state database and a tracker on a fake clock, fed like the receiver feeds them."""
+
+    def __init__(self, root: Path, selection: SelectionConfig | None = None) -> None:
+        self.clock = Clock()
+        self.spool = Spool(root / "spool")
+        self.state = State(root / "state.sqlite", clock=self.clock)
+        self.selection = selection or SelectionConfig(min_slices=3)
+        self.tracker = self._tracker()
+        self.study_uid, self.series_uid = generate_uid(), generate_uid()
+        self.sent = 0
+
+    def _tracker(self) -> SeriesTracker:
+        periods = CompletionConfig(release_quiet_s=5, idle_quiet_s=60)
+        return SeriesTracker(self.spool, self.state, periods, self.selection, clock=self.clock)
+
+    def restart(self) -> None:
+        self.tracker = self._tracker()
+        self.tracker.recover()
+
+    def send(self, count: int, association: str, modality: str = "CT") -> None:
+        for _ in range(count):
+            ds = ct_dataset(self.study_uid, self.series_uid, self.sent, size=8)
+            ds.Modality = modality
+            self.sent += 1
+            path = self.spool.root.parent / "tmp.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            instance = self.spool.store(path, Receipt(association, "SCU", self.clock.now))
+            self.tracker.instance_stored(instance)
+
+    def jobs(self) -> list:
+        return self.state.jobs()
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Node:
+    return Node(tmp_path)
+
+
+def test_series_completes_quiet_period_after_release(node: Node) -> None:
+    node.send(4, "a1")
+    node.clock.now += 30
+    assert node.tracker.tick() == []  # association still open, idle period not over
+    node.tracker.association_released("a1")
+    node.clock.now += 4.9
+    assert node.tracker.tick() == []
+    node.clock.now += 0.2
+    assert len(node.tracker.tick()) == 1
+    (job,) = node.jobs()
+    assert job.status is JobStatus.QUEUED and Path(job.series_dir) == node.spool.series_dir(node.study_uid,
+                                                                                           node.series_uid)
+    series = node.state.get_series(node.series_uid)
+    assert (series.patient_id, series.accession, series.instances) == ("PID0001", "ACC1", 4)
+
+
+def test_series_without_release_completes_after_idle_period(node: Node) -> None:
+    node.send(4, "a1")
+    node.clock.now += 59
+    assert node.tracker.tick() == []
+    node.send(1, "a1")
+    node.clock.now += 59
+    assert node.tracker.tick() == []
+    node.clock.now += 2
+    assert len(node.tracker.tick()) == 1
+
+
+def test_series_spread_over_two_associations_waits_for_both(node: Node) -> None:
+    node.send(2, "a1")
+    node.send(2, "a2")
+    node.tracker.association_released("a1")
+    node.clock.now += 10
+    assert node.tracker.tick() == []
+    node.tracker.association_released("a2")
+    node.clock.now += 5
+    assert len(node.tracker.tick()) == 1
+
+
+def test_same_content_again_is_not_queued_but_grown_series_is(node: Node) -> None:
+    node.send(4, "a1")
+    node.tracker.association_released("a1")
+    node.clock.now += 6
+    node.tracker.tick()
+    first_instances = sorted(node.spool.series_files(node.study_uid, node.series_uid))
+    for path in first_instances:  # the same instances resent: duplicates
+        instance = node.spool.store(path, Receipt("a2", "SCU", node.clock.now))
+        node.tracker.instance_stored(instance)
+    node.tracker.association_released("a2")
+    node.clock.now += 6
+    assert node.tracker.tick() == []
+    node.send(2, "a3")
+    node.tracker.association_released("a3")
+    node.clock.now += 6
+    assert len(node.tracker.tick()) == 1
+    assert [j.status for j in node.jobs()] == [JobStatus.QUEUED, JobStatus.QUEUED]
+    assert node.state.get_series(node.series_uid).instances == 6
+
+
+def test_unselected_series_is_recorded_as_skipped_with_the_rule(node: Node) -> None:
+    node.send(4, "a1", modality="MR")
+    node.tracker.association_released("a1")
+    node.clock.now += 6
+    node.tracker.tick()
+    (job,) = node.jobs()
+    assert job.status is JobStatus.SKIPPED and job.last_error == "modality MR is not in selection.modalities"
+
+
+def test_restart_recovers_spooled_series_without_a_job(node: Node) -> None:
+    node.send(4, "a1")  # the node dies before the series completes
+    node.restart()
+    node.clock.now += 5
+    assert len(node.tracker.tick()) == 1
+    node.restart()  # a second restart finds the content already queued
+    node.clock.now += 60
+    assert node.tracker.tick() == []
+    assert len(node.jobs()) == 1
+
+
+def test_series_finished_after_a_restart_reads_headers_from_the_spool(node: Node) -> None:
+    node.send(3, "a1")
+    node.restart()
+    node.send(2, "a2")
+    node.tracker.association_released("a2")
+    node.clock.now += 5
+    node.tracker.tick()
+    assert node.state.get_series(node.series_uid).instances == 5
+    assert node.jobs()[0].status is JobStatus.QUEUED

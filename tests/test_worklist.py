@@ -1,0 +1,84 @@
+"""`paraspinal-node worklist`: rows from the state database, the flag, --since and both formats."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from node.cli import main
+from node.labels import MEASURED_LEVELS
+from node.state import SeriesRecord, open_state
+from node.worklist import parse_since
+
+
+def stats(median: float | None, volume: float) -> dict:
+    return {"voxels": 0 if median is None else 100, "volume_cm3": volume, "median_hu": median}
+
+
+def result(level_median: float, total_median: float | None) -> dict:
+    levels = [{"level": name, "status": "complete" if i < 9 else "partial", "reasons": [],
+               "combined": stats(level_median + i, 10.0 + i)} for i, name in enumerate(MEASURED_LEVELS)]
+    return {"levels": levels, "total": {"combined": stats(total_median, 145.0)}}
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    path = tmp_path / "node.toml"
+    path.write_text(f'[storage]\nstate_dir = "{tmp_path / "state"}"\n[measure]\nlow_attenuation_hu = 10.0\n')
+    state = open_state(tmp_path / "state" / "state.sqlite")
+    rows = [("1.1", "PID-A", "ACC-A", "20240105", result(30.0, 27.5)),
+            ("1.2", "PID-B", "ACC-B", "20240210", result(2.0, 4.0)),
+            ("1.3", "PID-C", "ACC-C", "20231201", result(20.0, None))]
+    for uid, patient, accession, day, measurements in rows:
+        state.record_series(SeriesRecord(uid, "9", patient, accession, day, "CT", "chest", 80, "f", "/x"))
+        job = state.add_job(uid, "f", "/x")
+        state.claim("w", 60, 3)
+        state.complete(job.id, "w", measurements, [])
+    state.record_series(SeriesRecord("1.4", "9", "PID-D", "ACC-D", "20240301", "CT", "chest", 80, "f", "/x"))
+    state.add_job("1.4", "f", "/x")  # queued, not processed: not listed
+    state.close()
+    return path
+
+
+def run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_csv_lists_processed_studies_with_levels_and_flag(config_file: Path, capsys) -> None:
+    code, out, _ = run(capsys, "worklist", "--config", str(config_file))
+    assert code == 0
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert [r["accession"] for r in rows] == ["ACC-C", "ACC-A", "ACC-B"]
+    first = rows[1]
+    assert (first["patient_id"], first["study_date"]) == ("PID-A", "2024-01-05")
+    assert (first["T1_median_hu"], first["T1_volume_cm3"], first["T1_status"]) == ("30.0", "10.0", "complete")
+    assert (first["T10_median_hu"], first["T10_status"]) == ("39.0", "partial")
+    assert [r["low_attenuation"] for r in rows] == ["", "no", "yes"]
+
+
+def test_json_since_filters_on_study_date(config_file: Path, capsys) -> None:
+    code, out, _ = run(capsys, "worklist", "--config", str(config_file), "--format", "json", "--since", "2024-02-01")
+    assert code == 0
+    (row,) = json.loads(out)
+    assert row["accession"] == "ACC-B" and row["low_attenuation"] is True and row["t1_t10_median_hu"] == 4.0
+
+
+def test_bad_since_is_a_usage_error(config_file: Path, capsys) -> None:
+    code, _, err = run(capsys, "worklist", "--config", str(config_file), "--since", "last tuesday")
+    assert code == 2 and "YYYY-MM-DD" in err
+
+
+@pytest.mark.parametrize(("text", "expected"), [("2024-02-29", "20240229"), ("20240101", "20240101")])
+def test_since_accepts_both_date_forms(text: str, expected: str) -> None:
+    assert parse_since(text) == expected
+
+
+def test_since_refuses_impossible_dates() -> None:
+    with pytest.raises(ValueError, match="calendar date"):
+        parse_since("2023-02-29")
