@@ -15,7 +15,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
-from pynetdicom import AE, build_context
+from pynetdicom import AE, build_context, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
@@ -82,10 +82,9 @@ def send_files(destination: DestinationConfig, files: list[Path], calling_ae: st
 
 def echo(destination: DestinationConfig, calling_ae: str, timeout_s: float = 10.0) -> EchoOutcome:
     """C-ECHO the destination: proves network, AE titles and allowlists are set up."""
-    ae = _make_ae(calling_ae, timeout_s)
-    assoc = ae.associate(destination.host, destination.port, [build_context(Verification)], ae_title=destination.ae_title)
+    assoc, connected = _associate(destination, [build_context(Verification)], calling_ae, timeout_s)
     if not assoc.is_established:
-        return EchoOutcome(False, None, _association_failure(assoc, destination))
+        return EchoOutcome(False, None, _association_failure(assoc, connected, destination))
     try:
         status = assoc.send_c_echo()
     finally:
@@ -123,10 +122,9 @@ def _contexts(items: list[_Item]) -> list[PresentationContext]:
 def _send(
     destination: DestinationConfig, items: list[_Item], contexts: list[PresentationContext], calling_ae: str, timeout_s: float
 ) -> dict[Path, SendOutcome]:
-    ae = _make_ae(calling_ae, timeout_s)
-    assoc = ae.associate(destination.host, destination.port, contexts, ae_title=destination.ae_title)
+    assoc, connected = _associate(destination, contexts, calling_ae, timeout_s)
     if not assoc.is_established:
-        reason = _association_failure(assoc, destination)
+        reason = _association_failure(assoc, connected, destination)
         log.warning("event=send_failed destination=%s files=%d reason=%s", _name(destination), len(items), reason)
         return {item.path: _failed(item, None, reason) for item in items}
     try:
@@ -164,21 +162,29 @@ def _failed(item: _Item, status: int | None, message: str) -> SendOutcome:
     return SendOutcome(item.path, str(item.dataset.get("SOPInstanceUID", "")) or None, False, status, message)
 
 
-def _make_ae(calling_ae: str, timeout_s: float) -> AE:
+def _associate(
+    destination: DestinationConfig, contexts: list[PresentationContext], calling_ae: str, timeout_s: float
+) -> tuple[Association, bool]:
+    """Request an association; also say whether the TCP connection opened, to word failures right."""
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout_s
-    return ae
+    opened: list[bool] = []
+    assoc = ae.associate(
+        destination.host, destination.port, contexts, ae_title=destination.ae_title,
+        evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: opened.append(True))],
+    )
+    return assoc, bool(opened)
 
 
-def _association_failure(assoc: Association, destination: DestinationConfig) -> str:
+def _association_failure(assoc: Association, connected: bool, destination: DestinationConfig) -> str:
     where = _name(destination)
+    if not connected:
+        return f"no connection to {where}: check that it is running and reachable (host, port, firewall)"
     if assoc.is_rejected:
         primitive = assoc.acceptor.primitive
         detail = f"{primitive.result_str}, {primitive.reason_str}" if primitive is not None else "no reason given"
         return f"association rejected by {where} ({detail}): check the AE titles and the peer's allowlist"
-    if assoc.is_aborted:
-        return f"association aborted by {where}: check that the peer accepts these SOP classes and this calling AE"
-    return f"no association with {where}: check that it is running and reachable (host, port, firewall)"
+    return f"association aborted or timed out by {where}: check that it accepts these SOP classes and this calling AE"
 
 
 def _close(assoc: Association) -> None:
