@@ -43,11 +43,15 @@ class CTVolume:
 
     @property
     def study_uid(self) -> str | None:
-        return str(self.datasets[0].StudyInstanceUID) if self.datasets else None
+        return self._uid("StudyInstanceUID")
 
     @property
     def series_uid(self) -> str | None:
-        return str(self.datasets[0].SeriesInstanceUID) if self.datasets else None
+        return self._uid("SeriesInstanceUID")
+
+    def _uid(self, keyword: str) -> str | None:
+        """None for NIfTI input and for anonymised series that blanked the UID."""
+        return str(self.datasets[0].get(keyword, "")) or None if self.datasets else None
 
     def slice_z_mm(self, k: int | float) -> float:
         """Patient LPS z of slice k at the volume's first row and column."""

@@ -1,0 +1,153 @@
+"""Loading CT series: decoders, slice ordering, and one-line refusals of what cannot be measured."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from pydicom.uid import JPEG2000Lossless
+
+import phantom as ph
+from node.ct import InputError
+from node.ct_load import load_ct
+
+REAL_J2K = Path(__file__).resolve().parents[2] / "shared" / "data" / "totalseg-example-ct"
+
+
+@pytest.fixture(scope="module")
+def small() -> ph.Phantom:
+    return ph.make_phantom().crop(k=slice(40, 52))
+
+
+@pytest.fixture()
+def series(small, tmp_path) -> ph.DicomSeries:
+    return ph.write_dicom_series(small, tmp_path / "ct", ph.LAYOUTS["shuffled"])
+
+
+def refusal(folder: Path) -> str:
+    with pytest.raises(InputError) as caught:
+        load_ct(folder)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.skipif(not REAL_J2K.is_dir(), reason="shared/data is beside the repo")
+def test_real_jpeg2000_series_decodes_like_gdcm():
+    ct = load_ct(REAL_J2K)
+    assert ct.shape == (20, 512, 512)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(REAL_J2K)))
+    image = reader.Execute()
+    reference = sitk.GetArrayFromImage(image)
+    if image.GetDirection()[8] < 0:  # GDCM stacked head first; the loader stacks along the normal
+        reference = reference[::-1]
+    assert np.array_equal(ct.hu, reference)
+    assert ct.hu.min() == -1024 and ct.spacing[0] == pytest.approx(2.0)
+    assert ct.study_uid is None  # this anonymised series carries blank UIDs
+
+
+def test_slices_are_sorted_by_position_not_by_instance_number(small, series):
+    ct = load_ct(series.folder)
+    assert np.array_equal(ct.hu, small.hu)
+    assert ct.superior_sign == 1
+    assert [str(ds.SOPInstanceUID) for ds in ct.datasets] == series.sop_instance_uids
+
+
+@pytest.mark.parametrize("tool,options,lossless", [
+    ("dcmcjpeg", ["+e1"], True),
+    ("dcmcjpeg", ["+el"], True),
+    ("dcmcjpls", [], True),
+    ("dcmcrle", [], True),
+    ("dcmcjpeg", ["+ee"], False),
+    ("dcmcjpeg", ["+eb"], False),
+])
+def test_compressed_transfer_syntaxes_decode(tool, options, lossless, small, series, tmp_path):
+    if shutil.which(tool) is None:
+        pytest.skip(f"{tool} (dcmtk) not installed")
+    out = tmp_path / "compressed"
+    out.mkdir()
+    for path in series.paths:
+        subprocess.run([tool, *options, str(path), str(out / path.name)], check=True, capture_output=True)
+    ct = load_ct(out)
+    if lossless:
+        assert np.array_equal(ct.hu, small.hu)
+    else:
+        assert ct.shape == small.shape and np.median(np.abs(ct.hu.astype(float) - small.hu)) < 60
+
+
+def test_jpeg2000_written_by_pydicom_decodes_losslessly(small, series, tmp_path):
+    out = tmp_path / "j2k"
+    out.mkdir()
+    for path in series.paths:
+        ds = pydicom.dcmread(path)
+        ds.compress(JPEG2000Lossless)
+        ds.save_as(out / path.name)
+    assert np.array_equal(load_ct(out).hu, small.hu)
+
+
+def test_mixed_series_is_refused(small, series, tmp_path):
+    ph.write_dicom_series(small, series.folder / "other", ph.LAYOUTS["axial"])
+    assert "mixed series" in refusal(series.folder)
+
+
+def test_missing_pixel_data_is_refused(series):
+    ds = pydicom.dcmread(series.paths[3])
+    del ds.PixelData
+    ds.save_as(series.paths[3])
+    assert "no pixel data" in refusal(series.folder)
+
+
+def test_a_missing_slice_is_named(series, small):
+    series.paths[5].unlink()
+    message = refusal(series.folder)
+    assert "non-uniform slice spacing" in message and f"{2 * small.spacing[0]:.2f} mm" in message
+
+
+def test_localizer_is_refused(series):
+    ds = pydicom.dcmread(series.paths[0])
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    ds.save_as(series.paths[0])
+    assert "localizer" in refusal(series.folder)
+
+
+def test_non_ct_is_refused(series):
+    for path in series.paths:
+        ds = pydicom.dcmread(path)
+        ds.Modality = "MR"
+        ds.save_as(path)
+    assert "not a CT series" in refusal(series.folder)
+
+
+def test_gantry_tilt_is_refused_not_resampled(series):
+    for path in series.paths:
+        ds = pydicom.dcmread(path)
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y + 0.2 * z, z]  # 11° tilt in the sagittal plane
+        ds.save_as(path)
+    message = refusal(series.folder)
+    assert "gantry tilt" in message and "refused" in message
+
+
+def test_non_axial_series_is_refused(series):
+    for path in series.paths:
+        ds = pydicom.dcmread(path)
+        ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+        ds.save_as(path)
+    assert "not an axial series" in refusal(series.folder)
+
+
+def test_empty_folder_and_missing_path_are_refused(tmp_path):
+    assert "no DICOM files" in refusal(tmp_path)
+    assert "does not exist" in refusal(tmp_path / "nowhere")
+
+
+def test_rescale_slope_is_applied(small, tmp_path):
+    doubled = ph.write_dicom_series(small, tmp_path / "ct", ph.LAYOUTS["axial"], storage="signed", rescale_slope=0.5)
+    ct = load_ct(doubled.folder)
+    assert ct.hu.dtype == np.float32 and np.array_equal(ct.hu, small.hu.astype(np.float32))
