@@ -1,0 +1,202 @@
+"""Receive throughput: one association carries an N-slice 512×512 CT series to each receiver in turn.
+
+Receivers, alternated round by round so that disk and CPU noise hit them alike:
+- node: this project's Receiver (in this process, spooling with fsync before each acknowledgement);
+- storescp: dcmtk writing each file to disk;
+- orthanc: Orthanc with its default storage settings (skipped if Orthanc is not installed).
+The sender is dcmtk storescu with TCP_NODELAY=1 (without it loopback runs at ~20 images/s).
+Every send uses a fresh series, so no receiver can short-cut a duplicate.
+Prints images/s per receiver (median of the rounds), the node's ratios to the others, and the
+node's CPU time per image (all threads of this process during its transfers).
+
+    .venv/bin/python bench/receive.py [--count 400] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from node.config import ReceiverConfig  # noqa: E402
+from node.receiver import Receiver  # noqa: E402
+from node.spool import Spool, SpooledInstance  # noqa: E402
+
+ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+class _Discard:
+    """A listener that records nothing: the bench measures the receive path, not the state store."""
+
+    def instance_stored(self, instance: SpooledInstance) -> None:
+        return None
+
+    def association_released(self, association_id: str) -> None:
+        return None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_for_port(port: int, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on port {port}")
+
+
+def write_series(folder: Path, count: int, size: int = 512) -> list[Path]:
+    """A fresh CT series (new UIDs), uncompressed, as a modality would send it."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    pixels = np.random.default_rng(0).integers(0, 2000, (size, size), dtype=np.int16).tobytes()
+    paths = []
+    for index in range(count):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, ds.file_meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.PatientID, ds.Modality, ds.InstanceNumber = "BENCH", "CT", index + 1
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.SliceThickness, ds.PixelSpacing = 1.0, [0.7, 0.7]
+        ds.ImagePositionPatient, ds.ImageOrientationPatient = [0.0, 0.0, -float(index)], [1, 0, 0, 0, 1, 0]
+        ds.Rows = ds.Columns = size
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = -1024.0, 1.0
+        ds.PixelData = pixels
+        path = folder / f"{index:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def send(port: int, called_ae: str, files: list[Path]) -> float:
+    """Seconds storescu takes to send `files` over one association."""
+    start = time.perf_counter()
+    result = subprocess.run(
+        ["storescu", "-aec", called_ae, "127.0.0.1", str(port), *map(str, files)],
+        env=ENV, capture_output=True, text=True,
+    )
+    elapsed = time.perf_counter() - start
+    if result.returncode != 0:
+        raise RuntimeError(f"storescu to {called_ae} failed: {result.stderr.strip()[-500:]}")
+    return elapsed
+
+
+@contextlib.contextmanager
+def node(work: Path) -> Iterator[int]:
+    port = _free_port()
+    config = ReceiverConfig(ae_title="NODE", port=port, bind_address="127.0.0.1", min_free_disk_mb=100)
+    receiver = Receiver(config, Spool(work / "node-spool"), _Discard())
+    receiver.start()
+    try:
+        yield port
+    finally:
+        receiver.stop(grace_s=5)
+
+
+@contextlib.contextmanager
+def storescp(work: Path) -> Iterator[int]:
+    port = _free_port()
+    out = work / "storescp"
+    out.mkdir(exist_ok=True)
+    process = subprocess.Popen(["storescp", "-od", str(out), str(port)], env=ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_port(port)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def orthanc(work: Path) -> Iterator[int]:
+    port, http_port = _free_port(), _free_port()
+    root = work / "orthanc"
+    root.mkdir(exist_ok=True)
+    config = {
+        "Name": "bench", "DicomAet": "ORTHANC", "DicomPort": port, "HttpPort": http_port,
+        "StorageDirectory": str(root / "storage"), "IndexDirectory": str(root / "index"),
+        "RemoteAccessAllowed": False, "DicomCheckCalledAet": False, "Plugins": [],
+    }
+    (root / "orthanc.json").write_text(json.dumps(config))
+    process = subprocess.Popen(["Orthanc", str(root / "orthanc.json")], env=ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_port(port)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=400, help="slices per series (default 400)")
+    parser.add_argument("--rounds", type=int, default=3, help="sends per receiver (default 3)")
+    parser.add_argument("--work-dir", type=Path, default=None, help="scratch folder (default: a temp folder)")
+    args = parser.parse_args()
+    if shutil.which("storescu") is None:
+        print("dcmtk is not installed: apt-get install dcmtk", file=sys.stderr)
+        return 2
+    peers = {"node": (node, "NODE"), "storescp": (storescp, "STORESCP")}
+    if shutil.which("Orthanc"):
+        peers["orthanc"] = (orthanc, "ORTHANC")
+    else:
+        print("Orthanc is not installed: its column is skipped (apt-get install orthanc)")
+    with tempfile.TemporaryDirectory(dir=args.work_dir) as scratch:
+        work = Path(scratch)
+        rates: dict[str, list[float]] = {name: [] for name in peers}
+        node_cpu: list[float] = []
+        with contextlib.ExitStack() as stack:
+            ports = {name: stack.enter_context(start(work)) for name, (start, _) in peers.items()}
+            for round_ in range(args.rounds):
+                for name, (_, ae_title) in peers.items():
+                    files = write_series(work / "series", args.count)
+                    os.sync()  # else the node's first fsyncs also flush the others' (and these) dirty pages
+                    cpu = time.process_time()
+                    elapsed = send(ports[name], ae_title, files)
+                    if name == "node":
+                        node_cpu.append((time.process_time() - cpu) / args.count)
+                    rates[name].append(args.count / elapsed)
+                    print(f"round {round_ + 1} {name:9s} {args.count / elapsed:7.1f} images/s")
+    median = {name: statistics.median(values) for name, values in rates.items()}
+    print(f"\n{args.count} x 512x512 CT, one association, median of {args.rounds} rounds:")
+    for name, value in median.items():
+        print(f"  {name:9s} {value:7.1f} images/s")
+    for name in median:
+        if name != "node":
+            print(f"  node / {name}: {median['node'] / median[name]:.2f}")
+    print(f"  node CPU per image: {statistics.median(node_cpu) * 1000:.2f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""The spool on a real folder: layout, refusals, duplicates and crash leftovers."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from pydicom.uid import generate_uid
+
+from dicom_peers import ct_dataset, write_ct_series
+from node.spool import Receipt, Spool, SpoolError, StoreOutcome
+
+RECEIPT = Receipt("assoc:test", "MODALITY", time.time())
+
+
+def test_layout_and_summary_without_patient_name(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    (path,) = write_ct_series(tmp_path / "in", 1)
+
+    instance = spool.store(path, RECEIPT)
+
+    assert instance.path == spool.series_dir(instance.study_uid, instance.series_uid) / f"{instance.sop_instance_uid}.dcm"
+    assert instance.path.read_bytes() == path.read_bytes()
+    assert list(spool.series()) == [(instance.study_uid, instance.series_uid)]
+    assert spool.series_files(instance.study_uid, instance.series_uid) == [instance.path]
+    assert "Test^Patient" not in repr(instance)
+
+
+def test_identical_resend_writes_nothing(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    (path,) = write_ct_series(tmp_path / "in", 1)
+    first = spool.store(path, RECEIPT)
+    written = first.path.stat().st_mtime_ns
+
+    again = spool.store(path, RECEIPT)
+
+    assert again.outcome is StoreOutcome.DUPLICATE
+    assert again.path.stat().st_mtime_ns == written
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"plain text, not an image", "not a DICOM Part 10 file"),
+        (b"\0" * 128 + b"DICM" + b"\x02\x00", "no TransferSyntaxUID"),
+    ],
+)
+def test_non_dicom_is_refused_with_a_reason(tmp_path: Path, raw: bytes, reason: str) -> None:
+    with pytest.raises(SpoolError, match=reason):
+        Spool(tmp_path / "spool").store(raw, RECEIPT)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_a_uid_that_would_leave_the_spool_is_refused(tmp_path: Path) -> None:
+    dataset = ct_dataset(generate_uid(), generate_uid(), 0)
+    dataset.SeriesInstanceUID = "../../etc"
+    dataset.save_as(tmp_path / "evil.dcm", enforce_file_format=True)
+
+    with pytest.raises(SpoolError, match="not a valid UID"):
+        Spool(tmp_path / "spool").store(tmp_path / "evil.dcm", RECEIPT)
+    assert not (tmp_path / "etc").exists()
+
+
+def test_partial_files_from_a_crash_are_removed(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    (path,) = write_ct_series(tmp_path / "in", 1)
+    instance = spool.store(path, RECEIPT)
+    leftover = instance.path.parent / ".1.2.3.dcm.abcd1234.partial"
+    leftover.write_bytes(b"half")
+
+    assert spool.remove_partial_files() == 1
+    assert spool.series_files(instance.study_uid, instance.series_uid) == [instance.path]
