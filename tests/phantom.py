@@ -23,7 +23,8 @@ API (tests import it as ``import phantom``; pytest puts tests/ on sys.path, benc
   ``Phantom.truncated_through("T1")`` give cut fields of view.
 - ``truth(phantom, body_source=...)`` gives the seed method's result shaped like the
   "levels"/"total" part of measurements.json; ``mismatches(result, expected)`` compares them;
-  ``mirror_slabs(expected)`` renumbers slabs for a volume loaded with slices top-down.
+  ``mirror_slabs(expected, n_slices)`` renumbers slabs for a volume whose slice 0 is the top
+  (a loader sorting along the slice normal does that when ``layout.normal_z < 0``).
 - ``write_dicom_series(phantom, folder, layout=LAYOUTS["axial"], ...) -> DicomSeries``.
 - ``write_masks(phantom, folder, form="folder"|"multilabel", orientation="RAS", ...)`` and
   ``write_nifti_ct(phantom, path, orientation="RAS")``: TotalSegmentator-style NIfTI files.
@@ -106,17 +107,17 @@ class _Level:
 def _design() -> tuple[list[_Level], float]:
     """C7 (lower 10 mm), T1..T12 and L1 (upper 16 mm), with discs; returns levels and length."""
     names = ["C7", *THORACIC, "L1"]
-    levels: list[dict[str, float | str]] = []
+    tops, heights = [], []
     depth = 10.0 - 13.0
-    for i, name in enumerate(names, start=-1):
-        height = 15.5 + 0.55 * i
-        levels.append({"name": name, "top": depth, "bottom": depth + height,
-                       "rx": 11.0 + 0.45 * i, "ry": 9.0 + 0.35 * i})
-        depth += height + 4.0 + 0.1 * i
-    centres = [(float(lv["top"]) + float(lv["bottom"])) / 2 for lv in levels] + [0.0]
-    centres[-1] = centres[-2] + 22.0
-    built = [_Level(next_centre=centres[i + 1], **lv) for i, lv in enumerate(levels)]  # type: ignore[arg-type]
-    return built, built[-1].top + 16.0
+    for i in range(-1, len(names) - 1):
+        tops.append(depth)
+        heights.append(15.5 + 0.55 * i)
+        depth += heights[-1] + 4.0 + 0.1 * i
+    centres = [top + height / 2 for top, height in zip(tops, heights)]
+    next_centres = centres[1:] + [centres[-1] + 22.0]
+    levels = [_Level(name, top, top + height, 11.0 + 0.45 * i, 9.0 + 0.35 * i, after)
+              for i, (name, top, height, after) in enumerate(zip(names, tops, heights, next_centres), start=-1)]
+    return levels, levels[-1].top + 16.0
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,8 @@ class Phantom:
 
     def crop(self, k: slice = slice(None), r: slice = slice(None), c: slice = slice(None)) -> Phantom:
         """A smaller field of view of the same patient (same physical positions)."""
+        if any(s.step not in (None, 1) for s in (k, r, c)):
+            raise ValueError("Phantom.crop takes contiguous slices (step 1); resampling would change the truth")
         k0, r0, c0 = (s.indices(n)[0] for s, n in zip((k, r, c), self.shape))
         origin = tuple(float(v) for v in np.round(self.position(k0, r0, c0), 6))
         return replace(self, hu=self.hu[k, r, c].copy(), labels=self.labels[k, r, c].copy(),
@@ -190,30 +193,17 @@ def make_phantom(spacing: Sequence[float] | None = None, shape: Sequence[int] | 
     dk, dr, dc = spacing
     origin = (round(-(nc - 1) * dc / 2, 4), round(_FOV_CENTRE_Y - (nr - 1) * dr / 2, 4), _ORIGIN_Z)
     depth = (nk - 1 - np.arange(nk)) * dk + dk / 2 - (nk * dk - length) / 2
-    x = origin[0] + np.arange(nc) * dc
-    y = origin[1] + np.arange(nr) * dr
-    y_grid, x_grid = np.meshgrid(y, x, indexing="ij")
-    grid = (x_grid, y_grid)  # LPS mm of each [r, c]
-    rng = np.random.default_rng(seed)
+    y_grid, x_grid = np.meshgrid(origin[1] + np.arange(nr) * dr, origin[0] + np.arange(nc) * dc, indexing="ij")
+    painter = _Painter(x_grid, y_grid, levels, length, depth, np.random.default_rng(seed))
     hu = np.empty(shape, np.int16)
     labels = np.zeros(shape, np.uint8)
     body = np.zeros(shape, np.uint8)
-    body_slices = {lv.name: np.nonzero((depth >= lv.top) & (depth < lv.bottom))[0] for lv in levels}
     for k in range(nk):
-        _paint_slice(hu[k], labels[k], body[k], float(depth[k]), k, grid, levels, body_slices, rng)
-    _infiltrate_fat(hu, labels, body, depth, levels, rng)
+        painter.paint(k, hu[k], labels[k], body[k])
+    painter.infiltrate_fat(hu, labels, body)
     study_uid = str(generate_uid(entropy_srcs=["paraspinal-node phantom study", str(seed)]))
     return Phantom(hu=hu, labels=labels, body=body, spacing=spacing, origin=origin,  # type: ignore[arg-type]
                    seed=seed, study_uid=study_uid, patient_id=f"PHANTOM-{seed}")
-
-
-def _ellipse(grid: tuple[np.ndarray, np.ndarray], cx: float, cy: float, rx: float, ry: float) -> np.ndarray:
-    x, y = grid
-    return ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 <= 1.0
-
-
-def _fill(plane: np.ndarray, mask: np.ndarray, hu_range: tuple[int, int], rng: np.random.Generator) -> None:
-    plane[mask] = rng.integers(hu_range[0], hu_range[1] + 1, size=int(mask.sum()))
 
 
 def _rim(mask: np.ndarray) -> np.ndarray:
@@ -228,125 +218,126 @@ def _rim(mask: np.ndarray) -> np.ndarray:
     return mask & ~inner
 
 
-def _muscle_masks(grid: tuple[np.ndarray, np.ndarray], depth: float, length: float) -> dict[str, np.ndarray]:
-    """Left bigger than right, both growing caudally; they never touch bone or each other."""
-    grow = 1.0 + 0.12 * min(max(depth / length, 0.0), 1.0)
-    return {"left": _ellipse(grid, 19.0, 24.0, 11.5 * grow, 12.5 * grow),
-            "right": _ellipse(grid, -19.0, 24.0, 10.5 * grow, 12.0 * grow)}
+class _Painter:
+    """Paints slices on one in-plane grid (x, y in LPS mm per [r, c]); z-invariant masks are made once."""
 
+    def __init__(self, x: np.ndarray, y: np.ndarray, levels: list[_Level], length: float,
+                 depth: np.ndarray, rng: np.random.Generator) -> None:
+        self.x, self.y, self.levels, self.length, self.depth, self.rng = x, y, levels, length, depth, rng
+        self.body_slices = {lv.name: np.nonzero((depth >= lv.top) & (depth < lv.bottom))[0] for lv in levels}
+        torso = self.ellipse(0.0, _FOV_CENTRE_Y, 54.0, 53.0)
+        self.inner = self.ellipse(0.0, _FOV_CENTRE_Y, 46.0, 45.0)
+        self.subcutaneous = torso & ~self.inner
+        lungs = self.ellipse(33.0, -14.0, 14.0, 24.0) | self.ellipse(-33.0, -14.0, 14.0, 24.0)
+        self.lungs = lungs & self.ellipse(0.0, _FOV_CENTRE_Y, 44.0, 43.0)
+        rho = np.hypot(x, y)
+        self.canal = rho <= 6.0
+        self.arch = (rho > 6.0) & (rho <= 9.5) & (y > -5.0)
+        self.spine_column = (np.abs(x) <= 3.0) & (y > 9.5) & (y <= 39.0)
 
-def _paint_slice(hu: np.ndarray, labels: np.ndarray, body: np.ndarray, depth: float, k: int,
-                 grid: tuple[np.ndarray, np.ndarray], levels: list[_Level],
-                 body_slices: dict[str, np.ndarray], rng: np.random.Generator) -> None:
-    """Soft tissues first, bone last, so later structures own their voxels."""
-    x, y = grid
-    length = levels[-1].top + 16.0
-    hu[:] = _AIR
-    torso = _ellipse(grid, 0.0, _FOV_CENTRE_Y, 54.0, 53.0)
-    inner = _ellipse(grid, 0.0, _FOV_CENTRE_Y, 46.0, 45.0)
-    _fill(hu, torso & ~inner, _SUBCUT_FAT, rng)
-    _fill(hu, inner, _SOFT, rng)
-    if depth < levels[-2].centre:
-        lungs = (_ellipse(grid, 33.0, -14.0, 14.0, 24.0) | _ellipse(grid, -33.0, -14.0, 14.0, 24.0))
-        _fill(hu, lungs & _ellipse(grid, 0.0, _FOV_CENTRE_Y, 44.0, 43.0), _LUNG, rng)
-    for side, mask in _muscle_masks(grid, depth, length).items():
-        _fill_lean(hu, mask, rng)
-        labels[mask] = SIDE_LABEL[side]
-    rho = np.hypot(x, y)
-    _fill(hu, rho <= 6.0, _CANAL, rng)
-    for i, lv in enumerate(levels):
-        if lv.top <= depth < lv.bottom:
-            _paint_body(hu, labels, body, k, grid, lv, body_slices[lv.name], rng)
-            arch = (rho > 6.0) & (rho <= 9.5) & (y > -5.0)
-            _fill(hu, arch, _ARCH, rng)
-            labels[arch] = lv.label
-        elif i + 1 < len(levels) and lv.bottom <= depth < levels[i + 1].top:
-            _paint_disc(hu, labels, body, depth, grid, lv, levels[i + 1], rng)
-        _paint_spinous(hu, labels, depth, grid, lv, rng)
+    def ellipse(self, cx: float, cy: float, rx: float, ry: float) -> np.ndarray:
+        return ((self.x - cx) / rx) ** 2 + ((self.y - cy) / ry) ** 2 <= 1.0
 
+    def fill(self, plane: np.ndarray, mask: np.ndarray, hu_range: tuple[int, int]) -> None:
+        plane[mask] = self.rng.integers(hu_range[0], hu_range[1] + 1, size=int(mask.sum()))
 
-def _fill_lean(hu: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> None:
-    values = rng.integers(_LEAN[0], _LEAN[1] + 1, size=int(mask.sum()))
-    draw = rng.random(values.size)
-    edge = 0.0
-    for value, share in _LEAN_ODD:
-        values[(draw >= edge) & (draw < edge + share)] = value
-        edge += share
-    hu[mask] = values
+    def muscles(self, depth: float) -> dict[str, np.ndarray]:
+        """Left bigger than right, both growing caudally; they never touch bone or each other."""
+        grow = 1.0 + 0.12 * min(max(depth / self.length, 0.0), 1.0)
+        return {"left": self.ellipse(19.0, 24.0, 11.5 * grow, 12.5 * grow),
+                "right": self.ellipse(-19.0, 24.0, 10.5 * grow, 12.0 * grow)}
 
+    def paint(self, k: int, hu: np.ndarray, labels: np.ndarray, body: np.ndarray) -> None:
+        """Soft tissues first, bone last, so later structures own their voxels."""
+        depth = float(self.depth[k])
+        hu[:] = _AIR
+        self.fill(hu, self.subcutaneous, _SUBCUT_FAT)
+        self.fill(hu, self.inner, _SOFT)
+        if depth < self.levels[-2].centre:
+            self.fill(hu, self.lungs, _LUNG)
+        for side, mask in self.muscles(depth).items():
+            self.fill_lean(hu, mask)
+            labels[mask] = SIDE_LABEL[side]
+        self.fill(hu, self.canal, _CANAL)
+        for upper, lower in zip(self.levels, self.levels[1:] + [None]):
+            if upper.top <= depth < upper.bottom:
+                self.paint_body(k, hu, labels, body, upper)
+            elif lower is not None and upper.bottom <= depth < lower.top:
+                self.paint_disc(depth, hu, labels, body, upper, lower)
+            if upper.centre - 5.5 <= depth <= upper.next_centre + 3.5:
+                self.paint_spinous(depth, hu, labels, upper)
 
-def _paint_body(hu: np.ndarray, labels: np.ndarray, body: np.ndarray, k: int,
-                grid: tuple[np.ndarray, np.ndarray], lv: _Level, slices: np.ndarray,
-                rng: np.random.Generator) -> None:
-    """Endplates (first/last slice of a body of >= 4 slices) are cortical throughout."""
-    mask = _ellipse(grid, 0.0, lv.cy, lv.rx, lv.ry)
-    body[mask] = BODY
-    labels[mask] = lv.label
-    endplate = len(slices) >= 4 and k in (slices[0], slices[-1])
-    cortical = mask if endplate else _rim(mask)
-    trabecular = mask & ~cortical
-    _fill(hu, cortical, _CORTICAL, rng)
-    values = rng.integers(_TRABECULAR[0], _TRABECULAR[1] + 1, size=int(trabecular.sum()))
-    odd = rng.random(values.size) < 0.025
-    values[odd] = rng.choice(_TRABECULAR_ODD, size=int(odd.sum()))
-    hu[trabecular] = values
+    def fill_lean(self, hu: np.ndarray, mask: np.ndarray) -> None:
+        values = self.rng.integers(_LEAN[0], _LEAN[1] + 1, size=int(mask.sum()))
+        draw = self.rng.random(values.size)
+        edge = 0.0
+        for value, share in _LEAN_ODD:
+            values[(draw >= edge) & (draw < edge + share)] = value
+            edge += share
+        hu[mask] = values
 
+    def paint_body(self, k: int, hu: np.ndarray, labels: np.ndarray, body: np.ndarray, lv: _Level) -> None:
+        """Endplates (first/last slice of a body of >= 4 slices) are cortical throughout."""
+        mask = self.ellipse(0.0, lv.cy, lv.rx, lv.ry)
+        body[mask] = BODY
+        labels[mask] = lv.label
+        slices = self.body_slices[lv.name]
+        cortical = mask if len(slices) >= 4 and k in (slices[0], slices[-1]) else _rim(mask)
+        trabecular = mask & ~cortical
+        self.fill(hu, cortical, _CORTICAL)
+        values = self.rng.integers(_TRABECULAR[0], _TRABECULAR[1] + 1, size=int(trabecular.sum()))
+        odd = self.rng.random(values.size) < 0.025
+        values[odd] = self.rng.choice(_TRABECULAR_ODD, size=int(odd.sum()))
+        hu[trabecular] = values
+        self.fill(hu, self.arch, _ARCH)
+        labels[self.arch] = lv.label
 
-def _paint_disc(hu: np.ndarray, labels: np.ndarray, body: np.ndarray, depth: float,
-                grid: tuple[np.ndarray, np.ndarray], upper: _Level, lower: _Level,
-                rng: np.random.Generator) -> None:
-    """Vertebra labels bleed 1.5 mm into the disc, as real vertebra masks often do."""
-    rx, ry = (upper.rx + lower.rx) / 2, (upper.ry + lower.ry) / 2
-    mask = _ellipse(grid, 0.0, -(7.0 + ry), rx, ry)
-    body[mask] = DISC
-    _fill(hu, mask, _DISC, rng)
-    if depth < upper.bottom + 1.5:
-        labels[mask] = upper.label
-    elif depth >= lower.top - 1.5:
-        labels[mask] = lower.label
+    def paint_disc(self, depth: float, hu: np.ndarray, labels: np.ndarray, body: np.ndarray,
+                   upper: _Level, lower: _Level) -> None:
+        """Vertebra labels bleed 1.5 mm into the disc, as real vertebra masks often do."""
+        rx, ry = (upper.rx + lower.rx) / 2, (upper.ry + lower.ry) / 2
+        mask = self.ellipse(0.0, -(7.0 + ry), rx, ry)
+        body[mask] = DISC
+        self.fill(hu, mask, _DISC)
+        if depth < upper.bottom + 1.5:
+            labels[mask] = upper.label
+        elif depth >= lower.top - 1.5:
+            labels[mask] = lower.label
 
+    def paint_spinous(self, depth: float, hu: np.ndarray, labels: np.ndarray, lv: _Level) -> None:
+        """From the arch (y 9.5 mm) back to y 39 mm, its tip at the next body's centre depth."""
+        root = lv.centre - 2.0
+        centre = root + (self.y - 9.5) / 29.5 * (lv.next_centre - root)
+        mask = self.spine_column & (np.abs(depth - centre) <= 3.5)
+        self.fill(hu, mask, _SPINOUS)
+        labels[mask] = lv.label
 
-def _paint_spinous(hu: np.ndarray, labels: np.ndarray, depth: float, grid: tuple[np.ndarray, np.ndarray],
-                   lv: _Level, rng: np.random.Generator) -> None:
-    """From the arch (y 9.5 mm) back to y 39 mm, its tip at the next body's centre depth."""
-    x, y = grid
-    root = lv.centre - 2.0
-    centre = root + (y - 9.5) / 29.5 * (lv.next_centre - root)
-    mask = (np.abs(x) <= 3.0) & (y > 9.5) & (y <= 39.0) & (np.abs(depth - centre) <= 3.5)
-    _fill(hu, mask, _SPINOUS, rng)
-    labels[mask] = lv.label
+    def infiltrate_fat(self, hu: np.ndarray, labels: np.ndarray, body: np.ndarray) -> None:
+        """Exactly round(f * n) muscle voxels per side become fat on each slab; elsewhere per slice."""
+        on_slab = np.zeros(hu.shape[0], bool)
+        thoracic = [lv for lv in self.levels if lv.name in THORACIC]
+        for lv in thoracic:
+            ks = self.body_slices[lv.name]
+            window = (hu[ks] >= BODY_WINDOW_HU[0]) & (hu[ks] <= BODY_WINDOW_HU[1])
+            found = ks[((body[ks] == BODY) & (labels[ks] == lv.label) & window).any(axis=(1, 2))]
+            if found.size == 0:
+                continue
+            slab = slice(int(found[0]), int(found[-1]) + 1)
+            on_slab[slab] = True
+            for side in SIDES:
+                self.make_fat(hu[slab], labels[slab] == SIDE_LABEL[side], DESIGNED_FAT_FRACTION[lv.name][side])
+        centres = np.array([lv.centre for lv in thoracic])
+        for k in np.nonzero(~on_slab)[0]:
+            nearest = thoracic[int(np.argmin(np.abs(centres - self.depth[k])))].name
+            for side in SIDES:
+                self.make_fat(hu[k], labels[k] == SIDE_LABEL[side], DESIGNED_FAT_FRACTION[nearest][side])
 
-
-def _infiltrate_fat(hu: np.ndarray, labels: np.ndarray, body: np.ndarray, depth: np.ndarray,
-                    levels: list[_Level], rng: np.random.Generator) -> None:
-    """Exactly round(f * n) muscle voxels per side become fat on each slab; elsewhere per slice."""
-    on_slab = np.zeros(hu.shape[0], bool)
-    thoracic = [lv for lv in levels if lv.name in THORACIC]
-    for lv in thoracic:
-        ks = np.nonzero(_level_body(hu, labels, body, lv.label).any(axis=(1, 2)))[0]
-        if ks.size == 0:
-            continue
-        slab = slice(int(ks[0]), int(ks[-1]) + 1)
-        on_slab[slab] = True
-        for side in SIDES:
-            _make_fat(hu[slab], labels[slab] == SIDE_LABEL[side], DESIGNED_FAT_FRACTION[lv.name][side], rng)
-    centres = np.array([lv.centre for lv in thoracic])
-    for k in np.nonzero(~on_slab)[0]:
-        nearest = thoracic[int(np.argmin(np.abs(centres - depth[k])))].name
-        for side in SIDES:
-            _make_fat(hu[k], labels[k] == SIDE_LABEL[side], DESIGNED_FAT_FRACTION[nearest][side], rng)
-
-
-def _level_body(hu: np.ndarray, labels: np.ndarray, body: np.ndarray, label: int) -> np.ndarray:
-    return (body == BODY) & (labels == label) & (hu >= BODY_WINDOW_HU[0]) & (hu <= BODY_WINDOW_HU[1])
-
-
-def _make_fat(hu: np.ndarray, mask: np.ndarray, fraction: float, rng: np.random.Generator) -> None:
-    where = np.flatnonzero(mask)
-    chosen = rng.permutation(where)[: round(fraction * where.size)]
-    values = rng.integers(_FAT[0], _FAT[1] + 1, size=chosen.size)
-    values[rng.random(chosen.size) < 0.03] = _FAT[1]
-    hu.reshape(-1)[chosen] = values
+    def make_fat(self, hu: np.ndarray, mask: np.ndarray, fraction: float) -> None:
+        where = np.flatnonzero(mask)
+        chosen = self.rng.permutation(where)[: round(fraction * where.size)]
+        values = self.rng.integers(_FAT[0], _FAT[1] + 1, size=chosen.size)
+        values[self.rng.random(chosen.size) < 0.03] = _FAT[1]
+        hu.reshape(-1)[chosen] = values
 
 
 # ---------------------------------------------------------------- truth (the oracle)
