@@ -67,7 +67,7 @@ VALUE_INDETERMINATE = _dcm("114011", "Value indeterminate")
 PROCEDURE_CT_CHEST = CodedConcept("24627-2", "LN", "CT Chest")
 ARTIFICIAL_INTELLIGENCE = _dcm("123110", "Artificial Intelligence")
 ANALYSIS_QUALITY = _dcm("111693", "Analysis Quality Rating")
-FINDING = _dcm("121071", "Finding")
+QUALITY_ASSESSMENT = _dcm("111050", "Quality Assessment")
 LEVEL_STATUS = {
     "complete": _sct("255594003", "Complete"),
     "partial": _sct("255609007", "Partial"),

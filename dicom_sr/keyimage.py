@@ -16,7 +16,6 @@ import highdicom as hd  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
-from pydicom.dataset import Dataset  # noqa: E402
 
 from node.ct import CTVolume  # noqa: E402
 from node.labels import MEASURED_LEVELS  # noqa: E402
@@ -51,12 +50,12 @@ def _coronal_axes(ct: CTVolume) -> tuple[int, int]:
     return lr, 3 - lr
 
 
-def _draw_coronal(axes, ct: CTVolume, segments: np.ndarray) -> None:
+def _draw_coronal(axes, ct: CTVolume, numbers: np.ndarray) -> None:
     lr, ap = _coronal_axes(ct)
     level_of_segment = np.zeros(256, dtype=np.uint8)
     level_of_segment[1 : MUSCLE_SEGMENTS + 1] = (np.arange(MUSCLE_SEGMENTS) // 2) + 1
-    level_of_voxel = level_of_segment[segments]  # 1..10 on muscle, 0 elsewhere
-    depth = _muscle_depth(level_of_voxel, ap)
+    level_of_voxel = level_of_segment[numbers]  # 1..10 on muscle, 0 elsewhere
+    depth = _muscle_depth(level_of_voxel.max(axis=0), ap)
     plane = np.take(ct.hu, depth, axis=ap).astype(np.float32)  # [k, lr]
     projected = level_of_voxel.max(axis=ap)  # the level seen along anterior-posterior
     colours = np.zeros((len(MEASURED_LEVELS) + 1, 4))
@@ -74,11 +73,12 @@ def _draw_coronal(axes, ct: CTVolume, segments: np.ndarray) -> None:
     _label_levels(axes, ct, projected)
 
 
-def _muscle_depth(level_of_voxel: np.ndarray, ap: int) -> int:
-    """The muscles' mean index along anterior-posterior; the middle of the image when there is none."""
-    profile = np.count_nonzero(level_of_voxel, axis=tuple(a for a in range(3) if a != ap))
+def _muscle_depth(footprint: np.ndarray, ap: int) -> int:
+    """The muscles' mean row or column along anterior-posterior in the in-plane footprint [r, c];
+    the middle of the image when there is no muscle."""
+    profile = np.count_nonzero(footprint, axis=2 - ap)
     if profile.sum() == 0:
-        return level_of_voxel.shape[ap] // 2
+        return footprint.shape[ap - 1] // 2
     return int(round(float(np.average(np.arange(profile.size), weights=profile))))
 
 
@@ -180,12 +180,4 @@ def build_key_image(ct: CTVolume, segments: SegmentMap, result: dict, options: E
     image.BodyPartExamined = sources[0].get("BodyPartExamined") or "CHEST"  # lets validators rule out laterality
     image.ImageComments = "Derived by paraspinal-node from the CT series; not for diagnosis"
     image.DerivationDescription = "Rendered summary of the paraspinal muscle measurement"
-    image.SourceImageSequence = [_source_reference(ds) for ds in sources]
     return image
-
-
-def _source_reference(source: Dataset) -> Dataset:
-    item = Dataset()
-    item.ReferencedSOPClassUID = source.SOPClassUID
-    item.ReferencedSOPInstanceUID = source.SOPInstanceUID
-    return item

@@ -1,4 +1,4 @@
-"""The DICOM Segmentation: per-level left/right paraspinal muscle, then the vertebrae present.
+"""The DICOM Segmentation: per-level left/right paraspinal muscle, then the vertebrae T1..T10 present.
 
 Segment numbers are fixed for the muscle (T1 left = 1, T1 right = 2, ... T10 right = 20) so
 the SR's group i is SEG segment i, as 3D Slicer's QuantitativeReporting assumes. Vertebrae
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import highdicom as hd
 import numpy as np
+from scipy import ndimage
 from highdicom.seg import SegmentAlgorithmTypeValues, SegmentDescription, SegmentationTypeValues
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
@@ -44,14 +45,6 @@ def muscle_segment_number(level: str, side: str) -> int:
     return 2 * MEASURED_LEVELS.index(level) + 1 + SIDES.index(side)
 
 
-def segment_specs(labels: np.ndarray) -> list[SegmentSpec]:
-    """The fixed muscle segments, then one per vertebra T1..T10 with at least one voxel."""
-    specs = [SegmentSpec(muscle_segment_number(level, side), level, side) for level in MEASURED_LEVELS for side in SIDES]
-    counts = np.bincount(labels.ravel(), minlength=256)
-    present = [level for level in MEASURED_LEVELS if counts[VERTEBRA_LABEL[level]] > 0]
-    return specs + [SegmentSpec(MUSCLE_SEGMENTS + 1 + i, level, None) for i, level in enumerate(present)]
-
-
 @dataclass(frozen=True)
 class SegmentMap:
     """The SEG's segments and, on the CT grid, the segment number of every voxel (0 = none)."""
@@ -61,28 +54,29 @@ class SegmentMap:
 
 
 def segment_map(seg: Segmentation, result: dict) -> SegmentMap:
-    specs = segment_specs(seg.labels)
-    return SegmentMap(specs, segment_label_map(seg.labels, result, specs))
+    """Only slab slices and vertebra bounding boxes are visited: a full pass over 10^8 voxels costs seconds."""
+    boxes = ndimage.find_objects(seg.labels, max_label=max(VERTEBRA_LABEL.values()))
+    present = [level for level in MEASURED_LEVELS if boxes[VERTEBRA_LABEL[level] - 1] is not None]
+    specs = [SegmentSpec(muscle_segment_number(level, side), level, side) for level in MEASURED_LEVELS for side in SIDES]
+    specs += [SegmentSpec(MUSCLE_SEGMENTS + 1 + i, level, None) for i, level in enumerate(present)]
+    numbers = np.zeros(seg.labels.shape, dtype=np.uint8)
+    _paint_muscle(numbers, seg.labels, result)
+    for spec in specs[MUSCLE_SEGMENTS:]:
+        box = boxes[VERTEBRA_LABEL[spec.level] - 1]
+        numbers[box][seg.labels[box] == VERTEBRA_LABEL[spec.level]] = spec.number
+    return SegmentMap(specs, numbers)
 
 
-def segment_label_map(labels: np.ndarray, result: dict, specs: list[SegmentSpec]) -> np.ndarray:
-    """Segment numbers on the CT grid (0 = none); upper levels are written last and so win shared slices."""
-    out = np.zeros(labels.shape, dtype=np.uint8)
+def _paint_muscle(numbers: np.ndarray, labels: np.ndarray, result: dict) -> None:
+    """Upper levels are painted last and so win slices shared by two slabs."""
     slabs = {level["level"]: level["slab"] for level in result["levels"] if level.get("slab")}
     for level in reversed(MEASURED_LEVELS):
         if level not in slabs:
             continue
         k = slice(slabs[level]["first_slice"], slabs[level]["last_slice"] + 1)
-        part, target = labels[k], out[k]
-        target[part == AUTOCHTHON_LEFT] = muscle_segment_number(level, "left")
-        target[part == AUTOCHTHON_RIGHT] = muscle_segment_number(level, "right")
-    lut = np.zeros(256, dtype=np.uint8)
-    for spec in specs:
-        if spec.side is None:
-            lut[VERTEBRA_LABEL[spec.level]] = spec.number
-    vertebrae = lut[labels]
-    np.copyto(out, vertebrae, where=vertebrae > 0)
-    return out
+        part, target = labels[k], numbers[k]
+        for side in SIDES:
+            target[part == SIDE_LABEL[side]] = muscle_segment_number(level, side)
 
 
 def build_seg(ct: CTVolume, segments: SegmentMap, result: dict, options: EncodeOptions) -> hd.seg.Segmentation:

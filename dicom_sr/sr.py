@@ -114,15 +114,20 @@ def _observation_context(options: EncodeOptions) -> ObservationContext:
 
 
 def _algorithm(result: dict) -> AlgorithmIdentification:
-    """The method and every parameter, so a reader can recompute the numbers."""
+    """The method and every parameter, so a reader can recompute the numbers.
+
+    Three parameter items (numbers, segmentation, reference) rather than one per parameter:
+    the algorithm is repeated in all 33 groups and each SR content item costs encoding time.
+    """
     method = result.get("method", {})
     totalseg = result.get("software", {}).get("totalsegmentator") or "unknown"
-    parameters = [f"{key}={value}" for key, value in method.get("parameters", {}).items()]
-    parameters += [
-        f"vertebral_body_source={method.get('vertebral_body_source')}",
-        f"segmentation=TotalSegmentator {totalseg} task total",
+    numbers = "; ".join(f"{key}={value}" for key, value in method.get("parameters", {}).items())
+    parameters = [
+        numbers,
+        f"segmentation=TotalSegmentator {totalseg} task total; vertebral_body_source="
+        f"{method.get('vertebral_body_source')}; SEG draws a slice shared by two slabs in the upper level only, "
+        "these numbers count it in both",
         f"reference={method.get('reference', '')}",
-        "SEG: a slice shared by two slabs is drawn in the upper level only; these numbers count it in both",
     ]
     return AlgorithmIdentification(
         name=f"paraspinal-node {method.get('name', 'seed')} method",
@@ -195,7 +200,7 @@ def _status(status: str) -> QualitativeEvaluation:
 
 
 def _qc(result: dict) -> list[QualitativeEvaluation]:
-    return [QualitativeEvaluation(name=codes.FINDING, value=codes.qc_finding(item["code"])) for item in result.get("qc", [])]
+    return [QualitativeEvaluation(name=codes.QUALITY_ASSESSMENT, value=codes.qc_finding(item["code"])) for item in result.get("qc", [])]
 
 
 def _measurements(stats: dict) -> list[Measurement]:

@@ -54,29 +54,23 @@ def _check_on_grid(ct: CTVolume) -> None:
 
 
 def character_set(source: Dataset, own_texts: Iterable[str]) -> str | list[str] | None:
-    """Keep the source's character set when it can encode everything, else use UTF-8.
+    """Keep the source's character set when it encodes the copied and our own text, else use UTF-8.
 
-    pydicom holds decoded text, so any set that encodes every value writes the same names back.
+    pydicom holds decoded text, so any set that encodes every value writes the same names back;
+    keeping the source's set suits PACS that never saw UTF-8.
     """
     declared = source.get("SpecificCharacterSet")
-    if not all(text.isascii() for text in own_texts):
-        return UTF8
-    if _encodes_all(source, declared):
-        return declared
-    return UTF8
-
-
-def _encodes_all(source: Dataset, declared: str | list[str] | None) -> bool:
     terms = [declared] if isinstance(declared, str) else list(declared or [])
-    if len(terms) > 1:
-        return True  # ISO 2022 code extensions: the source's own set can encode the source's own values
+    own = [text for text in own_texts if not text.isascii()]
+    if len(terms) > 1:  # ISO 2022 code extensions encode the source's own values; ours only if ASCII
+        return declared if not own else UTF8
     codec = python_encoding.get(terms[0], "ascii") if terms else "ascii"
-    for text in _source_texts(source):
-        try:
+    try:
+        for text in [*_source_texts(source), *own]:
             text.encode(codec)
-        except UnicodeEncodeError:
-            return False
-    return True
+    except UnicodeEncodeError:
+        return UTF8
+    return declared
 
 
 def _source_texts(source: Dataset) -> list[str]:

@@ -1,0 +1,93 @@
+"""Seconds to build and write the SEG, the SR and the key image for a 512x512x400 CT, and peak RSS.
+
+Target on the 2-core CI machine: <= 4 s in total, peak RSS <= 3 GB.
+Run: .venv/bin/python bench/encode.py [--slices 400] [--jpeg2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+import phantom as ph  # noqa: E402
+from dicom_sr.keyimage import build_key_image  # noqa: E402
+from dicom_sr.options import EncodeOptions  # noqa: E402
+from dicom_sr.seg import build_seg, segment_map  # noqa: E402
+from dicom_sr.sr import build_sr  # noqa: E402
+from node.config import MeasureConfig  # noqa: E402
+from node.ct import CTVolume  # noqa: E402
+from node.measure import measure  # noqa: E402
+from node.segmentation import Segmentation  # noqa: E402
+
+
+def ct_from_phantom(phantom: ph.Phantom) -> CTVolume:
+    """The phantom as load_ct would give it for the standard axial layout, without writing files."""
+    datasets = []
+    for k in range(phantom.shape[0]):
+        ds = Dataset()
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Phantom^Bench", "BENCH", "19600101", "O"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = phantom.study_uid, "1.2.826.0.1.3680043.8.498.1"
+        ds.FrameOfReferenceUID = "1.2.826.0.1.3680043.8.498.2"
+        ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2", f"1.2.826.0.1.3680043.8.498.3.{k + 1}"
+        ds.Modality, ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = "CT", "20240102", "1015", "B1", "1"
+        ds.ReferringPhysicianName, ds.BodyPartExamined = "", "CHEST"
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [float(v) for v in phantom.position(k, 0, 0)]
+        ds.PixelSpacing = [phantom.spacing[1], phantom.spacing[2]]
+        ds.SliceThickness = phantom.spacing[0]
+        ds.Rows, ds.Columns = phantom.shape[1:]
+        datasets.append(ds)
+    return CTVolume(hu=phantom.hu, spacing=phantom.spacing, origin=np.array(phantom.origin),
+                    direction=np.eye(3), slice_thickness=phantom.spacing[0], datasets=datasets)
+
+
+def timed(label: str, timings: dict[str, float], function, *args):
+    start = time.perf_counter()
+    value = function(*args)
+    timings[label] = time.perf_counter() - start
+    return value
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", type=int, default=400)
+    parser.add_argument("--jpeg2000", action="store_true", help="compress the SEG with JPEG 2000 lossless")
+    args = parser.parse_args()
+    phantom = ph.make_phantom(shape=(args.slices, 512, 512))
+    ct = ct_from_phantom(phantom)
+    seg = Segmentation(phantom.labels, phantom.body == ph.BODY, "2.18.0")
+    result = measure(ct, seg, MeasureConfig()).to_dict()
+    options = EncodeOptions(jpeg2000=args.jpeg2000)
+    timings: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as out:
+        segments = timed("segment map", timings, segment_map, seg, result)
+        seg_object = timed("SEG build", timings, build_seg, ct, segments, result, options)
+        timed("SEG write", timings, seg_object.save_as, Path(out) / "seg.dcm")
+        sr = timed("SR build", timings, build_sr, ct, seg_object, result, options)
+        timed("SR write", timings, sr.save_as, Path(out) / "sr.dcm")
+        key_image = timed("key image build", timings, build_key_image, ct, segments, result, options)
+        timed("key image write", timings, key_image.save_as, Path(out) / "keyimage.dcm")
+        sizes = {p.name: p.stat().st_size for p in Path(out).iterdir()}
+    print(f"CT {ct.shape[2]}x{ct.shape[1]}x{ct.shape[0]}, SEG {int(seg_object.NumberOfFrames)} frames "
+          f"({'JPEG 2000' if args.jpeg2000 else 'uncompressed'})")
+    for label, seconds in timings.items():
+        print(f"{label:16s} {seconds:6.2f} s")
+    print(f"{'total':16s} {sum(timings.values()):6.2f} s   (target <= 4 s)")
+    print("sizes: " + ", ".join(f"{name} {size / 1e6:.1f} MB" for name, size in sorted(sizes.items())))
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS {peak_mb:.0f} MB (target <= 3072 MB; includes the phantom and the measurement)")
+
+
+if __name__ == "__main__":
+    main()
