@@ -28,7 +28,7 @@ from .study import character_set, software_versions, source_images  # noqa: E402
 WIDTH_PX, HEIGHT_PX, DPI = 1280, 800, 100
 WINDOW_HU = (-160.0, 240.0)  # soft-tissue window: muscle and fat apart
 DERIVED_BANNER = "DERIVED BY SOFTWARE - NOT FOR DIAGNOSIS"
-STATUS_MARK = {"complete": "", "partial": "partial", "absent": "absent"}
+STATUS_MARK = {"complete": "ok", "partial": "PARTIAL", "absent": "ABSENT"}
 
 
 def render_key_image(ct: CTVolume, segments: SegmentMap, result: dict, options: EncodeOptions) -> np.ndarray:
