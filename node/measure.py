@@ -91,10 +91,11 @@ class MeasurementResult:
 def measure(ct: CTVolume, seg: Segmentation, params: MeasureConfig) -> MeasurementResult:
     if seg.labels.shape != ct.hu.shape or (seg.body is not None and seg.body.shape != ct.hu.shape):
         raise ValueError(f"segmentation shape {seg.labels.shape} differs from CT shape {ct.hu.shape}")
-    boxes = ndimage.find_objects(seg.labels, max_label=max(VERTEBRA_LABEL.values()))
-    levels = [_measure_level(ct, seg, params, name, boxes[VERTEBRA_LABEL[name] - 1]) for name in MEASURED_LEVELS]
+    boxes = ndimage.find_objects(seg.labels, max_label=AUTOCHTHON_RIGHT)
+    muscle = _InPlaneBox.around(boxes[AUTOCHTHON_LEFT - 1], boxes[AUTOCHTHON_RIGHT - 1], ct.shape)
+    levels = [_measure_level(ct, seg, params, name, boxes[VERTEBRA_LABEL[name] - 1], muscle) for name in MEASURED_LEVELS]
     slab_slices = _union_of_slabs(levels, ct.shape[0])
-    total = _muscle_on_slices(ct, seg, params, slab_slices)
+    total = _muscle_on_slices(ct, seg, params, slab_slices, muscle)
     return MeasurementResult(
         levels=levels,
         total=total,
@@ -118,7 +119,26 @@ def measure(ct: CTVolume, seg: Segmentation, params: MeasureConfig) -> Measureme
     )
 
 
-def _measure_level(ct: CTVolume, seg: Segmentation, params: MeasureConfig, name: str, box) -> LevelResult:
+@dataclass(frozen=True)
+class _InPlaneBox:
+    """Rows and columns holding any muscle: the rest of each slice cannot change a statistic."""
+
+    rows: slice
+    cols: slice
+    on_border: bool
+
+    @classmethod
+    def around(cls, left, right, shape: tuple[int, int, int]) -> _InPlaneBox | None:
+        boxes = [box for box in (left, right) if box is not None]
+        if not boxes:
+            return None
+        rows = slice(min(b[1].start for b in boxes), max(b[1].stop for b in boxes))
+        cols = slice(min(b[2].start for b in boxes), max(b[2].stop for b in boxes))
+        on_border = rows.start == 0 or cols.start == 0 or rows.stop == shape[1] or cols.stop == shape[2]
+        return cls(rows, cols, on_border)
+
+
+def _measure_level(ct: CTVolume, seg: Segmentation, params: MeasureConfig, name: str, box, muscle: _InPlaneBox | None) -> LevelResult:
     slab = _slab(ct, seg, params, VERTEBRA_LABEL[name], box)
     if slab is None:
         reason = "vertebra not segmented" if box is None else "no vertebral body voxels within the HU window"
@@ -126,8 +146,8 @@ def _measure_level(ct: CTVolume, seg: Segmentation, params: MeasureConfig, name:
         return LevelResult(name, "absent", [reason], None, empty, empty, empty)
     selected = np.zeros(ct.shape[0], dtype=bool)
     selected[slab.first_slice : slab.last_slice + 1] = True
-    sides = _muscle_on_slices(ct, seg, params, selected)
-    reasons = _partial_reasons(ct, seg, box, slab)
+    sides = _muscle_on_slices(ct, seg, params, selected, muscle)
+    reasons = _partial_reasons(ct, seg, box, slab, muscle)
     return LevelResult(name, "partial" if reasons else "complete", reasons, slab, **sides)
 
 
@@ -147,14 +167,14 @@ def _slab(ct: CTVolume, seg: Segmentation, params: MeasureConfig, label: int, bo
     return Slab(first, last, (last - first + 1) * ct.spacing[0])
 
 
-def _partial_reasons(ct: CTVolume, seg: Segmentation, box, slab: Slab) -> list[str]:
+def _partial_reasons(ct: CTVolume, seg: Segmentation, box, slab: Slab, muscle: _InPlaneBox | None) -> list[str]:
     reasons = []
     if box[0].start == 0 or box[0].stop == ct.shape[0]:
         reasons.append("vertebra touches the first or last slice")
-    muscle = np.isin(seg.labels[slab.first_slice : slab.last_slice + 1], (AUTOCHTHON_LEFT, AUTOCHTHON_RIGHT))
-    border = muscle[:, 0, :].any() or muscle[:, -1, :].any() or muscle[:, :, 0].any() or muscle[:, :, -1].any()
-    if border:
-        reasons.append("muscle touches the in-plane image border")
+    if muscle is not None and muscle.on_border:
+        mask = np.isin(seg.labels[slab.first_slice : slab.last_slice + 1], (AUTOCHTHON_LEFT, AUTOCHTHON_RIGHT))
+        if mask[:, 0, :].any() or mask[:, -1, :].any() or mask[:, :, 0].any() or mask[:, :, -1].any():
+            reasons.append("muscle touches the in-plane image border")
     return reasons
 
 
@@ -166,11 +186,19 @@ def _union_of_slabs(levels: list[LevelResult], n_slices: int) -> np.ndarray:
     return selected
 
 
-def _muscle_on_slices(ct: CTVolume, seg: Segmentation, params: MeasureConfig, selected: np.ndarray) -> dict[str, MuscleStats]:
+def _muscle_on_slices(
+    ct: CTVolume, seg: Segmentation, params: MeasureConfig, selected: np.ndarray, muscle: _InPlaneBox | None
+) -> dict[str, MuscleStats]:
     """Left, right and combined statistics of the muscle on the selected slices."""
     ks = np.flatnonzero(selected)
-    labels, hu = seg.labels[ks], ct.hu[ks]
-    left, right = hu[labels == AUTOCHTHON_LEFT], hu[labels == AUTOCHTHON_RIGHT]
+    if muscle is None or ks.size == 0:
+        left = right = np.empty(0, dtype=ct.hu.dtype)
+    else:
+        span = slice(int(ks[0]), int(ks[-1]) + 1)
+        inside = selected[span]
+        labels = seg.labels[span, muscle.rows, muscle.cols][inside]
+        hu = ct.hu[span, muscle.rows, muscle.cols][inside]
+        left, right = hu[labels == AUTOCHTHON_LEFT], hu[labels == AUTOCHTHON_RIGHT]
     volume = ct.voxel_volume_mm3
     return {
         "left": _muscle_stats(left, volume, params),
@@ -190,9 +218,9 @@ def _hu_stats(values: np.ndarray, voxel_mm3: float) -> HUStats:
     volume = n * voxel_mm3 / 1000.0
     if n == 0:
         return HUStats(0, 0.0, None, None, None, None, None)
-    as_float = values.astype(np.float64)
-    p25, median, p75 = np.percentile(as_float, [25, 50, 75])
-    return HUStats(n, volume, float(median), float(as_float.mean()), float(as_float.std()), float(p25), float(p75))
+    p25, median, p75 = np.percentile(values, [25, 50, 75])
+    mean, sd = values.mean(dtype=np.float64), values.std(dtype=np.float64)
+    return HUStats(n, volume, float(median), float(mean), float(sd), float(p25), float(p75))
 
 
 def _qc_findings(ct: CTVolume, seg: Segmentation, params: MeasureConfig, levels: list[LevelResult]) -> list[QCFinding]:

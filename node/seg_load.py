@@ -67,9 +67,44 @@ def _on_ct_grid(file: Path, ct: CTVolume) -> np.ndarray:
         raise InputError(f"cannot read mask {file}: {str(exc).strip().splitlines()[-1]}") from None
     reference = ct.reference_image()
     _check_same_extent(image, reference, file)
+    same_voxels = _index_view(image, reference)
+    if same_voxels is not None:
+        return same_voxels
     image = sitk.Cast(image, sitk.sitkUInt8) if image.GetPixelID() != sitk.sitkUInt8 else image
     resampled = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     return sitk.GetArrayFromImage(resampled)
+
+
+def _index_view(image: sitk.Image, reference: sitk.Image) -> np.ndarray | None:
+    """The mask as [k, r, c] by axis permutation and flips alone, when both grids share voxel centres.
+
+    This is what nearest-neighbour resampling would give, without interpolating 10^8 voxels.
+    """
+    to_mask = np.linalg.inv(_index_to_physical(image))
+    mapping = to_mask @ _index_to_physical(reference)
+    offset = to_mask @ (np.array(reference.GetOrigin()) - np.array(image.GetOrigin()))
+    signs = np.round(mapping)
+    if np.abs(mapping - signs).max() > 1e-3 or np.abs(offset - np.round(offset)).max() > 1e-3:
+        return None
+    if not (np.abs(signs).sum(axis=0) == 1).all() or not (np.abs(signs).sum(axis=1) == 1).all():
+        return None
+    array = sitk.GetArrayViewFromImage(image)  # axes (z, y, x): mask axis i is numpy axis 2 - i
+    picks: list[slice | None] = [None] * 3
+    axis_of = {}
+    for j, n in enumerate(reference.GetSize()):
+        i = int(np.argmax(np.abs(signs[:, j])))
+        step, start = int(signs[i, j]), int(round(offset[i]))
+        stop = start + step * (n - 1)
+        if min(start, stop) < 0 or max(start, stop) >= image.GetSize()[i]:
+            return None
+        picks[2 - i] = slice(start, stop + 1) if step > 0 else slice(start, stop - 1 if stop > 0 else None, -1)
+        axis_of[j] = 2 - i
+    view = np.transpose(array[tuple(picks)], [axis_of[2], axis_of[1], axis_of[0]])
+    return np.array(view, dtype=np.uint8, order="C")  # a copy: the view dies with `image`
+
+
+def _index_to_physical(image: sitk.Image) -> np.ndarray:
+    return np.array(image.GetDirection()).reshape(3, 3) @ np.diag(image.GetSpacing())
 
 
 def _check_same_extent(image: sitk.Image, reference: sitk.Image, file: Path) -> None:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import phantom as ph
@@ -93,3 +94,23 @@ def test_refusal_is_one_line_and_a_nonzero_exit(tmp_path):
     assert done.returncode != 0
     assert done.stderr.strip().count("\n") == 0 and "no DICOM files" in done.stderr
     assert not (tmp_path / "out" / "measurements.json").exists()
+
+
+def test_masks_on_another_grid_are_resampled_by_position(phantom, phantom_dicom, phantom_masks, tmp_path):
+    import SimpleITK as sitk
+
+    from node.ct_load import load_ct
+    from node.seg_load import load_segmentation
+
+    fine = sitk.ReadImage(str(phantom_masks("multilabel", "RAS")))
+    coarse = sitk.Resample(fine, [n // 2 for n in fine.GetSize()], sitk.Transform(), sitk.sitkNearestNeighbor,
+                           fine.GetOrigin(), [s * 2 for s in fine.GetSpacing()], fine.GetDirection())
+    sitk.WriteImage(coarse, str(tmp_path / "coarse.nii.gz"))
+    labels = load_segmentation(tmp_path / "coarse.nii.gz", load_ct(phantom_dicom("axial").folder)).labels
+    assert labels.shape == phantom.shape
+    assert np.mean(labels == phantom.labels) > 0.97
+
+
+def test_masks_of_another_field_of_view_are_refused(phantom, phantom_dicom, tmp_path):
+    other = ph.write_masks(phantom.crop(k=slice(0, 60)), tmp_path / "masks")
+    assert main(["measure", str(phantom_dicom("axial").folder), "--seg", str(other), "--out", str(tmp_path / "out")]) == 2
