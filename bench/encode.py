@@ -52,10 +52,11 @@ def ct_from_phantom(phantom: ph.Phantom) -> CTVolume:
                     direction=np.eye(3), slice_thickness=phantom.spacing[0], datasets=datasets)
 
 
-def timed(label: str, timings: dict[str, float], function, *args):
-    start = time.perf_counter()
+def timed(label: str, timings: dict[str, tuple[float, float]], function, *args):
+    """Wall and CPU seconds: on a shared CI machine the CPU figure shows what contention hides."""
+    wall, cpu = time.perf_counter(), time.process_time()
     value = function(*args)
-    timings[label] = time.perf_counter() - start
+    timings[label] = (time.perf_counter() - wall, time.process_time() - cpu)
     return value
 
 
@@ -69,7 +70,7 @@ def main() -> None:
     seg = Segmentation(phantom.labels, phantom.body == ph.BODY, "2.18.0")
     result = measure(ct, seg, MeasureConfig()).to_dict()
     options = EncodeOptions(jpeg2000=args.jpeg2000)
-    timings: dict[str, float] = {}
+    timings: dict[str, tuple[float, float]] = {}
     with tempfile.TemporaryDirectory() as out:
         segments = timed("segment map", timings, segment_map, seg, result)
         seg_object = timed("SEG build", timings, build_seg, ct, segments, result, options)
@@ -81,9 +82,12 @@ def main() -> None:
         sizes = {p.name: p.stat().st_size for p in Path(out).iterdir()}
     print(f"CT {ct.shape[2]}x{ct.shape[1]}x{ct.shape[0]}, SEG {int(seg_object.NumberOfFrames)} frames "
           f"({'JPEG 2000' if args.jpeg2000 else 'uncompressed'})")
-    for label, seconds in timings.items():
-        print(f"{label:16s} {seconds:6.2f} s")
-    print(f"{'total':16s} {sum(timings.values()):6.2f} s   (target <= 4 s)")
+    print(f"{'':16s} {'wall':>7s} {'cpu':>7s}")
+    for label, (wall, cpu) in timings.items():
+        print(f"{label:16s} {wall:6.2f}s {cpu:6.2f}s")
+    wall, cpu = (sum(t[i] for t in timings.values()) for i in (0, 1))
+    print(f"{'total':16s} {wall:6.2f}s {cpu:6.2f}s   (target <= 4 s; first highdicom object in the process "
+          "includes its one-time load of the standard's tables)")
     print("sizes: " + ", ".join(f"{name} {size / 1e6:.1f} MB" for name, size in sorted(sizes.items())))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS {peak_mb:.0f} MB (target <= 3072 MB; includes the phantom and the measurement)")

@@ -13,7 +13,6 @@ import pytest
 
 import phantom as ph
 from dicom_sr.options import EncodeOptions
-from dicom_sr.results import write_results
 from dicom_sr.seg import MUSCLE_SEGMENTS, build_seg, muscle_segment_number, segment_map
 from node.config import MeasureConfig
 from node.ct_load import load_ct
@@ -110,7 +109,7 @@ def test_encoding_options_keep_the_masks(options, phantom, phantom_dicom, tmp_pa
     assert_same_masks(read_back_canonical(path, phantom, series), expected_canonical(phantom, result, order))
 
 
-def test_shared_slab_slice_goes_to_the_upper_level_only(phantom, phantom_dicom, tmp_path):
+def test_shared_slab_slice_goes_to_the_upper_level_only(phantom, phantom_dicom):
     series = phantom_dicom("axial")
     ct, seg, result, order = loaded_case(phantom, series, ph.LAYOUTS["axial"])
     t3, t4 = result["levels"][2], result["levels"][3]
@@ -122,29 +121,28 @@ def test_shared_slab_slice_goes_to_the_upper_level_only(phantom, phantom_dicom, 
     assert on_shared.size > 0
 
 
-def test_segments_are_described_with_codes_laterality_algorithms_and_colours(phantom, phantom_dicom, tmp_path):
+def test_segments_are_described_with_codes_laterality_algorithms_and_colours(phantom, phantom_dicom):
     series = phantom_dicom("axial")
     ct, seg, result, _ = loaded_case(phantom, series, ph.LAYOUTS["axial"])
-    files = write_results(ct, seg, result, tmp_path, EncodeOptions())
-    written = pydicom.dcmread(files.seg, stop_before_pixels=True)
-    segments = written.SegmentSequence
-    assert [s.SegmentLabel for s in segments[:2]] == ["T1 paraspinal muscle left", "T1 paraspinal muscle right"]
-    left = segments[0].SegmentedPropertyTypeCodeSequence[0]
+    segments = segment_map(seg, result)
+    written = build_seg(ct, segments, result, EncodeOptions())
+    described = written.SegmentSequence
+    assert [s.SegmentLabel for s in described[:2]] == ["T1 paraspinal muscle left", "T1 paraspinal muscle right"]
+    left = described[0].SegmentedPropertyTypeCodeSequence[0]
     assert (left.CodeValue, left.SegmentedPropertyTypeModifierCodeSequence[0].CodeValue) == ("244849004", "7771000")
-    assert segments[1].SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence[0].CodeValue == "24028007"
-    vertebra = segments[MUSCLE_SEGMENTS]
+    assert described[1].SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence[0].CodeValue == "24028007"
+    vertebra = described[MUSCLE_SEGMENTS]
     assert (vertebra.SegmentLabel, vertebra.SegmentedPropertyTypeCodeSequence[0].CodeValue) == ("T1 vertebra", "64864005")
     assert "SegmentedPropertyTypeModifierCodeSequence" not in vertebra.SegmentedPropertyTypeCodeSequence[0]
-    (muscle,) = segments[0].SegmentationAlgorithmIdentificationSequence
+    (muscle,) = described[0].SegmentationAlgorithmIdentificationSequence
     assert (muscle.AlgorithmName, muscle.AlgorithmVersion) == ("paraspinal-node", result["software"]["paraspinal_node"])
     assert muscle.AlgorithmSource == "TotalSegmentator 2.18.0"
     (bone,) = vertebra.SegmentationAlgorithmIdentificationSequence
     assert (bone.AlgorithmName, bone.AlgorithmVersion) == ("TotalSegmentator", "2.18.0")
-    colours = [tuple(s.RecommendedDisplayCIELabValue) for s in segments]
+    colours = [tuple(s.RecommendedDisplayCIELabValue) for s in described]
     assert len(set(colours[:MUSCLE_SEGMENTS])) == MUSCLE_SEGMENTS
-    again = write_results(ct, seg, result, tmp_path / "again", EncodeOptions())
-    assert colours == [tuple(s.RecommendedDisplayCIELabValue) for s in pydicom.dcmread(again.seg).SegmentSequence]
+    again = build_seg(ct, segments, result, EncodeOptions())
+    assert colours == [tuple(s.RecommendedDisplayCIELabValue) for s in again.SegmentSequence]
     assert int(written.NumberOfFrames) == sum(
-        int(np.count_nonzero(np.any(segment_map(seg, result).numbers == n, axis=(1, 2))))
-        for n in range(1, len(segments) + 1)
+        int(np.count_nonzero(np.any(segments.numbers == n, axis=(1, 2)))) for n in range(1, len(segments.specs) + 1)
     ), "empty frames must be left out"
