@@ -54,4 +54,4 @@ def _encode(ct: CTVolume, seg: Segmentation, result: MeasurementResult, out_dir:
 
     options = EncodeOptions(low_attenuation_hu=config.measure.low_attenuation_hu)
     written = write_results(ct, seg, result.to_dict(), out_dir, options)
-    return {"seg": written.seg, "sr": written.sr, "keyimage": written.keyimage}
+    return {"seg": written.seg, "sr": written.sr, "keyimage": written.key_image}
