@@ -114,3 +114,15 @@ def test_masks_on_another_grid_are_resampled_by_position(phantom, phantom_dicom,
 def test_masks_of_another_field_of_view_are_refused(phantom, phantom_dicom, tmp_path):
     other = ph.write_masks(phantom.crop(k=slice(0, 60)), tmp_path / "masks")
     assert main(["measure", str(phantom_dicom("axial").folder), "--seg", str(other), "--out", str(tmp_path / "out")]) == 2
+
+
+def test_dicom_flag_writes_the_three_result_objects_in_the_source_study(phantom_dicom, phantom_masks, tmp_path):
+    import pydicom
+
+    series = phantom_dicom("rotated")
+    args = ["measure", str(series.folder), "--seg", str(phantom_masks()), "--out", str(tmp_path), "--dicom"]
+    assert main(args) == 0
+    objects = {name: pydicom.dcmread(tmp_path / f"{name}.dcm") for name in ("seg", "sr", "keyimage")}
+    assert {ds.Modality for ds in objects.values()} == {"SEG", "SR", "OT"}
+    assert {ds.StudyInstanceUID for ds in objects.values()} == {series.study_uid}
+    assert len({ds.SeriesInstanceUID for ds in objects.values()} | {series.series_uid}) == 4
