@@ -1,0 +1,246 @@
+"""Which TotalSegmentator model folders the node needs, and `paraspinal-node weights` to check or install them.
+
+The node never lets TotalSegmentator download: every folder it would fetch must already be in
+`segmenter.weights_dir`. An admin fetches the release zips elsewhere and installs them offline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from totalsegmentator.map_tasks_config import TASK_CONFIGS, TASK_ID_WEIGHTS_CONFIGS
+
+from .config import ConfigError, SegmenterConfig, load_config
+
+# totalsegmentator.libs.download_pretrained_weights builds its URLs from this base (a local there).
+RELEASE_URL = "https://github.com/wasserth/TotalSegmentator/releases/download"
+# python_api.totalsegmentator crops roi_subset runs with the 6 mm model and this trainer (hard-coded there).
+CROP_TASK_ID = 298
+CROP_TRAINER = "nnUNetTrainer_4000epochs_NoMirroring"
+PLANS = "nnUNetPlans"
+CONFIGURATION = "3d_fullres"
+MODEL_FILES = ("plans.json", "dataset.json", "fold_0/checkpoint_final.pth")
+
+
+@dataclass(frozen=True)
+class Model:
+    """One nnU-Net model folder as TotalSegmentator looks it up."""
+
+    task_id: int
+    trainer: str
+
+    @property
+    def folder(self) -> str:
+        return str(TASK_ID_WEIGHTS_CONFIGS[self.task_id]["foldername"])
+
+    @property
+    def url(self) -> str:
+        return f"{RELEASE_URL}/{TASK_ID_WEIGHTS_CONFIGS[self.task_id]['version']}/{self.folder}.zip"
+
+    def model_dir(self, weights_dir: Path) -> Path:
+        return Path(weights_dir) / self.folder / f"{self.trainer}__{PLANS}__{CONFIGURATION}"
+
+    def is_installed(self, weights_dir: Path) -> bool:
+        model_dir = self.model_dir(weights_dir)
+        return all((model_dir / name).is_file() for name in MODEL_FILES)
+
+
+def total_models(fast: bool) -> list[Model]:
+    """Every folder `totalsegmentator(task="total", roi_subset=...)` checks before it runs.
+
+    The API checks all parts of the mode (not only those holding ROI classes) plus the crop model.
+    """
+    mode = TASK_CONFIGS["total"]["sub_modes"]["fast" if fast else "default"]
+    task_ids = mode["task_id"] if isinstance(mode["task_id"], list) else [mode["task_id"]]
+    return [Model(task_id, mode["trainer"]) for task_id in task_ids] + [Model(CROP_TASK_ID, CROP_TRAINER)]
+
+
+def body_model() -> Model:
+    task = TASK_CONFIGS["vertebrae_body"]
+    return Model(task["task_id"], task["trainer"])
+
+
+def runs_vertebral_bodies(config: SegmenterConfig) -> bool:
+    """"auto" runs the vertebrae_body task only when its weights are installed."""
+    if config.vertebral_bodies == "auto":
+        return body_model().is_installed(config.weights_dir)
+    return config.vertebral_bodies == "on"
+
+
+def _required(config: SegmenterConfig) -> list[Model]:
+    models = total_models(config.fast)
+    if config.vertebral_bodies == "on":
+        models.append(body_model())
+    return models
+
+
+def required_models(config: SegmenterConfig) -> list[str]:
+    """Folder names that must be in weights_dir for a run with these options."""
+    return [model.folder for model in _required(config)]
+
+
+def missing_models(config: SegmenterConfig) -> list[str]:
+    """Required folder names that are absent or lack plans.json, dataset.json or fold_0/checkpoint_final.pth."""
+    return [model.folder for model in _required(config) if not model.is_installed(config.weights_dir)]
+
+
+def _optional(config: SegmenterConfig) -> list[Model]:
+    return [body_model()] if config.vertebral_bodies == "auto" else []
+
+
+# ---------------------------------------------------------------- install
+
+
+class InstallError(Exception):
+    """A zip that cannot be installed; the message names the file and the fix."""
+
+
+def install_zip(archive: Path, weights_dir: Path) -> list[str]:
+    """Unpack one release zip into weights_dir; each model folder appears whole or not at all."""
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".install-", dir=weights_dir))
+    try:
+        try:
+            with zipfile.ZipFile(archive) as zf:
+                zf.extractall(staging)
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise InstallError(f"{archive} is not a readable zip ({exc}): download it again") from None
+        folders = sorted(p for p in staging.iterdir() if p.is_dir() and p.name.startswith("Dataset"))
+        if not folders:
+            raise InstallError(
+                f"{archive} holds no DatasetNNN_... model folder: use a TotalSegmentator release zip "
+                f"(e.g. {Model(292, 'x').folder}.zip)"
+            )
+        for folder in folders:
+            _verify_layout(folder, archive)
+        for folder in folders:
+            _move_into_place(folder, weights_dir / folder.name, staging)
+        return [folder.name for folder in folders]
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _expected_trainer(folder_name: str) -> str | None:
+    known = {m.folder: m.trainer for m in total_models(False) + total_models(True) + [body_model()]}
+    return known.get(folder_name)
+
+
+def _verify_layout(folder: Path, archive: Path) -> None:
+    model_dirs = [p for p in folder.iterdir() if p.is_dir() and p.name.endswith(f"__{PLANS}__{CONFIGURATION}")]
+    trainer = _expected_trainer(folder.name)
+    if trainer is not None:
+        model_dirs = [p for p in model_dirs if p.name == f"{trainer}__{PLANS}__{CONFIGURATION}"]
+    if not model_dirs:
+        wanted = f"{trainer or '<trainer>'}__{PLANS}__{CONFIGURATION}"
+        raise InstallError(f"{archive}: {folder.name} lacks {wanted}/: the zip is not a TotalSegmentator release zip")
+    for model_dir in model_dirs:
+        absent = [name for name in MODEL_FILES if not (model_dir / name).is_file()]
+        if absent:
+            raise InstallError(
+                f"{archive}: {folder.name}/{model_dir.name} lacks {', '.join(absent)}: the zip is incomplete, download it again"
+            )
+
+
+def _move_into_place(new: Path, target: Path, staging: Path) -> None:
+    """Rename within one filesystem, so TotalSegmentator never sees a half-written folder."""
+    old = staging / f"replaced-{target.name}"
+    if target.exists():
+        target.rename(old)
+    new.rename(target)
+
+
+def zips_in(source: Path) -> list[Path]:
+    if source.is_file():
+        return [source]
+    if source.is_dir():
+        return sorted(source.glob("*.zip"))
+    raise InstallError(f"{source} does not exist: pass a folder of TotalSegmentator release zips or one zip")
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("weights", help="check or install TotalSegmentator weights (offline)")
+    actions = parser.add_subparsers(dest="weights_command", required=True)
+
+    check = actions.add_parser("check", help="list required model folders; exit 0 only when all are present")
+    _add_common(check)
+    check.set_defaults(handler=_check)
+
+    install = actions.add_parser("install", help="unpack release zips into the weights directory")
+    install.add_argument("--from", dest="source", type=Path, required=True,
+                         help="folder of TotalSegmentator release zips, or one zip")
+    _add_common(install)
+    install.set_defaults(handler=_install)
+
+    urls = actions.add_parser("urls", help="print the release zip URLs to fetch on a machine with internet")
+    _add_common(urls)
+    urls.set_defaults(handler=_urls)
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="node.toml (segmenter.weights_dir, fast, vertebral_bodies)")
+    parser.add_argument("--weights-dir", type=Path, help="overrides segmenter.weights_dir")
+
+
+def _segmenter_config(args: argparse.Namespace) -> SegmenterConfig:
+    config = load_config(args.config).segmenter
+    if args.weights_dir is not None:
+        config.weights_dir = args.weights_dir
+    return config
+
+
+def _check(args: argparse.Namespace) -> int:
+    try:
+        config = _segmenter_config(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"weights directory: {Path(config.weights_dir).resolve()}")
+    missing = []
+    for model in _required(config):
+        present = model.is_installed(config.weights_dir)
+        print(f"  {'present' if present else 'MISSING'}  {model.folder}")
+        if not present:
+            missing.append(model)
+    for model in _optional(config):
+        state = "present" if model.is_installed(config.weights_dir) else "absent (optional: whole vertebrae are used)"
+        print(f"  {state}  {model.folder}")
+    if missing:
+        print("fetch these on a machine with internet, then run "
+              "`paraspinal-node weights install --from <folder of the zips>`:")
+        for model in missing:
+            print(f"  {model.url}")
+        return 1
+    return 0
+
+
+def _install(args: argparse.Namespace) -> int:
+    try:
+        config = _segmenter_config(args)
+        for archive in zips_in(args.source):
+            for name in install_zip(archive, Path(config.weights_dir)):
+                print(f"installed {name} from {archive.name}")
+    except (ConfigError, InstallError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    _check(args)  # what is still missing, for the admin; the install itself succeeded
+    return 0
+
+
+def _urls(args: argparse.Namespace) -> int:
+    try:
+        config = _segmenter_config(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for model in _required(config) + _optional(config):
+        print(model.url)
+    return 0
