@@ -62,13 +62,19 @@ class WorkerSupervisor:
                 slot.process = self._spawn(slot.index)
                 slot.started_at = now
 
+    def terminate(self) -> None:
+        """SIGTERM every worker: each hands its running job back to the queue and exits."""
+        for slot in self._slots:
+            if slot.process is not None and slot.process.poll() is None:
+                slot.process.terminate()
+
     def stop(self, grace_s: float = 30.0) -> None:
-        """SIGTERM every worker (each hands its job back), then SIGKILL what is left after `grace_s`."""
-        running = [slot for slot in self._slots if slot.process is not None and slot.process.poll() is None]
-        for slot in running:
-            slot.process.terminate()
+        """Terminate the workers and wait; SIGKILL (and requeue the jobs of) those still alive after `grace_s`."""
+        self.terminate()
         deadline = time.monotonic() + grace_s
-        for slot in running:
+        for slot in self._slots:
+            if slot.process is None:
+                continue
             try:
                 slot.process.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:

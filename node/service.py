@@ -1,0 +1,100 @@
+"""`serve`: the receiver, watch folder, scheduler, delivery loop and worker supervisor in one process.
+
+Shutdown on SIGTERM/SIGINT, in an order that loses nothing: tell the workers to stop (each
+hands its running job back to the queue) and the sender to start no new association; stop
+accepting associations and let the stores in flight finish (each is durable before it is
+acknowledged); stop the watch folder; wait for the workers and the send in progress; then
+close the database. Series still waiting for their quiet period are not lost: they are
+in the spool and `SeriesTracker.recover` picks them up at the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+
+from .config import Config
+from .delivery import DeliveryLoop
+from .receiver import Receiver
+from .series import SeriesTracker
+from .spool import Spool
+from .state import State, open_state
+from .supervisor import WorkerSupervisor
+from .watch import Watcher
+
+log = logging.getLogger(__name__)
+
+SCHEDULER_TICK_S = 0.2
+SHUTDOWN_GRACE_S = 30.0
+
+
+def stop_on_signals() -> threading.Event:
+    """An event set by SIGTERM or SIGINT (the main loop polls it; nothing is interrupted)."""
+    stop = threading.Event()
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        log.info("event=shutdown_requested signal=%s", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+class Service:
+    """Owns the long-running parts of the node and starts/stops them in order."""
+
+    def __init__(self, config: Config, config_path: Path | None) -> None:
+        self.config = config
+        self.state: State = open_state(config.storage.database)
+        self.spool = Spool(config.storage.spool_dir)
+        self.tracker = SeriesTracker(self.spool, self.state, config.completion, config.selection)
+        self.receiver = Receiver(config.receiver, self.spool, self.tracker)
+        self.watcher = Watcher(config.receiver, self.spool, self.tracker) if config.receiver.watch_dir else None
+        self.supervisor = WorkerSupervisor(config_path, config.worker.count, self.state)
+        self.delivery = DeliveryLoop(config, self.state)
+        self._delivery_stop = threading.Event()
+        self._delivery_thread = threading.Thread(target=self.delivery.run, args=(self._delivery_stop,),
+                                                 name="delivery", daemon=True)
+
+    def run(self, stop: threading.Event) -> None:
+        self.start()
+        try:
+            while not stop.wait(SCHEDULER_TICK_S):
+                self.tracker.tick()
+                self.supervisor.check()
+        finally:
+            self.shutdown()
+
+    def start(self) -> None:
+        removed = self.spool.remove_partial_files()
+        self.tracker.recover()
+        self.receiver.start()
+        if self.watcher is not None:
+            self.watcher.start()
+        self.supervisor.check()
+        self._delivery_thread.start()
+        log.info("event=node_started ae_title=%s port=%d workers=%d partial_files_removed=%d",
+                 self.config.receiver.ae_title, self.receiver.port, self.config.worker.count, removed)
+
+    def shutdown(self) -> None:
+        self._delivery_stop.set()  # the send in progress finishes; no new one starts
+        self.supervisor.terminate()  # running jobs go back to the queue now, not after the receiver
+        self.receiver.stop(SHUTDOWN_GRACE_S)
+        if self.watcher is not None:
+            self.watcher.stop()
+        self.tracker.tick()
+        self.supervisor.stop(SHUTDOWN_GRACE_S)
+        if self._delivery_thread.is_alive():
+            self._delivery_thread.join(self.config.delivery.timeout_s + SHUTDOWN_GRACE_S)
+        self.state.close()
+        log.info("event=node_stopped pending_series=%d", self.tracker.pending_series())
+
+
+def serve(config: Config, config_path: Path | None) -> int:
+    stop = stop_on_signals()
+    Service(config, config_path).run(stop)
+    return 0

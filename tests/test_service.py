@@ -1,0 +1,263 @@
+"""End to end: `paraspinal-node serve` as a real process, dcmtk storescu in, dcmtk storescp out.
+
+The segmenter is the "precomputed" backend reading the phantom's masks, so the whole path
+(receive → spool → completion → job → worker → SEG/SR/key image → C-STORE) runs without a
+model. Completion periods are shortened to keep each test to a few seconds; every wait is
+bounded.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+import pytest
+
+import phantom as ph
+from dicom_peers import dcmtk_env, free_port, storescu, wait_for_port
+from node.state import DeliveryStatus, JobStatus, State, open_state
+
+ROOT = Path(__file__).resolve().parents[1]
+PATIENT_NAME = "Phantom^Thorax"
+WAIT_S = 90.0
+
+
+@dataclass(frozen=True)
+class Series:
+    files: list[Path]
+    study_uid: str
+    series_uid: str
+    precomputed: Path
+
+
+@pytest.fixture(scope="module")
+def series(tmp_path_factory: pytest.TempPathFactory) -> Series:
+    root = tmp_path_factory.mktemp("service-data")
+    body = ph.make_phantom(spacing=(5.0, 3.0, 3.0))
+    written = ph.write_dicom_series(body, root / "ct", patient_name=PATIENT_NAME)
+    ph.write_masks(body, root / "precomputed" / written.series_uid)
+    return Series(written.paths, written.study_uid, written.series_uid, root / "precomputed")
+
+
+def wait_until(predicate: Callable[[], object], what: str, timeout_s: float = WAIT_S) -> object:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise TimeoutError(f"{what} did not happen within {timeout_s} s")
+
+
+class Destination:
+    """dcmtk storescp on a fixed port, so it can be down while the node already knows it."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.port = free_port()
+        self._process: subprocess.Popen | None = None
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def start(self) -> None:
+        command = ["storescp", "-aet", "DEST", "+xa", "-pm", "-od", str(self.folder), str(self.port)]
+        self._process = subprocess.Popen(command, env=dcmtk_env(), stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL)
+        wait_for_port(self.port)
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            self._process.wait(timeout=10)
+            self._process = None
+
+    def received(self) -> list[pydicom.Dataset]:
+        return [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(self.folder.iterdir()) if p.is_file()]
+
+
+class Node:
+    """`paraspinal-node serve` in a subprocess with a generated config on loopback ports."""
+
+    def __init__(self, root: Path, series: Series, destination: Destination) -> None:
+        self.root = root
+        self.port = free_port()
+        self.log = root / "node.log"
+        self.config = root / "node.toml"
+        self.config.write_text(f"""
+[receiver]
+ae_title = "NODE"
+port = {self.port}
+bind_address = "127.0.0.1"
+min_free_disk_mb = 1
+[[destinations]]
+ae_title = "DEST"
+host = "127.0.0.1"
+port = {destination.port}
+[storage]
+state_dir = "{root / 'state'}"
+[segmenter]
+backend = "precomputed"
+precomputed_dir = "{series.precomputed}"
+[completion]
+release_quiet_s = 0.5
+idle_quiet_s = 5.0
+[worker]
+lease_s = 10.0
+poll_s = 0.2
+retry_delay_s = 0.5
+[delivery]
+retry_base_s = 0.5
+retry_max_interval_s = 1.0
+timeout_s = 5.0
+results_dir = "{root / 'results'}"
+""")
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        """Start and wait for the started event (a bare TCP probe would hold an association open)."""
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        starts = self.log.read_text().count("event=node_started") if self.log.exists() else 0
+        with self.log.open("a") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "--config", str(self.config)],
+                                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        wait_until(lambda: self.log.read_text().count("event=node_started") > starts, "node start", 30)
+
+    def stop(self) -> int:
+        """SIGTERM and wait: the exit code."""
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=60)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def worker_pids(self) -> list[int]:
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
+        return [int(pid) for pid in children]
+
+    def state(self) -> State:
+        return open_state(self.root / "state" / "state.sqlite")
+
+    def jobs(self) -> list:
+        state = self.state()
+        try:
+            return state.jobs()
+        finally:
+            state.close()
+
+    def deliveries(self) -> list:
+        state = self.state()
+        try:
+            return state.deliveries()
+        finally:
+            state.close()
+
+    def delivery_states(self) -> set[DeliveryStatus]:
+        return {d.status for d in self.deliveries()}
+
+    def send(self, files: list[Path]) -> None:
+        result = storescu(self.port, files, "NODE", "MODALITY")
+        assert result.returncode == 0, result.stderr
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "node.cli", *args, "--config", str(self.config)], cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                              timeout=60)
+
+
+@pytest.fixture
+def destination(tmp_path: Path) -> Iterator[Destination]:
+    peer = Destination(tmp_path / "received")
+    yield peer
+    peer.stop()
+
+
+@pytest.fixture
+def node(tmp_path: Path, series: Series, destination: Destination) -> Iterator[Node]:
+    started = Node(tmp_path, series, destination)
+    yield started
+    started.kill()
+
+
+def assert_results_once(destination: Destination, series: Series) -> None:
+    received = destination.received()
+    assert {"SEG", "SR"} <= {str(ds.Modality) for ds in received}
+    assert len({str(ds.SOPInstanceUID) for ds in received}) == len(received) == 3
+    assert all(str(ds.StudyInstanceUID) == series.study_uid for ds in received)
+
+
+def test_series_in_results_out_once_then_clean_shutdown(node: Node, destination: Destination,
+                                                        series: Series) -> None:
+    destination.start()
+    node.start()
+    node.send(series.files)
+    wait_until(lambda: node.delivery_states() == {DeliveryStatus.SENT}, "every delivery acknowledged")
+    wait_until(lambda: (node.root / "results" / f"{series.series_uid}.json").is_file(), "results folder")
+    assert_results_once(destination, series)
+    node.send(series.files)  # the same series again: no second job
+    wait_until(lambda: "event=series_unchanged" in node.log.read_text(), "duplicate series noticed")
+    (job,) = node.jobs()
+    assert job.status is JobStatus.DONE and job.attempts == 1
+    worklist = node.cli("worklist", "--format", "csv")
+    assert worklist.returncode == 0 and "PHANTOM-0" in worklist.stdout
+    status = node.cli("status")
+    assert status.returncode == 0 and "done 1" in status.stdout and "sent 4" in status.stdout
+    assert node.stop() == 0
+    log = node.log.read_text()
+    assert "event=node_stopped" in log and PATIENT_NAME not in log and "Phantom^" not in log
+    assert len(destination.received()) == 3
+
+
+def test_worker_killed_mid_job_is_requeued_and_results_arrive_once(node: Node, destination: Destination,
+                                                                  series: Series) -> None:
+    destination.start()
+    node.start()
+    node.send(series.files)
+    wait_until(lambda: any(j.status is JobStatus.RUNNING for j in node.jobs()), "job running")
+    (worker,) = node.worker_pids()
+    os.kill(worker, signal.SIGKILL)
+    wait_until(lambda: node.delivery_states() == {DeliveryStatus.SENT}, "every delivery acknowledged")
+    (job,) = node.jobs()
+    assert job.status is JobStatus.DONE and job.attempts == 2
+    assert "event=worker_exited" in node.log.read_text()
+    assert_results_once(destination, series)
+    assert node.stop() == 0
+
+
+def test_destination_down_then_up_after_restart_gets_results_once(node: Node, destination: Destination,
+                                                                  series: Series) -> None:
+    node.start()
+    node.send(series.files)
+
+    def delivery_retried() -> bool:
+        return any(d.attempts >= 2 and d.status is DeliveryStatus.PENDING for d in node.deliveries())
+
+    wait_until(delivery_retried, "a failed delivery attempt")
+    assert node.stop() == 0
+    destination.start()
+    node.start()
+    wait_until(lambda: node.delivery_states() == {DeliveryStatus.SENT}, "every delivery acknowledged")
+    assert_results_once(destination, series)
+    assert node.stop() == 0
+
+
+def test_sigterm_during_a_job_leaves_it_queued_and_restart_finishes_it(node: Node, destination: Destination,
+                                                                       series: Series) -> None:
+    destination.start()
+    node.start()
+    node.send(series.files)
+    wait_until(lambda: any(j.status is JobStatus.RUNNING for j in node.jobs()), "job running")
+    assert node.stop() == 0
+    (job,) = node.jobs()
+    assert job.status is JobStatus.QUEUED and job.attempts == 0 and job.lease_owner is None
+    node.start()
+    wait_until(lambda: node.delivery_states() == {DeliveryStatus.SENT}, "every delivery acknowledged")
+    assert_results_once(destination, series)
+    assert node.stop() == 0
