@@ -65,4 +65,5 @@ def configure(config: LoggingConfig) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(config.level.upper())
-    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))
+    for chatty in ("pynetdicom", "highdicom"):  # per-PDU and per-module chatter at INFO
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, root.level))

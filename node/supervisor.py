@@ -49,9 +49,6 @@ class WorkerSupervisor:
         self._store = store
         self._slots = [_Slot(index) for index in range(count)]
 
-    def pids(self) -> list[int]:
-        return [slot.process.pid for slot in self._slots if slot.process is not None]
-
     def check(self) -> None:
         """Start missing workers and restart dead ones; call it often from one thread."""
         now = time.monotonic()

@@ -9,6 +9,7 @@ bounded.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,9 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage
 
 import phantom as ph
 from dicom_peers import dcmtk_env, free_port, storescu, wait_for_port
@@ -95,6 +99,8 @@ ae_title = "NODE"
 port = {self.port}
 bind_address = "127.0.0.1"
 min_free_disk_mb = 1
+watch_dir = "{root / 'inbox'}"
+watch_stable_s = 0.3
 [[destinations]]
 ae_title = "DEST"
 host = "127.0.0.1"
@@ -234,7 +240,10 @@ def test_worker_killed_mid_job_is_requeued_and_results_arrive_once(node: Node, d
 def test_destination_down_then_up_after_restart_gets_results_once(node: Node, destination: Destination,
                                                                   series: Series) -> None:
     node.start()
-    node.send(series.files)
+    inbox = node.root / "inbox"
+    for path in series.files:  # this time through the watch folder
+        shutil.copy(path, inbox / f".{path.name}.part")
+        os.replace(inbox / f".{path.name}.part", inbox / path.name)
 
     def delivery_retried() -> bool:
         return any(d.attempts >= 2 and d.status is DeliveryStatus.PENDING for d in node.deliveries())
@@ -259,5 +268,37 @@ def test_sigterm_during_a_job_leaves_it_queued_and_restart_finishes_it(node: Nod
     assert job.status is JobStatus.QUEUED and job.attempts == 0 and job.lease_owner is None
     node.start()
     wait_until(lambda: node.delivery_states() == {DeliveryStatus.SENT}, "every delivery acknowledged")
+    assert_results_once(destination, series)
+    assert node.stop() == 0
+
+
+def test_node_killed_mid_transfer_keeps_acknowledged_instances_and_processes_once(
+        node: Node, destination: Destination, series: Series) -> None:
+    destination.start()
+    node.start()
+    acknowledged = []
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="NODE")
+    assert assoc.is_established
+    for path in series.files:
+        dataset = pydicom.dcmread(path)
+        status = assoc.send_c_store(dataset)
+        if "Status" not in status or status.Status != 0x0000:
+            break
+        acknowledged.append(str(dataset.SOPInstanceUID))
+        if len(acknowledged) == 10:
+            node.process.kill()  # kill -9 in the middle of the association
+    assoc.abort()
+    node.process.wait(timeout=10)
+    spooled = {p.stem for p in (node.root / "state" / "spool" / series.study_uid / series.series_uid).glob("*.dcm")}
+    assert 10 <= len(acknowledged) and set(acknowledged) <= spooled
+    node.start()
+    node.send(series.files)  # the modality sends the study again
+    wait_until(lambda: node.delivery_states() == {DeliveryStatus.SENT}, "every delivery acknowledged")
+    done = [j for j in node.jobs() if j.status is JobStatus.DONE]
+    state = node.state()
+    assert len(done) == 1 and state.get_series(series.series_uid).instances == len(series.files)
+    state.close()
     assert_results_once(destination, series)
     assert node.stop() == 0

@@ -1,0 +1,68 @@
+"""`status`, `retry` and `echo` through the real command line parser."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+from dicom_peers import free_port
+from node.cli import main
+from node.state import JobStatus, SeriesRecord, open_state
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    path = tmp_path / "node.toml"
+    path.write_text(f'[receiver]\nae_title = "NODE"\n[storage]\nstate_dir = "{tmp_path / "state"}"\n')
+    state = open_state(tmp_path / "state" / "state.sqlite")
+    state.record_series(SeriesRecord("1.2.3", "1.2", "P", "A", "20240101", "CT", "", 40, "f", "/x"))
+    job = state.add_job("1.2.3", "f", "/x")
+    state.claim("w", 60, 3)
+    state.fail(job.id, "w", "refused input: no pixel data in 3 files", retry_at=None)
+    state.close()
+    return path
+
+
+@pytest.fixture
+def verification_scp() -> Iterator[int]:
+    port = free_port()
+    ae = AE(ae_title="PEER")
+    ae.add_supported_context(Verification)
+    server = ae.start_server(("127.0.0.1", port), block=False)
+    yield port
+    server.shutdown()
+
+
+def test_status_shows_depths_errors_and_jobs(config_file: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["status", "--config", str(config_file), "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["jobs"] == {"failed": 1}
+    assert report["recent_errors"][0]["error"] == "refused input: no pixel data in 3 files"
+    assert report["recent_jobs"][0]["status"] == "failed"
+    assert main(["status", "--config", str(config_file)]) == 0
+    assert "failed 1" in capsys.readouterr().out
+
+
+def test_retry_requeues_and_unknown_job_is_a_usage_error(config_file: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["retry", "1", "--config", str(config_file)]) == 0
+    assert "queued again" in capsys.readouterr().out
+    state = open_state(config_file.parent / "state" / "state.sqlite")
+    assert state.get_job(1).status is JobStatus.QUEUED
+    state.close()
+    assert main(["retry", "42", "--config", str(config_file)]) == 2
+    assert "no job 42" in capsys.readouterr().err
+
+
+def test_echo_reports_success_refusal_and_bad_syntax(config_file: Path, verification_scp: int,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    assert main(["echo", f"PEER@127.0.0.1:{verification_scp}", "--config", str(config_file)]) == 0
+    assert "C-ECHO succeeded" in capsys.readouterr().out
+    assert main(["echo", f"PEER@127.0.0.1:{free_port()}", "--config", str(config_file)]) == 1
+    assert "check that it is running" in capsys.readouterr().out
+    assert main(["echo", "PEER-127.0.0.1", "--config", str(config_file)]) == 2
+    assert "AE@host:port" in capsys.readouterr().err
