@@ -31,6 +31,10 @@ SCHEDULER_TICK_S = 0.1  # completion is noticed at most this late
 SHUTDOWN_GRACE_S = 30.0
 
 
+class StartError(Exception):
+    """The node cannot start; the message names the setting to change."""
+
+
 def stop_on_signals() -> threading.Event:
     """An event set by SIGTERM or SIGINT (the main loop polls it; nothing is interrupted)."""
     stop = threading.Event()
@@ -72,7 +76,12 @@ class Service:
     def start(self) -> None:
         removed = self.spool.remove_partial_files()
         self.tracker.recover()
-        self.receiver.start()
+        try:
+            self.receiver.start()
+        except OSError as exc:
+            address = f"{self.config.receiver.bind_address}:{self.config.receiver.port}"
+            raise StartError(f"cannot listen on {address} ({exc.strerror or exc}): stop what uses the port or "
+                             "change receiver.port / receiver.bind_address") from None
         if self.watcher is not None:
             self.watcher.start()
         self.supervisor.check()

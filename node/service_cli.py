@@ -58,10 +58,14 @@ def _guarded(handler, args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace, config: Config) -> int:
-    from .service import serve
+    from .service import StartError, serve
 
     configure(config.logging)
-    return serve(config, args.config)
+    try:
+        return serve(config, args.config)
+    except StartError as exc:
+        print(f"paraspinal-node serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def _worker(args: argparse.Namespace, config: Config) -> int:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -66,3 +68,22 @@ def test_echo_reports_success_refusal_and_bad_syntax(config_file: Path, verifica
     assert "check that it is running" in capsys.readouterr().out
     assert main(["echo", "PEER-127.0.0.1", "--config", str(config_file)]) == 2
     assert "AE@host:port" in capsys.readouterr().err
+
+
+def test_serve_on_a_taken_port_says_which_setting_to_change(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    port = free_port()
+    ae = AE(ae_title="SQUATTER")
+    ae.add_supported_context(Verification)
+    server = ae.start_server(("127.0.0.1", port), block=False)
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT), logging.getLogger().handlers[:]
+    try:
+        config = tmp_path / "node.toml"
+        config.write_text(f'[receiver]\nport = {port}\nbind_address = "127.0.0.1"\n[worker]\ncount = 0\n'
+                          f'[storage]\nstate_dir = "{tmp_path / "state"}"\n')
+        assert main(["serve", "--config", str(config)]) == 2
+    finally:
+        server.shutdown()
+        signal.signal(signal.SIGTERM, handlers[0])
+        signal.signal(signal.SIGINT, handlers[1])
+        logging.getLogger().handlers[:] = handlers[2]
+    assert "change receiver.port" in capsys.readouterr().err
