@@ -177,7 +177,7 @@ def build_key_image(ct: CTVolume, segments: SegmentMap, result: dict, options: E
         specific_character_set=character_set(sources[0], options.texts()),
     )
     image.BurnedInAnnotation = "YES"
-    image.BodyPartExamined = sources[0].get("BodyPartExamined") or "CHEST"  # lets validators rule out laterality
+    image.BodyPartExamined = "CHEST"  # what the image shows; a paired part (e.g. PARTIALBODY's kin) would need Laterality
     image.ImageComments = "Derived by paraspinal-node from the CT series; not for diagnosis"
     image.DerivationDescription = "Rendered summary of the paraspinal muscle measurement"
     return image

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 
-from node.ct import CTVolume
+from node.ct import CTVolume, InputError
 from node.segmentation import Segmentation
 
 from .keyimage import build_key_image
@@ -33,6 +33,7 @@ class ResultObjects:
 
 def build_results(ct: CTVolume, seg: Segmentation, result: dict, options: EncodeOptions) -> ResultObjects:
     """All three objects in memory; the SR references the SEG built here."""
+    _check_referable(ct)
     segments = segment_map(seg, result)
     seg_object = build_seg(ct, segments, result, options)
     return ResultObjects(
@@ -40,6 +41,15 @@ def build_results(ct: CTVolume, seg: Segmentation, result: dict, options: Encode
         sr=build_sr(ct, seg_object, result, options),
         key_image=build_key_image(ct, segments, result, options),
     )
+
+
+def _check_referable(ct: CTVolume) -> None:
+    """Results must point at their source; anonymisers sometimes blank the UIDs they need."""
+    blank = [kw for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+             if any(not ds.get(kw) for ds in ct.datasets)]
+    if blank:
+        raise InputError(f"the source series has blank {', '.join(blank)}: DICOM results cannot reference it; "
+                         "give the series its UIDs back, or use measurements.json/.csv")
 
 
 def write_results(ct: CTVolume, seg: Segmentation, result: dict, out_dir: Path, options: EncodeOptions) -> ResultFiles:

@@ -103,6 +103,8 @@ def _read_folder(folder: Path) -> list[Dataset]:
             continue
         if _sop_class(ds) == "1.2.840.10008.1.3.10":  # DICOMDIR
             continue
+        if not ds.get("SOPClassUID") and _sop_class(ds):
+            ds.SOPClassUID = _sop_class(ds)
         datasets.append(ds)
     if not datasets:
         raise InputError(f"no DICOM files in {folder}: give the folder of one CT series")

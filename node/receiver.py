@@ -142,6 +142,9 @@ class Receiver:
         if self._server is None:
             return
         self._server.close_listener()
+        for assoc in self._active():
+            if not assoc.is_established:  # a port probe: nothing can have been acknowledged on it
+                assoc.abort()
         deadline = time.monotonic() + grace_s
         while self._active() and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -126,3 +126,20 @@ def test_dicom_flag_writes_the_three_result_objects_in_the_source_study(phantom_
     assert {ds.Modality for ds in objects.values()} == {"SEG", "SR", "OT"}
     assert {ds.StudyInstanceUID for ds in objects.values()} == {series.study_uid}
     assert len({ds.SeriesInstanceUID for ds in objects.values()} | {series.series_uid}) == 4
+
+
+def test_dicom_results_of_a_series_with_blank_uids_are_refused_in_one_line(tmp_path, capsys):
+    import SimpleITK as sitk
+
+    from node.ct_load import load_ct
+
+    real = Path(__file__).resolve().parents[2] / "shared" / "data" / "totalseg-example-ct"
+    if not real.is_dir():
+        pytest.skip("shared/data is beside the repo")
+    ct = load_ct(real)
+    sitk.WriteImage(ct.to_sitk(np.zeros(ct.shape, np.uint8)), str(tmp_path / "seg.nii.gz"))
+    assert main(["measure", str(real), "--seg", str(tmp_path / "seg.nii.gz"), "--out", str(tmp_path / "out"), "--dicom"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "blank StudyInstanceUID" in error and "\n" not in error
+    result = json.loads((tmp_path / "out" / "measurements.json").read_text())
+    assert {lv["status"] for lv in result["levels"]} == {"absent"}
