@@ -130,6 +130,21 @@ class DeliveryConfig:
 
 
 @dataclass
+class ResultsConfig:
+    """How the SEG, SR and key image are numbered, described and encoded (dicom_sr.EncodeOptions)."""
+
+    seg_series_number: int = 9101
+    sr_series_number: int = 9102
+    key_image_series_number: int = 9103
+    seg_series_description: str = "Paraspinal muscle segmentation T1-T10"
+    sr_series_description: str = "Paraspinal muscle measurements T1-T10"
+    key_image_series_description: str = "Paraspinal muscle summary (derived, not for diagnosis)"
+    jpeg2000: bool = False  # lossless JPEG 2000 SEG, about 30x smaller
+    labelmap: bool = False  # LABELMAP SEG: smaller, but many viewers cannot read it
+    institution_name: str = ""
+
+
+@dataclass
 class LoggingConfig:
     level: str = "INFO"
     format: str = "kv"  # kv (key=value) or json
@@ -146,6 +161,7 @@ class Config:
     completion: CompletionConfig = field(default_factory=CompletionConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    results: ResultsConfig = field(default_factory=ResultsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 

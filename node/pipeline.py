@@ -6,6 +6,7 @@ one made by the node are the same computation.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,8 @@ def segment(ct: CTVolume, config: Config) -> Segmentation:
 def _encode(ct: CTVolume, seg: Segmentation, result: MeasurementResult, out_dir: Path, config: Config) -> dict[str, Path]:
     from dicom_sr.results import EncodeOptions, write_results
 
-    options = EncodeOptions(low_attenuation_hu=config.measure.low_attenuation_hu)
+    settings = dataclasses.asdict(config.results)
+    settings["institution_name"] = settings["institution_name"] or None
+    options = EncodeOptions(**settings, low_attenuation_hu=config.measure.low_attenuation_hu)
     written = write_results(ct, seg, result.to_dict(), out_dir, options)
     return {"seg": written.seg, "sr": written.sr, "keyimage": written.key_image}

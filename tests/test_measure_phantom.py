@@ -143,3 +143,19 @@ def test_dicom_results_of_a_series_with_blank_uids_are_refused_in_one_line(tmp_p
     assert "blank StudyInstanceUID" in error and "\n" not in error
     result = json.loads((tmp_path / "out" / "measurements.json").read_text())
     assert {lv["status"] for lv in result["levels"]} == {"absent"}
+
+
+def test_results_section_of_the_config_reaches_the_objects(phantom_dicom, phantom_masks, tmp_path):
+    import pydicom
+    from pydicom.uid import JPEG2000Lossless
+
+    config = tmp_path / "node.toml"
+    config.write_text('[results]\nsr_series_number = 42\nseg_series_description = "Rückenmuskel"\njpeg2000 = true\n',
+                      encoding="utf-8")
+    out = tmp_path / "out"
+    args = ["measure", str(phantom_dicom("axial").folder), "--seg", str(phantom_masks()), "--out", str(out),
+            "--dicom", "--config", str(config)]
+    assert main(args) == 0
+    seg, sr = pydicom.dcmread(out / "seg.dcm"), pydicom.dcmread(out / "sr.dcm")
+    assert sr.SeriesNumber == 42
+    assert seg.SeriesDescription == "Rückenmuskel" and seg.file_meta.TransferSyntaxUID == JPEG2000Lossless
