@@ -242,14 +242,23 @@ def run_totalsegmentator(image, device: str, fast: bool, vertebral_bodies: bool)
     from totalsegmentator.python_api import totalsegmentator
 
     _register_trainers()
-    if device.startswith("gpu") and not torch.cuda.is_available():
-        raise RuntimeError(
-            f'segmenter.device is "{device}" but no CUDA GPU is visible: set segmenter.device = "cpu" or fix the GPU driver'
-        )
+    _check_gpu(device, torch.cuda.device_count() if torch.cuda.is_available() else 0)
     common = {"device": device, "quiet": True, "nr_thr_saving": 1}
     seg = totalsegmentator(image, None, task="total", roi_subset=list(ROI_SUBSET), fast=fast, **common)
     body = totalsegmentator(image, None, task="vertebrae_body", **common) if vertebral_bodies else None
     return seg, body
+
+
+def _check_gpu(device: str, visible: int) -> None:
+    """TotalSegmentator quietly falls back to the CPU (hours per CT); the node refuses instead."""
+    if not device.startswith("gpu"):
+        return
+    index = int(device[4:]) if device.startswith("gpu:") else 0
+    if index >= visible:
+        raise RuntimeError(
+            f'segmenter.device is "{device}" but {visible} CUDA GPU(s) are visible: '
+            'set segmenter.device = "cpu" or a visible "gpu:N", or fix the GPU driver'
+        )
 
 
 def _segment_job(job: dict, job_dir: Path) -> None:

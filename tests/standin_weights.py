@@ -9,14 +9,16 @@ lets a later part overwrite an earlier one where the later one is not background
     294 labels HU ≥ 0 autochthon_left (local 18 → 86) and HU ≥ 600 autochthon_right (local 19 → 87);
 
 which leaves, inside the crop: HU < 0 → 43, 0 ≤ HU < 600 → 86, HU ≥ 600 → 87. The 6 mm crop model
-(298) labels HU ≥ 0 vertebrae_T5, so the ROI is the non-negative region (+20 voxels). vertebrae_body
-(305) labels HU ≥ 600 vertebrae_body (class 1) and the rest intervertebral_discs (class 2).
+(298) labels HU ≥ `crop_threshold_hu` (default 0) vertebrae_T5, so the ROI is that region (+20 voxels).
+vertebrae_body (305) labels HU ≥ 600 vertebrae_body (class 1) and the rest intervertebral_discs (class 2).
+The other parts (291, 293, 295) exist because TotalSegmentator checks for them; they say background.
 
 `real_architecture=True` writes the 1.5 mm and 3 mm networks at their real size (InstanceNorm, features
 32…320, patch 128³ / 112×112×128) for benchmarks: with InstanceNorm a pass-through would be normalised
 per patch, so those give a constant class instead (292 T1, 294 autochthon_left, 305 vertebrae_body,
-297 autochthon_left). The crop model keeps its threshold (it is cheap at 6 mm) so that the ROI covers
-the bright region as the real model's covers the spine.
+297 autochthon_left). The crop model keeps its threshold, without InstanceNorm (5 stages, patch 64³
+assumed; it is cheap at 6 mm), so that the ROI covers a region as the real model's covers the spine.
+291, 293 and 295 stay tiny: roi_subset never runs them.
 """
 
 from __future__ import annotations

@@ -1,0 +1,176 @@
+"""GPU cost of the node's TotalSegmentator call (issue 6), with stand-in weights of the real architecture.
+
+Writes the stand-in weights and a phantom CT on the machine itself, then times the call as the node
+makes it: roi_subset T1–T12 + autochthon, with and without vertebrae_body, and in fast mode. Each
+run is split into stages by timing TotalSegmentator's and nnU-Net's own functions:
+
+    crop model      the 6 mm model on the whole CT (its resampling included)
+    resampling      TotalSegmentator's scipy resampling to 1.5/3 mm and back
+    model NNN       one nnU-Net model run: preprocessing and export workers + sliding window
+    sliding window  of which the network itself (the GPU part)
+    other           cropping, reorientation, label merging, the vertebrae_body task's overhead
+
+and reports peak GPU memory (torch.cuda.max_memory_allocated). Finally it times the node's own path
+(TotalSegmentatorSegmenter.segment: model process start, files in and out) once per scenario.
+
+    .venv/bin/python bench/gpu.py                                   # 512x512x400 on the GPU
+    .venv/bin/python bench/gpu.py --device cpu --size 64 --slices 48 --patch 32 --repeat 1   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from node.config import SegmenterConfig  # noqa: E402
+from node.ct import CTVolume  # noqa: E402
+from node.segment import (  # noqa: E402
+    TotalSegmentatorSegmenter,
+    configure_totalsegmentator,
+    nifti_affine,
+    run_totalsegmentator,
+)
+from phantom import make_phantom  # noqa: E402
+from standin_weights import write_standin_weights  # noqa: E402
+
+SCENARIOS = {  # name: (fast, vertebrae_body)
+    "roi_subset": (False, False),
+    "roi_subset+vertebrae_body": (False, True),
+    "fast": (True, False),
+    "fast+vertebrae_body": (True, True),
+}
+
+
+class StageClock:
+    """Adds up wall time per stage by wrapping the library functions that make up a run."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.active: list[str] = []
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        self.active.append(name)
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - started
+            self.active.pop()
+
+    def wrap(self, owner: object, attribute: str, name_of: Callable[..., str]) -> None:
+        original = getattr(owner, attribute)
+
+        @functools.wraps(original)
+        def timed(*args, **kwargs):
+            with self.stage(name_of(*args, **kwargs)):
+                return original(*args, **kwargs)
+
+        setattr(owner, attribute, timed)
+
+    def install(self) -> None:
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+        from totalsegmentator import nnunet
+
+        self.wrap(nnunet, "nnUNet_predict_image",
+                  lambda file_in, file_out, task_id, *a, **k: "crop model" if task_id == 298 else "task call")
+        self.wrap(nnunet, "nnUNetv2_predict", lambda dir_in, dir_out, task_id, *a, **k: f"model {task_id}")
+        self.wrap(nnunet, "change_spacing",
+                  lambda *a, **k: "resampling (crop model)" if "crop model" in self.active else "resampling")
+        self.wrap(nnUNetPredictor, "predict_sliding_window_return_logits",
+                  lambda *a, **k: f"sliding window ({self._model()})")
+
+    def _model(self) -> str:
+        return next(name for name in reversed(self.active) if name.startswith("model"))
+
+    def report(self, total: float) -> list[tuple[str, float]]:
+        crop, resampling = self.seconds.get("crop model", 0.0), self.seconds.get("resampling", 0.0)
+        models = {k: v for k, v in self.seconds.items() if k.startswith("model") and k != "model 298"}
+        rows = [("total", total), ("crop model (6 mm, all of it)", crop), ("resampling", resampling)]
+        for name in sorted(models):
+            rows.append((f"{name} (workers + network)", models[name]))
+            rows.append((f"  sliding window ({name})", self.seconds.get(f"sliding window ({name})", 0.0)))
+        rows.append(("other (crop, reorient, merge, glue)", total - crop - resampling - sum(models.values())))
+        return rows
+
+
+def gpu_memory() -> Callable[[], str]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return lambda: "n/a (no CUDA)"
+    torch.cuda.reset_peak_memory_stats()
+    return lambda: (f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated, "
+                    f"{torch.cuda.max_memory_reserved() / 2**30:.2f} GiB reserved")
+
+
+def time_in_process(clock: StageClock, image, device: str, fast: bool, body: bool) -> None:
+    clock.seconds.clear()
+    peak = gpu_memory()
+    started = time.perf_counter()
+    seg, _ = run_totalsegmentator(image, device, fast, body)
+    total = time.perf_counter() - started
+    for name, seconds in clock.report(total):
+        print(f"    {name:<45} {seconds:7.2f} s")
+    print(f"    peak GPU memory: {peak()}; labels {sorted(int(v) for v in np.unique(np.asanyarray(seg.dataobj)))}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="gpu")
+    parser.add_argument("--size", type=int, default=512, help="in-plane matrix")
+    parser.add_argument("--slices", type=int, default=400)
+    parser.add_argument("--patch", type=int, default=128, help="1.5 mm patch edge (real: 128)")
+    parser.add_argument("--crop-threshold-hu", type=float, default=0.0,
+                        help="the stand-in crop model's ROI is HU >= this (0: soft tissue and bone; 150: bone)")
+    parser.add_argument("--repeat", type=int, default=2, help="in-process runs per scenario (first warms up)")
+    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
+    parser.add_argument("--weights-dir", type=Path)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
+    weights_dir = args.weights_dir or work / "weights"
+    started = time.perf_counter()
+    write_standin_weights(weights_dir, real_architecture=True, part_patch=(args.patch,) * 3,
+                          crop_threshold_hu=args.crop_threshold_hu)
+    print(f"stand-in weights (real architecture, patch {args.patch}): {time.perf_counter() - started:.1f} s")
+    started = time.perf_counter()
+    phantom = make_phantom(shape=(args.slices, args.size, args.size))
+    ct = CTVolume(hu=phantom.hu, spacing=phantom.spacing, origin=np.array(phantom.origin), direction=np.eye(3))
+    print(f"phantom CT {ct.shape} at {tuple(round(s, 3) for s in ct.spacing)} mm: {time.perf_counter() - started:.1f} s")
+
+    configure_totalsegmentator(weights_dir, work / "totalseg_home")
+    import nibabel as nib
+
+    image = nib.Nifti1Image(np.ascontiguousarray(ct.hu.transpose(2, 1, 0)), nifti_affine(ct))
+    clock = StageClock()
+    clock.install()
+    for name in args.scenarios:
+        fast, body = SCENARIOS[name]
+        for run in range(1, args.repeat + 1):
+            print(f"{name}, in-process run {run}/{args.repeat}:")
+            time_in_process(clock, image, args.device, fast, body)
+    for name in args.scenarios:
+        fast, body = SCENARIOS[name]
+        config = SegmenterConfig(weights_dir=weights_dir, device=args.device, fast=fast,
+                                 vertebral_bodies="on" if body else "off")
+        started = time.perf_counter()
+        TotalSegmentatorSegmenter(config).segment(ct)
+        print(f"{name}, node path (TotalSegmentatorSegmenter.segment): {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
