@@ -15,6 +15,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dicom_sr.options import EncodeOptions
+
 
 class ConfigError(Exception):
     """A configuration problem; the message names the key and the fix."""
@@ -131,16 +133,16 @@ class DeliveryConfig:
 
 @dataclass
 class ResultsConfig:
-    """How the SEG, SR and key image are numbered, described and encoded (dicom_sr.EncodeOptions)."""
+    """How the SEG, SR and key image are numbered, described and encoded; defaults are the encoder's."""
 
-    seg_series_number: int = 9101
-    sr_series_number: int = 9102
-    key_image_series_number: int = 9103
-    seg_series_description: str = "Paraspinal muscle segmentation T1-T10"
-    sr_series_description: str = "Paraspinal muscle measurements T1-T10"
-    key_image_series_description: str = "Paraspinal muscle summary (derived, not for diagnosis)"
-    jpeg2000: bool = False  # lossless JPEG 2000 SEG, about 30x smaller
-    labelmap: bool = False  # LABELMAP SEG: smaller, but many viewers cannot read it
+    seg_series_number: int = EncodeOptions.seg_series_number
+    sr_series_number: int = EncodeOptions.sr_series_number
+    key_image_series_number: int = EncodeOptions.key_image_series_number
+    seg_series_description: str = EncodeOptions.seg_series_description
+    sr_series_description: str = EncodeOptions.sr_series_description
+    key_image_series_description: str = EncodeOptions.key_image_series_description
+    jpeg2000: bool = EncodeOptions.jpeg2000
+    labelmap: bool = EncodeOptions.labelmap
     institution_name: str = ""
 
 

@@ -10,8 +10,6 @@ Rows live in the state database, so pending deliveries continue after a restart.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import threading
 import time
 from collections import defaultdict
@@ -19,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .config import Config, DestinationConfig
+from .durable import write_atomic
 from .sender import SendOutcome, send_files
 from .state import Delivery, State
 from .worker import RESULTS_FOLDER
@@ -53,22 +52,9 @@ def export_results(out_dir: Path, results_dir: Path, series_uid: str) -> list[Pa
     for suffix in ("json", "csv"):
         source = out_dir / f"measurements.{suffix}"
         target = results_dir / f"{series_uid}.{suffix}"
-        _write_atomic(target, source.read_bytes())
+        write_atomic(target, source.read_bytes())
         written.append(target)
     return written
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class DeliveryLoop:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 
+from .durable import write_atomic
 from .measure import MeasurementResult, MuscleStats
 
 STAT_COLUMNS = ("voxels", "volume_cm3", "median_hu", "mean_hu", "sd_hu", "p25_hu", "p75_hu", "fat_fraction")
@@ -46,24 +45,10 @@ def write_reports(result: MeasurementResult, out_dir: Path) -> tuple[Path, Path]
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "measurements.json"
     csv_path = out_dir / "measurements.csv"
-    _write_atomic(json_path, json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    write_atomic(json_path, (json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n").encode())
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(csv_header())
     writer.writerows(csv_rows(result))
-    _write_atomic(csv_path, buffer.getvalue())
+    write_atomic(csv_path, buffer.getvalue().encode())
     return json_path, csv_path
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """A reader (or a crash) never sees half a report."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import enum
 import logging
-import os
 import re
-import secrets
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,10 +21,11 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from .durable import TEMP_SUFFIX, fsync_dir, write_atomic
+
 log = logging.getLogger(__name__)
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-_TEMP_SUFFIX = ".partial"
 _SUMMARY_TAGS = (
     "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
     "ImageType", "SliceThickness", "SeriesDescription", "BodyPartExamined", "ConvolutionKernel",
@@ -137,7 +136,7 @@ class Spool:
     def remove_partial_files(self) -> int:
         """Delete temp files left by writes that a crash interrupted (never acknowledged)."""
         removed = 0
-        for partial in self.root.glob(f"*/*/.*{_TEMP_SUFFIX}"):
+        for partial in self.root.glob(f"*/*/.*{TEMP_SUFFIX}"):
             partial.unlink(missing_ok=True)
             removed += 1
         return removed
@@ -150,10 +149,10 @@ class Spool:
         if target.exists():
             if _same_content(target, raw):
                 return StoreOutcome.DUPLICATE
-            _atomic_write(target, raw)
+            write_atomic(target, raw)
             return StoreOutcome.REPLACED
         _make_dirs_durable(target.parent, self.root)
-        _atomic_write(target, raw)
+        write_atomic(target, raw)
         return StoreOutcome.NEW
 
 
@@ -238,21 +237,6 @@ def _same_content(path: Path, raw: bytes) -> bool:
         return False
 
 
-def _atomic_write(target: Path, raw: bytes) -> None:
-    temp = target.parent / f".{target.name}.{secrets.token_hex(4)}{_TEMP_SUFFIX}"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-    try:
-        with os.fdopen(fd, "wb", closefd=True) as handle:
-            handle.write(raw)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, target)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(target.parent)
-
-
 def _make_dirs_durable(folder: Path, root: Path) -> None:
     """Create missing folders and fsync each parent, so a new series folder survives a crash."""
     missing = []
@@ -262,12 +246,4 @@ def _make_dirs_durable(folder: Path, root: Path) -> None:
         current = current.parent
     for path in reversed(missing):
         path.mkdir(exist_ok=True)
-        _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(path.parent)
