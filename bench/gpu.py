@@ -34,16 +34,17 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from node.config import SegmenterConfig  # noqa: E402
-from node.ct import CTVolume  # noqa: E402
-from node.segment import (  # noqa: E402
+from phantom import make_phantom
+from standin_weights import write_standin_weights
+
+from node.config import SegmenterConfig
+from node.ct import CTVolume
+from node.segment import (
     TotalSegmentatorSegmenter,
     configure_totalsegmentator,
     nifti_affine,
     run_totalsegmentator,
 )
-from phantom import make_phantom  # noqa: E402
-from standin_weights import write_standin_weights  # noqa: E402
 
 SCENARIOS = {  # name: (fast, vertebrae_body)
     "roi_subset": (False, False),

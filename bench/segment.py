@@ -22,11 +22,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from node.config import SegmenterConfig  # noqa: E402
-from node.ct import CTVolume  # noqa: E402
-from node.segment import TotalSegmentatorSegmenter  # noqa: E402
-from phantom import make_phantom  # noqa: E402
-from standin_weights import write_standin_weights  # noqa: E402
+from phantom import make_phantom
+from standin_weights import write_standin_weights
+
+from node.config import SegmenterConfig
+from node.ct import CTVolume
+from node.segment import TotalSegmentatorSegmenter
 
 
 def phantom_ct(shape: tuple[int, int, int]) -> CTVolume:
@@ -41,7 +42,7 @@ def peak_rss_mb(who: int) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu, gpu or gpu:N")
-    parser.add_argument("--shape", type=int, nargs=3, default=(80, 128, 128), metavar=("K", "R", "C"))
+    parser.add_argument("--shape", type=int, nargs=3, default=(64, 96, 96), metavar=("K", "R", "C"))
     parser.add_argument("--patch", type=int, default=64, help="1.5 mm patch edge (real: 128)")
     parser.add_argument("--fast", action="store_true", help="3 mm model instead of the 1.5 mm parts")
     parser.add_argument("--no-body", action="store_true", help="skip the vertebrae_body task")

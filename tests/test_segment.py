@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from standin_weights import HIGH_HU, MID_HU, sabotage_checkpoint, write_standin_weights
 
 from node.config import SegmenterConfig
 from node.ct import CTVolume
@@ -27,7 +28,6 @@ from node.segment import (
     nifti_affine,
     prepare_totalseg_home,
 )
-from standin_weights import HIGH_HU, MID_HU, sabotage_checkpoint, write_standin_weights
 
 DARK, MID, BRIGHT = -500, 200, 1000
 # Columns swapped with rows and slices running feet-ward: a wrong transpose or flip cannot pass.
@@ -70,7 +70,7 @@ def test_part_local_labels_arrive_in_total_numbering_on_the_ct_grid(result):
 
 
 def test_part_292_fills_the_crop_and_nothing_outside_it(result):
-    ct, seg = result
+    _, seg = result
     beside_the_roi = seg.labels[8:30, 6:30, 30:36]  # dark voxels next to the MID box
     assert (beside_the_roi == 43).all()  # part 292 local 19, within the ROI's 20-voxel margin
     assert (seg.labels[:, :, 56:] == 0).all()  # beyond the crop
