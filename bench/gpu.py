@@ -34,9 +34,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from phantom import make_phantom
-from standin_weights import write_standin_weights
-
 from node.config import SegmenterConfig
 from node.ct import CTVolume
 from node.segment import (
@@ -128,20 +125,12 @@ def time_in_process(clock: StageClock, image, device: str, fast: bool, body: boo
     print(f"    peak GPU memory: {peak()}; labels {sorted(int(v) for v in np.unique(np.asanyarray(seg.dataobj)))}")
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="gpu")
-    parser.add_argument("--size", type=int, default=512, help="in-plane matrix")
-    parser.add_argument("--slices", type=int, default=400)
-    parser.add_argument("--patch", type=int, default=128, help="1.5 mm patch edge (real: 128)")
-    parser.add_argument("--crop-threshold-hu", type=float, default=0.0,
-                        help="the stand-in crop model's ROI is HU >= this (0: soft tissue and bone; 150: bone)")
-    parser.add_argument("--repeat", type=int, default=2, help="in-process runs per scenario (first warms up)")
-    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
-    parser.add_argument("--weights-dir", type=Path)
-    args = parser.parse_args()
+def run(args: argparse.Namespace, work: Path) -> None:
+    # imported here, not at the top: every process that TotalSegmentator and nnU-Net spawn re-imports
+    # this script, and the node's own entry point is as light
+    from phantom import make_phantom
+    from standin_weights import write_standin_weights
 
-    work = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
     weights_dir = args.weights_dir or work / "weights"
     started = time.perf_counter()
     write_standin_weights(weights_dir, real_architecture=True, part_patch=(args.patch,) * 3,
@@ -160,8 +149,8 @@ def main() -> int:
     clock.install()
     for name in args.scenarios:
         fast, body = SCENARIOS[name]
-        for run in range(1, args.repeat + 1):
-            print(f"{name}, in-process run {run}/{args.repeat}:")
+        for attempt in range(1, args.repeat + 1):
+            print(f"{name}, in-process run {attempt}/{args.repeat}:")
             time_in_process(clock, image, args.device, fast, body)
     for name in args.scenarios:
         fast, body = SCENARIOS[name]
@@ -170,6 +159,23 @@ def main() -> int:
         started = time.perf_counter()
         TotalSegmentatorSegmenter(config).segment(ct)
         print(f"{name}, node path (TotalSegmentatorSegmenter.segment): {time.perf_counter() - started:.1f} s")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="gpu")
+    parser.add_argument("--size", type=int, default=512, help="in-plane matrix")
+    parser.add_argument("--slices", type=int, default=400)
+    parser.add_argument("--patch", type=int, default=128, help="1.5 mm patch edge (real: 128)")
+    parser.add_argument("--crop-threshold-hu", type=float, default=0.0,
+                        help="the stand-in crop model's ROI is HU >= this (0: soft tissue and bone; 150: bone)")
+    parser.add_argument("--repeat", type=int, default=2, help="in-process runs per scenario (first warms up)")
+    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
+    parser.add_argument("--weights-dir", type=Path)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
+        run(args, Path(tmp))
     return 0
 
 

@@ -22,15 +22,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from phantom import make_phantom
-from standin_weights import write_standin_weights
-
 from node.config import SegmenterConfig
 from node.ct import CTVolume
 from node.segment import TotalSegmentatorSegmenter
 
 
 def phantom_ct(shape: tuple[int, int, int]) -> CTVolume:
+    from phantom import make_phantom  # not at the top: spawned processes re-import this script
+
     phantom = make_phantom(shape=shape)
     return CTVolume(hu=phantom.hu, spacing=phantom.spacing, origin=np.array(phantom.origin), direction=np.eye(3))
 
@@ -52,6 +51,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-weights-") as tmp:
         weights_dir = args.weights_dir or Path(tmp)
         if not any(weights_dir.glob("Dataset*")):
+            from standin_weights import write_standin_weights
+
             started = time.perf_counter()
             write_standin_weights(weights_dir, real_architecture=True, part_patch=(args.patch,) * 3)
             print(f"stand-in weights written in {time.perf_counter() - started:.1f} s")
