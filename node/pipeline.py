@@ -16,7 +16,8 @@ from .ct import CTVolume
 from .ct_load import load_ct
 from .measure import MeasurementResult, measure
 from .report import write_reports
-from .seg_load import PrecomputedSegmenter, load_segmentation
+from .seg_load import load_segmentation
+from .segment import make_segmenter
 from .segmentation import Segmentation
 
 log = logging.getLogger(__name__)
@@ -43,10 +44,6 @@ def run_pipeline(ct_path: Path, out_dir: Path, config: Config, seg_path: Path | 
 
 
 def segment(ct: CTVolume, config: Config) -> Segmentation:
-    if config.segmenter.backend == "precomputed":
-        return PrecomputedSegmenter(config.segmenter).segment(ct)
-    from .segment import make_segmenter
-
     return make_segmenter(config.segmenter).segment(ct)
 
 

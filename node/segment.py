@@ -25,6 +25,7 @@ import numpy as np
 from .config import SegmenterConfig
 from .ct import CTVolume
 from .labels import ROI_SUBSET
+from .seg_load import PrecomputedSegmenter
 from .segmentation import Segmentation
 from .weights import missing_models, runs_vertebral_bodies
 
@@ -108,6 +109,7 @@ class TotalSegmentatorSegmenter:
 
 _BACKENDS: dict[str, Callable[[SegmenterConfig], Segmenter]] = {
     "totalsegmentator": TotalSegmentatorSegmenter,
+    "precomputed": PrecomputedSegmenter,
 }
 
 
