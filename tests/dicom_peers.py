@@ -31,13 +31,29 @@ def free_port() -> int:
 
 
 def wait_for_port(port: int, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
-    """Block until something accepts TCP connections on 127.0.0.1:port, or fail the test."""
+    """Block until a socket listens on `port`, or fail the test.
+
+    Reads the kernel's socket table instead of connecting: single-threaded peers such as
+    storescp would otherwise serve the probe connection first and mishandle the real one.
+    """
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        if _listening(port):
             return
         time.sleep(0.05)
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s} s")
+
+
+def _listening(port: int) -> bool:
+    wanted = f":{port:04X}"
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table, encoding="ascii") as rows:
+            next(rows)
+            for row in rows:
+                local, state = row.split()[1], row.split()[3]
+                if local.endswith(wanted) and state == "0A":  # 0A = LISTEN
+                    return True
+    return False
 
 
 def dcmtk_env() -> dict[str, str]:
