@@ -182,6 +182,8 @@ def install_stop_handler() -> threading.Event:
     stop = threading.Event()
 
     def handler(signum: int, frame: FrameType | None) -> None:
+        if stop.is_set():  # a repeated signal (e.g. to the whole process group) must not interrupt the hand-back
+            return
         stop.set()
         raise Stop(signal.Signals(signum).name)
 
