@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
 from pydicom.dataset import Dataset
 
 from node.ct import CTVolume, InputError
+from node.durable import make_dirs, write_atomic
 from node.segmentation import Segmentation
 
 from .keyimage import build_key_image
@@ -56,7 +57,7 @@ def write_results(ct: CTVolume, seg: Segmentation, result: dict, out_dir: Path, 
     """DIR/seg.dcm, DIR/sr.dcm and DIR/keyimage.dcm, each renamed into place only when complete."""
     objects = build_results(ct, seg, result, options)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(out_dir)
     files = ResultFiles(seg=out_dir / "seg.dcm", sr=out_dir / "sr.dcm", key_image=out_dir / "keyimage.dcm")
     for dataset, path in ((objects.seg, files.seg), (objects.sr, files.sr), (objects.key_image, files.key_image)):
         _write(dataset, path)
@@ -64,6 +65,7 @@ def write_results(ct: CTVolume, seg: Segmentation, result: dict, out_dir: Path, 
 
 
 def _write(dataset: Dataset, path: Path) -> None:
-    partial = path.with_name(path.name + ".partial")
-    dataset.save_as(partial, enforce_file_format=True)
-    os.replace(partial, path)
+    """Durable before the worker records the job done and queues its deliveries."""
+    buffer = BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    write_atomic(path, buffer.getvalue())

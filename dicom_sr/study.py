@@ -40,17 +40,17 @@ def source_images(ct: CTVolume) -> list[Dataset]:
 def _check_on_grid(ct: CTVolume) -> None:
     """Frame k of a derived object must be source image k, pixel for pixel."""
     if len(ct.datasets) != ct.shape[0]:
-        raise ValueError(f"{len(ct.datasets)} source datasets for {ct.shape[0]} CT slices")
+        raise InputError(f"{len(ct.datasets)} source datasets for {ct.shape[0]} CT slices")
     expected_iop = np.concatenate([ct.direction[:, 0], ct.direction[:, 1]])
     step = ct.direction[:, 2] * ct.spacing[0]
     for k, ds in enumerate(ct.datasets):
         if (int(ds.Rows), int(ds.Columns)) != ct.shape[1:]:
-            raise ValueError(f"source image {k} is {ds.Rows}x{ds.Columns}, the CT grid {ct.shape[1:]}")
+            raise InputError(f"source image {k} is {ds.Rows}x{ds.Columns}, the CT grid {ct.shape[1:]}")
         if not np.allclose(np.asarray(ds.ImageOrientationPatient, float), expected_iop, atol=ORIENTATION_TOLERANCE):
-            raise ValueError(f"source image {k} is not oriented like the CT grid: in-plane axes were reordered")
+            raise InputError(f"source image {k} is not oriented like the CT grid: in-plane axes were reordered")
         offset = np.asarray(ds.ImagePositionPatient, float) - (ct.origin + k * step)
         if np.linalg.norm(offset) > POSITION_TOLERANCE * ct.spacing[0]:
-            raise ValueError(f"source image {k} does not lie on CT slice {k}: datasets are not sorted like the voxels")
+            raise InputError(f"source image {k} does not lie on CT slice {k}: datasets are not sorted like the voxels")
 
 
 def character_set(source: Dataset, own_texts: Iterable[str]) -> str | list[str] | None:

@@ -65,11 +65,11 @@ class StorageConfig:
 @dataclass
 class SegmenterConfig:
     backend: str = "totalsegmentator"  # or "precomputed"
-    weights_dir: Path = Path("./state/weights")
+    weights_dir: Path = Path("./state/weights")  # default: <storage.state_dir>/weights
     device: str = "gpu"  # gpu, cpu or gpu:N
     fast: bool = False
     vertebral_bodies: str = "auto"  # auto: use vertebrae_body when its weights exist; on; off
-    precomputed_dir: Path = Path("./state/precomputed")
+    precomputed_dir: Path = Path("./state/precomputed")  # default: <storage.state_dir>/precomputed
     timeout_s: int = 3600
 
 
@@ -182,9 +182,18 @@ def load_config(path: Path | None = None, environ: typing.Mapping[str, str] | No
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     config = _build(Config, raw, "")
-    _apply_environment(config, os.environ if environ is None else environ)
+    environ = os.environ if environ is None else environ
+    _apply_environment(config, environ)
+    _place_under_state_dir(config, raw.get("segmenter", {}), environ)
     _validate(config)
     return config
+
+
+def _place_under_state_dir(config: Config, segmenter: dict, environ: typing.Mapping[str, str]) -> None:
+    """Folders not set explicitly live in storage.state_dir, so one setting moves everything."""
+    for name in ("weights_dir", "precomputed_dir"):
+        if name not in segmenter and f"PARASPINAL_SEGMENTER_{name.upper()}" not in environ:
+            setattr(config.segmenter, name, config.storage.state_dir / name.removesuffix("_dir"))
 
 
 def _build(cls: type, raw: object, where: str):

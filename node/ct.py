@@ -53,10 +53,6 @@ class CTVolume:
         """None for NIfTI input and for anonymised series that blanked the UID."""
         return str(self.datasets[0].get(keyword, "")) or None if self.datasets else None
 
-    def slice_z_mm(self, k: int | float) -> float:
-        """Patient LPS z of slice k at the volume's first row and column."""
-        return float(self.origin[2] + self.direction[2, 2] * self.spacing[0] * k)
-
     def reference_image(self) -> sitk.Image:
         """An empty SimpleITK image on this grid, for resampling masks onto it."""
         image = sitk.Image([self.shape[2], self.shape[1], self.shape[0]], sitk.sitkUInt8)

@@ -16,6 +16,7 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 
 from .ct import CTVolume, InputError
 
@@ -24,8 +25,10 @@ log = logging.getLogger(__name__)
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 SPACING_TOLERANCE = 0.02  # relative to the nominal slice spacing
 MIN_SPACING_TOLERANCE_MM = 0.01
-MAX_TILT_DEGREES = 0.5
+MAX_TILT_DEGREES = 0.5  # declared GantryDetectorTilt
+MAX_DRIFT_PIXELS = 0.5  # sideways drift of any slice from a straight stack, in pixels
 MIN_AXIAL_COSINE = np.cos(np.radians(45.0))
+_GEOMETRY_VALUES = {"ImagePositionPatient": 3, "ImageOrientationPatient": 6, "PixelSpacing": 2, "Rows": 1, "Columns": 1}
 
 
 def load_ct(path: Path) -> CTVolume:
@@ -125,9 +128,12 @@ def _check_one_ct_series(datasets: list[Dataset]) -> None:
             raise InputError("localizer (scout) image in the series: send the axial CT reconstruction, not the scout")
         if "PixelData" not in ds:
             raise InputError(f"instance {ds.get('SOPInstanceUID', '?')} has no pixel data")
-        for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
-            if keyword not in ds:
-                raise InputError(f"instance {ds.get('SOPInstanceUID', '?')} lacks {keyword}: cannot place it in space")
+        for keyword, count in _GEOMETRY_VALUES.items():
+            if len(_values(ds.get(keyword))) != count:
+                raise InputError(
+                    f"instance {ds.get('SOPInstanceUID', '?')} lacks a valid {keyword} ({count} values): "
+                    "cannot place it in space"
+                )
     if len(datasets) < 2:
         raise InputError("only one slice: a CT volume needs at least two")
 
@@ -167,14 +173,19 @@ def _check_spacing(datasets: list[Dataset], normal: np.ndarray) -> float:
 
 
 def _check_tilt(datasets: list[Dataset], normal: np.ndarray) -> None:
-    step = _position(datasets[-1]) - _position(datasets[0])
-    cosine = abs(float(np.dot(_unit(step), normal)))
-    tilt = float(np.degrees(np.arccos(min(1.0, cosine))))
+    """The volume is a straight stack along the normal; a slice that drifts sideways breaks that grid."""
+    first = _position(datasets[0])
+    offsets = np.array([_position(ds) - first for ds in datasets])
+    sideways = offsets - np.outer(offsets @ normal, normal)
+    drift = float(np.linalg.norm(sideways, axis=1).max())
+    length = float(np.linalg.norm(offsets[-1]))
+    tilt = float(np.degrees(np.arctan2(float(np.linalg.norm(sideways[-1])), abs(float(offsets[-1] @ normal)))))
     declared = abs(float(datasets[0].get("GantryDetectorTilt", 0) or 0))
-    if tilt > MAX_TILT_DEGREES or declared > MAX_TILT_DEGREES:
+    pixel = min(float(v) for v in datasets[0].PixelSpacing)
+    if drift > MAX_DRIFT_PIXELS * pixel or declared > MAX_TILT_DEGREES:
         raise InputError(
-            f"gantry tilt of {max(tilt, declared):.1f}° is not supported (refused, not resampled): "
-            "send a reconstruction without tilt"
+            f"gantry tilt of {max(tilt, declared):.1f}° (slices drift {drift:.1f} mm sideways over {length:.0f} mm) "
+            "is not supported (refused, not resampled): send a reconstruction without tilt"
         )
 
 
@@ -197,12 +208,16 @@ def _stack_hu(datasets: list[Dataset]) -> np.ndarray:
 
 
 def _pixels(ds: Dataset) -> np.ndarray:
+    syntax = ds.file_meta.get("TransferSyntaxUID")
     try:
         array = ds.pixel_array
     except Exception as exc:  # decoder plugins raise many types; the user needs one line
+        fix = ("check that the pylibjpeg plugins (pylibjpeg-libjpeg, -openjpeg, -rle) are installed"
+               if syntax is not None and syntax.is_compressed else "the file is damaged or truncated: resend it")
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise InputError(
-            f"cannot decode pixel data (transfer syntax {ds.file_meta.get('TransferSyntaxUID', '?')}): {exc}; "
-            "install the pylibjpeg plugins (pylibjpeg-libjpeg, -openjpeg, -rle)"
+            f"cannot decode pixel data of instance {ds.get('SOPInstanceUID', '?')} "
+            f"(transfer syntax {syntax or '?'}): {first_line}; {fix}"
         ) from None
     if array.ndim != 2:
         raise InputError(f"instance {ds.get('SOPInstanceUID', '?')} is not a single-frame greyscale image")
@@ -212,6 +227,12 @@ def _pixels(ds: Dataset) -> np.ndarray:
 def _sop_class(ds: Dataset) -> str:
     """Some anonymisers blank SOPClassUID; the file meta still names it."""
     return str(ds.get("SOPClassUID", "") or ds.get("file_meta", Dataset()).get("MediaStorageSOPClassUID", ""))
+
+
+def _values(value: object) -> list:
+    if value is None or value == "":
+        return []
+    return list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
 
 
 def _is_integer(value: object) -> bool:

@@ -30,6 +30,10 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, InputError, WeightsMissingError, SegmenterError) as exc:
         print(f"paraspinal-node measure: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(f"paraspinal-node measure: {exc.strerror or exc}: {exc.filename or ''} (check the paths and permissions)",
+              file=sys.stderr)
+        return 2
     for name, path in result.files.items():
         print(f"{name}: {path}")
     return 0

@@ -7,7 +7,7 @@ import io
 import json
 from pathlib import Path
 
-from .durable import write_atomic
+from .durable import make_dirs, write_atomic
 from .measure import MeasurementResult, MuscleStats
 
 STAT_COLUMNS = ("voxels", "volume_cm3", "median_hu", "mean_hu", "sd_hu", "p25_hu", "p75_hu", "fat_fraction")
@@ -42,7 +42,7 @@ def _side_cells(*sides: MuscleStats) -> list:
 
 
 def write_reports(result: MeasurementResult, out_dir: Path) -> tuple[Path, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(out_dir)
     json_path = out_dir / "measurements.json"
     csv_path = out_dir / "measurements.csv"
     write_atomic(json_path, (json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n").encode())

@@ -6,8 +6,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .labels import CLASS_LABEL
-
 
 @dataclass
 class Segmentation:
@@ -20,6 +18,3 @@ class Segmentation:
     labels: np.ndarray  # uint8
     body: np.ndarray | None = None  # bool
     totalsegmentator_version: str | None = None
-
-    def mask(self, class_name: str) -> np.ndarray:
-        return self.labels == CLASS_LABEL[class_name]

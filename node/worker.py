@@ -21,6 +21,7 @@ from types import FrameType
 
 from .config import Config
 from .ct import InputError
+from .durable import make_dirs
 from .pipeline import PipelineResult, run_pipeline
 from .segment import WeightsMissingError
 from .state import Job, JobStore, NewDelivery
@@ -173,7 +174,7 @@ def _fresh_outbox(outbox: Path, job: Job) -> Path:
     job_dir = outbox / f"job-{job.id}"
     shutil.rmtree(job_dir, ignore_errors=True)
     out_dir = job_dir / f"attempt-{job.attempts}"
-    out_dir.mkdir(parents=True)
+    make_dirs(out_dir)
     return out_dir
 
 

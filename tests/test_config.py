@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from node.cli import main
-from node.config import Config, ConfigError, load_config
+from node.config import Config, ConfigError, DestinationConfig, load_config
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "config" / "node.toml"
 
@@ -22,12 +22,12 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_example_loads_and_mentions_every_option() -> None:
     config = load_config(EXAMPLE, environ={})
-    assert config.destinations[0].ae_title == "PACS"
+    assert config.destinations == []  # the example names one only in comments: no default PACS
     text = EXAMPLE.read_text()
     for section in dataclasses.fields(Config):
         part = getattr(config, section.name)
-        table = part[0] if isinstance(part, list) else part
-        assert re.search(rf"^\[\[?{section.name}\]\]?$", text, re.M), section.name
+        table = DestinationConfig if isinstance(part, list) else part
+        assert re.search(rf"^(# )?\[\[?{section.name}\]\]?$", text, re.M), section.name
         for option in dataclasses.fields(table):
             assert re.search(rf"^#? ?{option.name} = ", text, re.M), f"{section.name}.{option.name}"
 
@@ -77,8 +77,21 @@ def test_bad_environment_value_names_the_variable() -> None:
 def test_config_check_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["config", "check", "--config", str(EXAMPLE)]) == 0
     out = capsys.readouterr().out
-    assert "config OK" in out and "PACS@pacs.example.org:104" in out and "weights missing" in out
+    assert "config OK" in out and "weights missing" in out
+    with_pacs = write(tmp_path, '[[destinations]]\nae_title = "PACS"\nhost = "pacs.example.org"\nport = 104\n')
+    assert main(["config", "check", "--config", str(with_pacs)]) == 0
+    assert "PACS@pacs.example.org:104" in capsys.readouterr().out
     assert main(["config", "check", "--config", str(write(tmp_path, "[worker]\ncount = -1\n"))]) == 2
     assert "worker.count must be 0 or more" in capsys.readouterr().err
     assert main(["config", "check", "--config", str(tmp_path / "absent.toml")]) == 2
     assert "pass an existing --config FILE" in capsys.readouterr().err
+
+
+def test_model_folders_follow_the_state_dir_unless_set(tmp_path):
+    path = tmp_path / "node.toml"
+    path.write_text('[storage]\nstate_dir = "/srv/node"\n[segmenter]\nprecomputed_dir = "/data/seg"\n')
+    config = load_config(path, environ={})
+    assert config.segmenter.weights_dir == Path("/srv/node/weights")
+    assert config.segmenter.precomputed_dir == Path("/data/seg")
+    overridden = load_config(path, environ={"PARASPINAL_SEGMENTER_WEIGHTS_DIR": "/opt/weights"})
+    assert overridden.segmenter.weights_dir == Path("/opt/weights")

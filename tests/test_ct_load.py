@@ -151,3 +151,44 @@ def test_rescale_slope_is_applied(small, tmp_path):
     doubled = ph.write_dicom_series(small, tmp_path / "ct", ph.LAYOUTS["axial"], storage="signed", rescale_slope=0.5)
     ct = load_ct(doubled.folder)
     assert ct.hu.dtype == np.float32 and np.array_equal(ct.hu, small.hu.astype(np.float32))
+
+
+def test_a_tilt_under_half_a_degree_that_breaks_the_straight_stack_is_refused(tmp_path):
+    long = ph.write_dicom_series(ph.make_phantom().crop(k=slice(0, 80)), tmp_path / "ct")
+    z0 = float(pydicom.dcmread(long.paths[0]).ImagePositionPatient[2])
+    for path in long.paths:
+        ds = pydicom.dcmread(path)
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y + 0.007 * (z - z0), z]  # 0.4°: 1.4 mm over 200 mm
+        ds.save_as(path)
+    message = refusal(long.folder)
+    assert "gantry tilt of 0.4°" in message and "drift 1.4 mm" in message
+
+
+@pytest.mark.parametrize("keyword,value", [("ImagePositionPatient", [0.0, 0.0]), ("Rows", None)])
+def test_broken_geometry_is_refused_in_one_line(keyword, value, series):
+    ds = pydicom.dcmread(series.paths[2])
+    if value is None:
+        delattr(ds, keyword)
+    else:
+        setattr(ds, keyword, value)
+    ds.save_as(series.paths[2])
+    assert f"valid {keyword}" in refusal(series.folder)
+
+
+def test_truncated_pixel_data_is_refused_as_damaged(series):
+    ds = pydicom.dcmread(series.paths[4])
+    ds.PixelData = ds.PixelData[:1000]
+    ds.save_as(series.paths[4])
+    message = refusal(series.folder)
+    assert "cannot decode pixel data" in message and "damaged or truncated" in message
+
+
+def test_an_unwritable_output_folder_is_one_line(phantom_dicom, phantom_masks, tmp_path, capsys):
+    from node.cli import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    args = ["measure", str(phantom_dicom("axial").folder), "--seg", str(phantom_masks()), "--out", str(blocker / "out")]
+    assert main(args) == 2
+    assert capsys.readouterr().err.count("\n") == 1
