@@ -68,8 +68,14 @@ class DeliveryLoop:
         self._clock = clock
 
     def run(self, stop: threading.Event, interval_s: float = 1.0) -> None:
+        """Deliver until `stop`; an unexpected error ends one round, never the loop (serve would go on silently)."""
         while not stop.is_set():
-            if not self.run_once():
+            try:
+                attempted = self.run_once()
+            except Exception:
+                log.exception("event=delivery_round_failed retry_in_s=%g", interval_s)
+                attempted = 0
+            if not attempted:
                 stop.wait(interval_s)
 
     def run_once(self) -> int:
@@ -107,7 +113,14 @@ class DeliveryLoop:
                 self._failed(delivery, str(exc))
             return
         by_file = {Path(d.file): d for d in deliveries}
-        outcomes = self._sender(peer, list(by_file), self._config.receiver.ae_title, self._config.delivery.timeout_s)
+        try:
+            outcomes = self._sender(peer, list(by_file), self._config.receiver.ae_title,
+                                    self._config.delivery.timeout_s)
+        except Exception as exc:  # counted as a failed attempt, so backoff keeps it from starving other destinations
+            log.exception("event=send_error destination=%s files=%d", destination, len(deliveries))
+            for delivery in deliveries:
+                self._failed(delivery, f"unexpected error while sending: {exc!r}")
+            return
         answered = set()
         for outcome in outcomes:
             delivery = by_file[Path(outcome.path)]

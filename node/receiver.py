@@ -9,7 +9,9 @@ Policy, in the order a C-STORE meets it:
   off they are not offered in the presentation contexts at all.
 - Below `min_free_disk_mb` free space every store is answered 0xA700 (out of resources).
 Associations from calling AEs outside `allowed_calling_aes` (when set) are rejected, as is any
-beyond `max_associations`.
+beyond `max_associations`. Only a released association is reported to the listener as ended: an
+abort (network drop, sender crash) means the sender did not finish, so its series must wait for
+the idle period rather than complete early and be processed half sent.
 """
 
 from __future__ import annotations
@@ -115,8 +117,8 @@ class Receiver:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
-            (evt.EVT_RELEASED, self._on_ended, ["released"]),
-            (evt.EVT_ABORTED, self._on_ended, ["aborted"]),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_aborted),
         ]
         self._server = self._ae.make_server(
             (self.config.bind_address, self.config.port),
@@ -198,16 +200,25 @@ class Receiver:
             calling, address.address, address.port, reason,
         )
 
-    def _on_ended(self, event: evt.Event, how: str) -> None:
+    def _on_released(self, event: evt.Event) -> None:
+        tally = self._end(event, "released")
+        if tally is not None:
+            self.listener.association_released(tally.association_id)
+
+    def _on_aborted(self, event: evt.Event) -> None:
+        self._end(event, "aborted")
+
+    def _end(self, event: evt.Event, how: str) -> _Tally | None:
+        """Forget the association and log its counts; None if it never got as far as a tally."""
         with self._lock:
             tally = self._tallies.pop(event.assoc, None)
-        if tally is None:
-            return
-        log.info(
-            "event=association_%s association=%s calling_ae=%s stored=%d duplicate=%d discarded=%d refused=%d",
-            how, tally.association_id, tally.calling_ae, tally.stored, tally.duplicate, tally.discarded, tally.refused,
-        )
-        self.listener.association_released(tally.association_id)
+        if tally is not None:
+            log.info(
+                "event=association_%s association=%s calling_ae=%s stored=%d duplicate=%d discarded=%d refused=%d",
+                how, tally.association_id, tally.calling_ae, tally.stored, tally.duplicate, tally.discarded,
+                tally.refused,
+            )
+        return tally
 
     def _on_store(self, event: evt.Event) -> int | Dataset:
         tally = self._tally(event.assoc)

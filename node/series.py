@@ -2,9 +2,11 @@
 
 A series is complete after a quiet period: `completion.release_quiet_s` after the last
 association that carried it was released, otherwise `completion.idle_quiet_s` after its last
-instance. Each complete series is fingerprinted over its instances, so the same content is never
-queued twice while a series that grew is queued again. Series that fail a selection rule become
-skipped jobs that name the rule.
+instance. An aborted association is never released, so a series cut off mid-send (and one
+recovered after a restart, whose sender may still be resending) waits for the idle period. Each
+complete series is fingerprinted over its instances, so the same content is never queued twice
+while a series that grew or had an instance replaced is queued again. Series that fail a
+selection rule become skipped jobs that name the rule.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from .state import JobStatus, SeriesRecord, State
 log = logging.getLogger(__name__)
 
 _RECOVERED = Receipt(association_id="recovered", calling_ae="", received_at=0.0)
+_RETRY_AFTER_FAILURE_S = 10.0  # a series whose job could not be recorded is tried again this much later
 
 
 @dataclass(frozen=True)
@@ -90,10 +93,15 @@ def _pattern_refusal(summary: SeriesSummary, rules: SelectionConfig) -> str | No
 
 
 def fingerprint(files: list[Path]) -> str:
-    """Identity of a series' content: its sorted instance UIDs (file names) and their sizes."""
+    """Identity of a series' content, without reading pixels: instance UIDs, sizes, inodes, mtimes.
+
+    A corrected instance often keeps its size; the spool replaces it by rename (new inode and
+    mtime), whereas a byte-identical resend is not written at all and leaves this unchanged.
+    """
     digest = hashlib.sha256()
     for path in sorted(files, key=lambda p: p.name):
-        digest.update(f"{path.stem}:{path.stat().st_size}\n".encode())
+        info = path.stat()
+        digest.update(f"{path.stem}:{info.st_size}:{info.st_ino}:{info.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
 
@@ -109,8 +117,11 @@ class _Pending:
     open_associations: set[str] = field(default_factory=set)
     released_at: float | None = None
     instances: dict[str, SpooledInstance] = field(default_factory=dict)
+    not_before: float = 0.0
 
     def complete(self, now: float, periods: CompletionConfig) -> bool:
+        if now < self.not_before:
+            return False
         if not self.open_associations and self.released_at is not None:
             if now - self.released_at >= periods.release_quiet_s:
                 return True
@@ -121,8 +132,9 @@ class SeriesTracker:
     """The spool's listener: tracks series in flight and turns complete ones into jobs.
 
     Receiver threads call `instance_stored`/`association_released`; the scheduler thread calls
-    `tick`. Nothing here is durable on purpose: the spool is, and `recover` rebuilds the
-    pending series from it after a restart.
+    `tick`. An association that ends without `association_released` (an abort) stays open here,
+    so its series completes by the idle rule only. Nothing here is durable on purpose: the spool
+    is, and `recover` rebuilds the pending series from it after a restart.
     """
 
     def __init__(self, spool: Spool, state: State, completion: CompletionConfig, selection: SelectionConfig,
@@ -159,7 +171,10 @@ class SeriesTracker:
             return len(self._pending)
 
     def recover(self) -> int:
-        """After a restart: every spooled series whose content has no job yet is pending again."""
+        """After a restart: every spooled series whose content has no job yet is pending again.
+
+        Recovered series wait for the idle period: the sender may still be resending them.
+        """
         now = self._clock()
         recovered = 0
         for study_uid, series_uid in self._spool.series():
@@ -168,7 +183,7 @@ class SeriesTracker:
                 continue
             with self._lock:
                 if series_uid not in self._pending:
-                    self._pending[series_uid] = _Pending(study_uid, now, released_at=now)
+                    self._pending[series_uid] = _Pending(study_uid, now)
                     recovered += 1
         if recovered:
             log.info("event=series_recovered count=%d", recovered)
@@ -181,7 +196,18 @@ class SeriesTracker:
             done = [(uid, p) for uid, p in self._pending.items() if p.complete(now, self._completion)]
             for uid, _ in done:
                 del self._pending[uid]
-        return [job_id for uid, pending in done if (job_id := self._finish(uid, pending)) is not None]
+        return [job_id for uid, pending in done if (job_id := self._try_finish(uid, pending, now)) is not None]
+
+    def _try_finish(self, series_uid: str, pending: _Pending, now: float) -> int | None:
+        """Finish one series; on an unexpected error keep it pending rather than forget it until a restart."""
+        try:
+            return self._finish(series_uid, pending)
+        except Exception:
+            log.exception("event=series_finish_failed series=%s retry_in_s=%.0f", series_uid, _RETRY_AFTER_FAILURE_S)
+            pending.not_before = now + _RETRY_AFTER_FAILURE_S
+            with self._lock:
+                self._pending.setdefault(series_uid, pending)
+            return None
 
     def _finish(self, series_uid: str, pending: _Pending) -> int | None:
         files = self._spool.series_files(pending.study_uid, series_uid)

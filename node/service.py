@@ -68,10 +68,20 @@ class Service:
         self.start()
         try:
             while not stop.wait(SCHEDULER_TICK_S):
-                self.tracker.tick()
-                self.supervisor.check()
+                self._schedule()
         finally:
             self.shutdown()
+
+    def _schedule(self) -> None:
+        """One scheduler round; an unexpected error is logged and the next round tries again.
+
+        Letting it escape would stop scheduling while the receiver kept acknowledging images.
+        """
+        try:
+            self.tracker.tick()
+            self.supervisor.check()
+        except Exception:
+            log.exception("event=scheduler_round_failed")
 
     def start(self) -> None:
         removed = self.spool.remove_partial_files()

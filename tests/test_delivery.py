@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -16,6 +20,7 @@ from pynetdicom.sop_class import CTImageStorage
 from dicom_peers import free_port, write_ct_series
 from node.config import Config, DestinationConfig
 from node.delivery import DeliveryLoop, export_results, next_attempt_at
+from node.sender import SendOutcome, send_files
 from node.state import DeliveryStatus, NewDelivery, SeriesRecord, State
 from node.worker import RESULTS_FOLDER
 
@@ -196,3 +201,66 @@ def test_results_folder_gets_json_and_csv(config: Config, state: State, clock: C
 def test_export_refuses_a_missing_outbox(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         export_results(tmp_path / "gone", tmp_path / "results", "1.2.3")
+
+
+def wait_until(predicate, what: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout_s} s"
+        time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def running(loop: DeliveryLoop) -> Iterator[None]:
+    """DeliveryLoop.run in its own thread, as serve starts it."""
+    stop = threading.Event()
+    thread = threading.Thread(target=loop.run, args=(stop, 0.01), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+
+
+class LockedOnce(State):
+    """The state database answering 'database is locked' to the first look for due deliveries."""
+
+    locked = True
+
+    def due_deliveries(self, limit: int = 100) -> list:
+        if self.locked:
+            self.locked = False
+            raise sqlite3.OperationalError("database is locked")
+        return super().due_deliveries(limit)
+
+
+def test_loop_survives_a_locked_database(config: Config, clock: Clock, destination: Destination,
+                                         files: list[Path], caplog) -> None:
+    config.storage.state_dir.mkdir(parents=True)
+    state = LockedOnce(config.storage.database, clock=clock)
+    job_id = finished_job(state, files, f"PACS@127.0.0.1:{destination.port}")
+    with caplog.at_level(logging.ERROR, logger="node.delivery"), running(DeliveryLoop(config, state, clock=clock)):
+        wait_until(lambda: {d.status for d in state.deliveries(job_id)} == {DeliveryStatus.SENT}, "delivery")
+    assert any("event=delivery_round_failed" in m for m in caplog.messages)
+    assert len(destination.received) == 3
+    state.close()
+
+
+def test_sender_error_is_a_failed_attempt_and_the_loop_goes_on(config: Config, state: State, clock: Clock,
+                                                               destination: Destination, files: list[Path]) -> None:
+    calls = []
+
+    def sender(peer: DestinationConfig, paths: list[Path], calling_ae: str, timeout_s: float) -> list[SendOutcome]:
+        calls.append(paths)
+        if len(calls) == 1:
+            raise RuntimeError("pynetdicom failed unexpectedly")
+        return send_files(peer, paths, calling_ae, timeout_s)
+
+    job_id = finished_job(state, files, f"PACS@127.0.0.1:{destination.port}")
+    with running(DeliveryLoop(config, state, sender=sender, clock=clock)):
+        wait_until(lambda: state.deliveries(job_id)[0].attempts == 1, "the failed attempt recorded")
+        assert "RuntimeError" in state.deliveries(job_id)[0].last_error
+        clock.now += 10
+        wait_until(lambda: {d.status for d in state.deliveries(job_id)} == {DeliveryStatus.SENT}, "delivery")
+    assert sorted(destination.received) == sorted(uid_of(f) for f in files)

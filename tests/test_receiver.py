@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,9 +15,11 @@ from pydicom.uid import CTImageStorage, DeflatedExplicitVRLittleEndian, Secondar
 from pynetdicom import AE, build_context
 from pynetdicom.sop_class import Verification
 
-from node.config import ReceiverConfig
+from node.config import CompletionConfig, ReceiverConfig, SelectionConfig
 from node.receiver import ENHANCED_CT_IMAGE_STORAGE, Receiver
+from node.series import SeriesTracker
 from node.spool import Spool, StoreOutcome
+from node.state import State
 from dicom_peers import (
     RecordingListener,
     ct_dataset,
@@ -276,3 +279,32 @@ def test_stop_lets_the_open_association_finish_then_refuses_new_ones(make_node) 
     assert len(node.spooled()) == 1
     assert not stopper.is_alive()
     assert not scu(node.port, [build_context(Verification)]).is_established
+
+
+def test_aborted_send_waits_for_the_idle_period_not_the_release_period(tmp_path: Path, caplog) -> None:
+    now = [1000.0]
+    state = State(tmp_path / "state.sqlite")
+    spool = Spool(tmp_path / "spool")
+    tracker = SeriesTracker(spool, state, CompletionConfig(release_quiet_s=5, idle_quiet_s=60),
+                            SelectionConfig(min_slices=1), clock=lambda: now[0])
+    config = ReceiverConfig(ae_title=AE_TITLE, port=free_port(), bind_address="127.0.0.1", min_free_disk_mb=1)
+    receiver = Receiver(config, spool, tracker)
+    receiver.start()
+    study_uid, series_uid = generate_uid(), generate_uid()
+    try:
+        with caplog.at_level(logging.INFO, logger="node.receiver"):
+            assoc = scu(receiver.port, [build_context(CTImageStorage)])
+            for index in range(3):  # then the network drops, halfway through the series
+                assert assoc.send_c_store(ct_dataset(study_uid, series_uid, index, size=8)).Status == 0x0000
+            assoc.abort()
+            deadline = time.monotonic() + 20
+            while not any("event=association_aborted " in m for m in caplog.messages):
+                assert time.monotonic() < deadline, "the receiver did not notice the abort"
+                time.sleep(0.05)
+        now[0] += 5
+        assert tracker.tick() == []
+        now[0] += 55
+        assert len(tracker.tick()) == 1
+    finally:
+        receiver.stop(grace_s=2)
+        state.close()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+import sqlite3
 from dataclasses import replace
 from pathlib import Path
 
+import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
@@ -52,10 +55,10 @@ def test_defaults_select_low_dose_chest_and_missing_thickness() -> None:
 class Node:
     """A spool, a state database and a tracker on a fake clock, fed like the receiver feeds them."""
 
-    def __init__(self, root: Path, selection: SelectionConfig | None = None) -> None:
+    def __init__(self, root: Path, selection: SelectionConfig | None = None, state: type[State] = State) -> None:
         self.clock = Clock()
         self.spool = Spool(root / "spool")
-        self.state = State(root / "state.sqlite", clock=self.clock)
+        self.state = state(root / "state.sqlite", clock=self.clock)
         self.selection = selection or SelectionConfig(min_slices=3)
         self.tracker = self._tracker()
         self.study_uid, self.series_uid = generate_uid(), generate_uid()
@@ -74,10 +77,18 @@ class Node:
             ds = ct_dataset(self.study_uid, self.series_uid, self.sent, size=8)
             ds.Modality = modality
             self.sent += 1
-            path = self.spool.root.parent / "tmp.dcm"
-            ds.save_as(path, enforce_file_format=True)
-            instance = self.spool.store(path, Receipt(association, "SCU", self.clock.now))
-            self.tracker.instance_stored(instance)
+            self.store(ds, association)
+
+    def store(self, ds: pydicom.Dataset, association: str) -> None:
+        path = self.spool.root.parent / "tmp.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        instance = self.spool.store(path, Receipt(association, "SCU", self.clock.now))
+        self.tracker.instance_stored(instance)
+
+    def complete_after_release(self, association: str) -> list[int]:
+        self.tracker.association_released(association)
+        self.clock.now += 6
+        return self.tracker.tick()
 
     def jobs(self) -> list:
         return self.state.jobs()
@@ -159,6 +170,8 @@ def test_restart_recovers_spooled_series_without_a_job(node: Node) -> None:
     node.send(4, "a1")  # the node dies before the series completes
     node.restart()
     node.clock.now += 5
+    assert node.tracker.tick() == []  # the sender may still be resending: the idle period applies
+    node.clock.now += 55
     assert len(node.tracker.tick()) == 1
     node.restart()  # a second restart finds the content already queued
     node.clock.now += 60
@@ -174,4 +187,38 @@ def test_series_finished_after_a_restart_reads_headers_from_the_spool(node: Node
     node.clock.now += 5
     node.tracker.tick()
     assert node.state.get_series(node.series_uid).instances == 5
+    assert node.jobs()[0].status is JobStatus.QUEUED
+
+
+def test_instance_replaced_with_same_size_content_is_queued_again(node: Node) -> None:
+    node.send(3, "a1")
+    assert len(node.complete_after_release("a1")) == 1
+    corrected = pydicom.dcmread(node.spool.series_files(node.study_uid, node.series_uid)[0])
+    corrected.PixelData = bytes(len(corrected.PixelData))  # corrected pixels, same size
+    node.store(corrected, "a2")
+    assert len(node.complete_after_release("a2")) == 1
+    assert len(node.jobs()) == 2
+
+
+class LockedOnce(State):
+    """The state database answering 'database is locked' to the first series record."""
+
+    locked = True
+
+    def record_series(self, record) -> None:
+        if self.locked:
+            self.locked = False
+            raise sqlite3.OperationalError("database is locked")
+        super().record_series(record)
+
+
+def test_series_whose_job_could_not_be_recorded_stays_pending(tmp_path: Path, caplog) -> None:
+    node = Node(tmp_path, state=LockedOnce)
+    node.send(4, "a1")
+    with caplog.at_level(logging.ERROR, logger="node.series"):
+        assert node.complete_after_release("a1") == []
+    assert any("event=series_finish_failed" in m for m in caplog.messages)
+    assert node.tracker.pending_series() == 1
+    node.clock.now += 10
+    assert len(node.tracker.tick()) == 1
     assert node.jobs()[0].status is JobStatus.QUEUED

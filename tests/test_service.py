@@ -8,11 +8,13 @@ bounded.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,6 +28,8 @@ from pynetdicom.sop_class import CTImageStorage
 
 import phantom as ph
 from dicom_peers import dcmtk_env, free_port, storescu, wait_for_port
+from node.config import Config
+from node.service import Service
 from node.state import DeliveryStatus, JobStatus, State, open_state
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -302,3 +306,37 @@ def test_node_killed_mid_transfer_keeps_acknowledged_instances_and_processes_onc
     state.close()
     assert_results_once(destination, series)
     assert node.stop() == 0
+
+
+def test_scheduler_round_that_fails_is_logged_and_scheduling_goes_on(tmp_path: Path, series: Series,
+                                                                     caplog) -> None:
+    config = Config()
+    config.receiver.port, config.receiver.bind_address, config.receiver.min_free_disk_mb = free_port(), "127.0.0.1", 1
+    config.storage.state_dir = tmp_path / "state"
+    config.completion.release_quiet_s = 0.2
+    config.worker.count = 0
+    service = Service(config, None)
+    check = service.supervisor.check
+    calls = []
+
+    def check_failing_once() -> None:  # start() makes the first call; the scheduler loop's first round fails
+        calls.append(None)
+        if len(calls) == 2:
+            raise OSError(11, "Resource temporarily unavailable")
+        check()
+
+    service.supervisor.check = check_failing_once
+    stop = threading.Event()
+    runner = threading.Thread(target=service.run, args=(stop,), daemon=True)
+    with caplog.at_level(logging.ERROR, logger="node.service"):
+        runner.start()
+        try:
+            wait_until(lambda: len(calls) > 2, "a scheduler round after the failed one", 30)
+            result = storescu(config.receiver.port, series.files, config.receiver.ae_title, "MODALITY")
+            assert result.returncode == 0, result.stderr
+            wait_until(lambda: service.state.jobs(), "the series queued", 30)
+        finally:
+            stop.set()
+            runner.join(timeout=60)
+    assert any("event=scheduler_round_failed" in m for m in caplog.messages)
+    assert not runner.is_alive()
