@@ -4,6 +4,9 @@ A file is read only after its size and mtime have stayed unchanged for `watch_st
 copy in progress is never spooled half-written; names starting with "." are skipped (the
 temp-file convention of rsync and most copy tools). A file leaves the inbox only after it is
 in the spool (then it is deleted) or in the rejected folder with `<name>.reason.txt` beside it.
+A file that fails for another reason (permissions, disk) stays and is tried again `RETRY_S` later,
+logged once; the listener hears of each instance once, never again for an identical copy.
+Logs name a file by its SOP Instance UID, or a hash of its path: exporters name folders after patients.
 Everything processed while the inbox had unsettled files is one batch ("watch:<n>"); the
 listener hears `association_released` when the inbox has settled, as after an association.
 watchdog events only wake the loop early: it also rescans periodically, so a missed event
@@ -13,6 +16,7 @@ watchdog events only wake the loop early: it also rescans periodically, so a mis
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import threading
@@ -26,15 +30,26 @@ import pydicom
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from .config import ReceiverConfig
+from .config import ConfigError, ReceiverConfig
 from .receiver import CT_IMAGE_STORAGE
-from .spool import Receipt, Spool, SpoolError, SpoolListener, read_header
+from .spool import Receipt, Spool, SpooledInstance, SpoolError, SpoolListener, StoreOutcome, read_header
 
 log = logging.getLogger(__name__)
 
 CALLING_AE = "WATCH"
 _SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 RESCAN_S = 30.0
+RETRY_S = 60.0  # a file that failed for a reason other than its content waits this long before the next try
+
+
+class WatchFolderError(ConfigError):
+    """The inbox or rejected folder is unusable; a ConfigError so `serve` ends with this one line."""
+
+
+@dataclass(frozen=True)
+class _Retry:
+    at: float
+    announced: bool  # the listener already heard of this file's instance
 
 
 @dataclass
@@ -89,10 +104,11 @@ class Watcher:
         self._batch = 0
         self._batch_files = 0
         self._paused = ""
+        self._retries: dict[Path, _Retry] = {}
 
     def start(self) -> None:
-        self.inbox.mkdir(parents=True, exist_ok=True)
-        self.rejected.mkdir(parents=True, exist_ok=True)
+        _require_writable(self.inbox, "watch folder")
+        _require_writable(self.rejected, "watch rejected folder")
         self._observer = Observer()
         self._observer.schedule(_Wake(self._wake), str(self.inbox), recursive=True)
         self._observer.start()
@@ -124,7 +140,10 @@ class Watcher:
 
     def _pass(self) -> bool:
         """One pass: spool or reject every stable file; returns whether work is left for soon."""
-        ready = self._tracker.observe(self._scan(), time.monotonic())
+        now = time.monotonic()
+        stats = self._scan()
+        self._retries = {path: retry for path, retry in self._retries.items() if path in stats}
+        ready = [p for p in self._tracker.observe(stats, now) if p not in self._retries or self._retries[p].at <= now]
         for path in ready:
             if self._stop.is_set():
                 break
@@ -133,9 +152,10 @@ class Watcher:
                 break
             self._paused = ""
             self._batch_files += self._process(path)
-        if self._batch_files and self._tracker.pending == 0:
+        unsettled = self._tracker.pending - len(self._retries)  # files waiting for a retry do not hold the batch
+        if self._batch_files and unsettled == 0:
             self._release_batch()
-        return self._remove_empty_folders() or self._tracker.pending > 0
+        return self._remove_empty_folders() or unsettled > 0
 
     def _pause(self, reason: str) -> None:
         """Log a pause once, not on every pass."""
@@ -153,51 +173,69 @@ class Watcher:
                 path = Path(folder) / name
                 try:
                     stat = path.stat()
-                except FileNotFoundError:
+                except OSError:  # removed meanwhile, or not ours to read
                     continue
                 stats[path] = (stat.st_size, stat.st_mtime_ns)
         return stats
 
     def _process(self, path: Path) -> bool:
-        """Spool, reject or (on a transient error) leave one file; True if it was spooled."""
+        """Spool, reject or (on a non-input error) keep one file for a retry; True if the listener heard of it."""
+        label = _path_label(path.relative_to(self.inbox))
+        retry = self._retries.get(path)
+        heard = False
         try:
-            before = path.stat()
-            raw = path.read_bytes()
-            after = path.stat()
+            raw = _read_unchanged(path)
+            if raw is None:
+                return False  # changed while read: the tracker sees the change on the next pass
+            instance = self._store(raw)
+            label = instance.sop_instance_uid
+            if instance.outcome is not StoreOutcome.DUPLICATE or (retry is not None and not retry.announced):
+                self.listener.instance_stored(instance)
+                heard = True
+            path.unlink()
         except FileNotFoundError:  # taken away by someone else meanwhile
-            self._tracker.forget(path)
-            return False
-        if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
-            return False  # changed while read: the tracker sees the change on the next pass
-        try:
-            header = read_header(raw)
-            if str(header.SOPClassUID) != CT_IMAGE_STORAGE:
-                raise SpoolError(f"SOP class {header.SOPClassUID} is not CT Image Storage: only CT series are measured")
-            check_complete(raw)
-            instance = self.spool.store(raw, Receipt(self._batch_id(), CALLING_AE, time.time()))
-            self.listener.instance_stored(instance)
+            self._forget(path)
+            return heard
         except SpoolError as exc:
-            self._reject(path, str(exc))
+            self._reject(path, label, str(exc))
             return False
-        except Exception:  # disk or state trouble: keep the file and try again on the next pass
-            log.exception("event=watch_file_failed file=%s", path.relative_to(self.inbox))
-            return False
-        path.unlink()
-        self._tracker.forget(path)
-        log.debug(
-            "event=instance_stored association=%s series=%s sop=%s",
-            instance.association_id, instance.series_uid, instance.sop_instance_uid,
-        )
-        return True
+        except Exception as exc:  # disk, permissions or state trouble: keep the file and try again later
+            self._retry_later(path, label, exc, announced=heard or (retry is not None and retry.announced))
+            return heard
+        self._forget(path)
+        log.debug("event=instance_stored association=%s series=%s sop=%s outcome=%s",
+                  instance.association_id, instance.series_uid, instance.sop_instance_uid, instance.outcome.value)
+        return heard
 
-    def _reject(self, path: Path, reason: str) -> None:
-        relative = path.relative_to(self.inbox)
-        target = _free_name(self.rejected / relative)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(path, target)
-        target.with_name(f"{target.name}.reason.txt").write_text(reason + "\n", encoding="utf-8")
+    def _store(self, raw: bytes) -> SpooledInstance:
+        header = read_header(raw)
+        if str(header.SOPClassUID) != CT_IMAGE_STORAGE:
+            raise SpoolError(f"SOP class {header.SOPClassUID} is not CT Image Storage: only CT series are measured")
+        check_complete(raw)
+        return self.spool.store(raw, Receipt(self._batch_id(), CALLING_AE, time.time()))
+
+    def _reject(self, path: Path, label: str, reason: str) -> None:
+        """Move the file aside with its reason beside it (the reason file may name the patient: it is on disk)."""
+        target = _free_name(self.rejected / path.relative_to(self.inbox))
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+            target.with_name(f"{target.name}.reason.txt").write_text(reason + "\n", encoding="utf-8")
+        except OSError as exc:
+            self._retry_later(path, label, exc, announced=False)
+            return
+        self._forget(path)
+        log.warning("event=watch_file_rejected file=%s reason=%s", label, reason)
+
+    def _retry_later(self, path: Path, label: str, exc: Exception, announced: bool) -> None:
+        """Back off, and log only the first failure: a stuck file must not flood the log every pass."""
+        if path not in self._retries:
+            log.error("event=watch_file_failed file=%s retry_in_s=%.0f error=%s", label, RETRY_S, _describe(exc))
+        self._retries[path] = _Retry(time.monotonic() + RETRY_S, announced)
+
+    def _forget(self, path: Path) -> None:
         self._tracker.forget(path)
-        log.warning("event=watch_file_rejected file=%s moved_to=%s reason=%s", relative, target, reason)
+        self._retries.pop(path, None)
 
     def _batch_id(self) -> str:
         return f"watch:{self._batch}"
@@ -258,6 +296,37 @@ def check_complete(raw: bytes) -> None:
         raise SpoolError("image pixel module incomplete (Rows, Columns, SamplesPerPixel, BitsAllocated)") from None
     if len(dataset.PixelData) < expected:
         raise SpoolError(f"pixel data is cut short ({len(dataset.PixelData)} of {expected} bytes): copy the file again")
+
+
+def _require_writable(folder: Path, role: str) -> None:
+    """Refuse a folder files cannot leave: every pass would read, spool and announce them again, forever."""
+    with contextlib.suppress(OSError):  # a folder that cannot be made is reported below
+        folder.mkdir(parents=True, exist_ok=True)
+    if not (folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)):
+        raise WatchFolderError(
+            f"{role} {folder} is not writable by this user: fix its permissions, or under systemd add "
+            f"ReadWritePaths={folder} with `systemctl edit paraspinal-node`"
+        )
+
+
+def _read_unchanged(path: Path) -> bytes | None:
+    """The file's bytes, or None when it changed while being read."""
+    before = path.stat()
+    raw = path.read_bytes()
+    after = path.stat()
+    return raw if (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns) else None
+
+
+def _path_label(relative: Path) -> str:
+    """A stable name for a file in logs that cannot carry the patient name its folders may have."""
+    return "path-" + hashlib.sha256(str(relative).encode()).hexdigest()[:12]
+
+
+def _describe(exc: Exception) -> str:
+    """The error without the file name an OSError's text would carry."""
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _free_name(path: Path) -> Path:

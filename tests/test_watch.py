@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -11,10 +16,13 @@ from pathlib import Path
 import pytest
 from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
 
-from dicom_peers import RecordingListener, ct_dataset, write_ct_series
+from dicom_peers import RecordingListener, ct_dataset, free_port, write_ct_series
 from node.config import ReceiverConfig
 from node.spool import Spool
-from node.watch import StabilityTracker, Watcher
+from node.watch import StabilityTracker, Watcher, WatchFolderError
+
+ROOT = Path(__file__).resolve().parents[1]
+PATIENT_FOLDER = "MUELLER_JOERG"  # exporters name folders after the patient
 
 STABLE_S = 0.5
 WAIT_S = 20.0
@@ -39,6 +47,24 @@ class Inbox:
 
     def spooled(self) -> list[Path]:
         return sorted(self.spool.root.glob("*/*/*.dcm"))
+
+
+@contextlib.contextmanager
+def read_only(folder: Path) -> Iterator[None]:
+    """Make `folder` unwritable even for root (immutable flag), as a read-only mount would."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            folder.chmod(0o755)
+        return
+    if subprocess.run(["chattr", "+i", str(folder)], check=False, capture_output=True).returncode != 0:
+        pytest.skip("cannot make a folder read-only for root here (chattr +i failed)")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
 
 
 @pytest.fixture
@@ -118,3 +144,83 @@ def test_stability_needs_an_unchanged_size_and_mtime_for_the_whole_period() -> N
     assert tracker.observe({path: (20, 2)}, now=3.5) == [path]
     assert tracker.observe({}, now=4.0) == []
     assert tracker.pending == 0
+
+
+@pytest.mark.parametrize("which", ["dir", "rejected"])
+def test_a_folder_files_cannot_leave_is_refused_at_start_naming_the_fix(inbox: Inbox, which: str) -> None:
+    folder = getattr(inbox, which)
+    folder.mkdir(exist_ok=True)
+
+    with read_only(folder), pytest.raises(WatchFolderError) as refused:
+        inbox.watcher.start()
+
+    assert f"{folder} is not writable" in str(refused.value)
+    assert f"ReadWritePaths={folder} with `systemctl edit paraspinal-node`" in str(refused.value)
+
+
+def test_serve_with_a_read_only_watch_folder_ends_with_one_line_naming_the_fix(tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    config = tmp_path / "node.toml"
+    config.write_text(f"""
+[receiver]
+port = {free_port()}
+bind_address = "127.0.0.1"
+watch_dir = "{inbox}"
+[storage]
+state_dir = "{tmp_path / 'state'}"
+[worker]
+count = 0
+""")
+    with read_only(inbox):
+        result = subprocess.run([sys.executable, "-m", "node.cli", "serve", "--config", str(config)], check=False,
+                                cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                                timeout=120)
+
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"paraspinal-node serve: watch folder {inbox} is not writable by this user: fix its permissions, "
+        f"or under systemd add ReadWritePaths={inbox} with `systemctl edit paraspinal-node`"
+    )
+
+
+def test_a_file_that_cannot_be_removed_is_announced_once_and_logged_once(
+    inbox: Inbox, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="node")
+    stuck_folder = inbox.dir / PATIENT_FOLDER
+    stuck_folder.mkdir()
+    (stuck,) = write_ct_series(tmp_path / "first", 1)
+    shutil.copy(stuck, stuck_folder / "IM0001")
+    (later,) = write_ct_series(tmp_path / "second", 1)
+
+    with read_only(stuck_folder):  # it can be read and spooled, but not removed
+        inbox.watcher.start()
+        assert inbox.listener.wait_released(1) == ["watch:0"]  # a stuck file does not hold the batch
+        shutil.copy(later, inbox.dir / "later.dcm")
+        inbox.listener.wait_released(2)  # the stuck file has been seen by several passes since
+        assert (stuck_folder / "IM0001").exists()
+
+    assert [i.path.read_bytes() for i in inbox.listener.instances] == [stuck.read_bytes(), later.read_bytes()]
+    failures = [r.getMessage() for r in caplog.records if "event=watch_file_failed" in r.getMessage()]
+    assert len(failures) == 1
+    assert PATIENT_FOLDER not in caplog.text
+
+
+def test_names_of_dropped_folders_never_reach_the_log(
+    inbox: Inbox, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="node")
+    staging = tmp_path / "staging" / PATIENT_FOLDER
+    (good,) = write_ct_series(staging, 1)
+    good.rename(staging / "IM0001")
+    (staging / "IM0002").write_text("not an image")
+    inbox.watcher.start()
+
+    shutil.move(staging, inbox.dir / PATIENT_FOLDER)
+
+    inbox.listener.wait_released(1)
+    assert "not a DICOM" in (inbox.rejected / PATIENT_FOLDER / "IM0002.reason.txt").read_text()
+    assert "event=watch_file_rejected" in caplog.text and "event=instance_stored" in caplog.text
+    assert PATIENT_FOLDER not in caplog.text
