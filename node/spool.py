@@ -99,7 +99,8 @@ class Spool:
         """Durably spool one DICOM Part 10 file given as its bytes (or a file to copy them from)."""
         raw = Path(data).read_bytes() if isinstance(data, Path) else bytes(data)
         header = read_header(raw)
-        target = self.series_dir(header.StudyInstanceUID, header.SeriesInstanceUID) / f"{header.SOPInstanceUID}.dcm"
+        sop_uid = _checked_uid(header.SOPInstanceUID, "SOPInstanceUID")
+        target = self.series_dir(header.StudyInstanceUID, header.SeriesInstanceUID) / f"{sop_uid}.dcm"
         outcome = self._write(target, raw)
         instance = summarize(header, target, receipt, outcome)
         if outcome is StoreOutcome.REPLACED:
@@ -123,15 +124,6 @@ class Spool:
         for study in sorted(p for p in self.root.iterdir() if p.is_dir()):
             for series in sorted(p for p in study.iterdir() if p.is_dir()):
                 yield study.name, series.name
-
-    def remove_series(self, study_uid: str, series_uid: str) -> None:
-        """Delete a processed series (and its study folder once empty)."""
-        folder = self.series_dir(study_uid, series_uid)
-        shutil.rmtree(folder, ignore_errors=True)
-        try:
-            folder.parent.rmdir()
-        except OSError:
-            pass
 
     def remove_partial_files(self) -> int:
         """Delete temp files left by writes that a crash interrupted (never acknowledged)."""

@@ -52,14 +52,15 @@ def test_non_dicom_is_refused_with_a_reason(tmp_path: Path, raw: bytes, reason: 
 
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
-def test_a_uid_that_would_leave_the_spool_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("keyword", ["SeriesInstanceUID", "SOPInstanceUID"])
+def test_a_uid_that_would_leave_the_spool_is_refused(tmp_path: Path, keyword: str) -> None:
     dataset = ct_dataset(generate_uid(), generate_uid(), 0)
-    dataset.SeriesInstanceUID = "../../etc"
+    setattr(dataset, keyword, "../../../etc")
     dataset.save_as(tmp_path / "evil.dcm", enforce_file_format=True)
 
-    with pytest.raises(SpoolError, match="not a valid UID"):
+    with pytest.raises(SpoolError, match=f"{keyword} .* is not a valid UID"):
         Spool(tmp_path / "spool").store(tmp_path / "evil.dcm", RECEIPT)
-    assert not (tmp_path / "etc").exists()
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["evil.dcm"]
 
 
 def test_partial_files_from_a_crash_are_removed(tmp_path: Path) -> None:
