@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from node.config import load_config
+from node.service import SHUTDOWN_GRACE_S
 
 ROOT = Path(__file__).resolve().parents[1]
 UNITS = ROOT / "systemd"
@@ -56,6 +57,14 @@ def test_node_runs_serve_and_worker_template_pins_its_gpu() -> None:
     assert "PARASPINAL_SEGMENTER_DEVICE=gpu:%i" in worker["Service"]["Environment"]
     assert worker["Service"]["PrivateNetwork"] == ["true"]
     load_config(None, environ={"PARASPINAL_SEGMENTER_DEVICE": "gpu:3"})  # what %i=3 gives is valid
+
+
+def test_node_stop_timeout_covers_the_slowest_orderly_shutdown() -> None:
+    # Service.shutdown: receiver grace, worker grace, then the send in progress (its timeout plus a grace).
+    delivery_timeout_s = load_config(ROOT / "config" / "node.toml", environ={}).delivery.timeout_s
+    slowest_s = SHUTDOWN_GRACE_S + SHUTDOWN_GRACE_S + delivery_timeout_s + SHUTDOWN_GRACE_S
+    (timeout,) = parse(NODE)["Service"]["TimeoutStopSec"]
+    assert int(timeout) > slowest_s
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
