@@ -93,15 +93,16 @@ def _pattern_refusal(summary: SeriesSummary, rules: SelectionConfig) -> str | No
 
 
 def fingerprint(files: list[Path]) -> str:
-    """Identity of a series' content, without reading pixels: instance UIDs, sizes, inodes, mtimes.
+    """Identity of a series' content, without reading pixels: instance UIDs, sizes, mtimes.
 
-    A corrected instance often keeps its size; the spool replaces it by rename (new inode and
-    mtime), whereas a byte-identical resend is not written at all and leaves this unchanged.
+    A corrected instance often keeps its size; the spool rewrites it (new mtime), whereas a
+    byte-identical resend is not written at all. Inodes are left out on purpose: a spool restored
+    or copied with its times (cp -a, rsync -t) must not look new and be sent to the PACS again.
     """
     digest = hashlib.sha256()
     for path in sorted(files, key=lambda p: p.name):
         info = path.stat()
-        digest.update(f"{path.stem}:{info.st_size}:{info.st_ino}:{info.st_mtime_ns}\n".encode())
+        digest.update(f"{path.stem}:{info.st_size}:{info.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
 
