@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import time
-
 import logging
 import sqlite3
+import time
 from dataclasses import replace
 from pathlib import Path
 
