@@ -86,14 +86,16 @@ class Service:
     def start(self) -> None:
         removed = self.spool.remove_partial_files()
         self.tracker.recover()
+        if self.watcher is not None:  # first: a folder it cannot use refuses the start before anything listens
+            self.watcher.start()
         try:
             self.receiver.start()
         except OSError as exc:
+            if self.watcher is not None:
+                self.watcher.stop()
             address = f"{self.config.receiver.bind_address}:{self.config.receiver.port}"
             raise StartError(f"cannot listen on {address} ({exc.strerror or exc}): stop what uses the port or "
                              "change receiver.port / receiver.bind_address") from None
-        if self.watcher is not None:
-            self.watcher.start()
         self.supervisor.check()
         self._delivery_thread.start()
         log.info("event=node_started ae_title=%s port=%d workers=%d partial_files_removed=%d",
