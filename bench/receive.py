@@ -19,7 +19,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,13 +31,15 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from dicom_peers import dcmtk_env, free_port, wait_for_port  # noqa: E402
 from node.config import ReceiverConfig  # noqa: E402
 from node.receiver import Receiver  # noqa: E402
 from node.spool import Spool, SpooledInstance  # noqa: E402
 
-ENV = {**os.environ, "TCP_NODELAY": "1"}
+ENV = dcmtk_env()
 
 
 class _Discard:
@@ -49,21 +50,6 @@ class _Discard:
 
     def association_released(self, association_id: str) -> None:
         return None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_for_port(port: int, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return
-        time.sleep(0.1)
-    raise TimeoutError(f"nothing listens on port {port}")
 
 
 def write_series(folder: Path, count: int, size: int = 512) -> list[Path]:
@@ -111,7 +97,7 @@ def send(port: int, called_ae: str, files: list[Path]) -> float:
 
 @contextlib.contextmanager
 def node(work: Path) -> Iterator[int]:
-    port = _free_port()
+    port = free_port()
     config = ReceiverConfig(ae_title="NODE", port=port, bind_address="127.0.0.1", min_free_disk_mb=100)
     receiver = Receiver(config, Spool(work / "node-spool"), _Discard())
     receiver.start()
@@ -123,13 +109,13 @@ def node(work: Path) -> Iterator[int]:
 
 @contextlib.contextmanager
 def storescp(work: Path) -> Iterator[int]:
-    port = _free_port()
+    port = free_port()
     out = work / "storescp"
     out.mkdir(exist_ok=True)
     process = subprocess.Popen(["storescp", "-od", str(out), str(port)], env=ENV,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_for_port(port)
+        wait_for_port(port)
         yield port
     finally:
         process.terminate()
@@ -138,7 +124,7 @@ def storescp(work: Path) -> Iterator[int]:
 
 @contextlib.contextmanager
 def orthanc(work: Path) -> Iterator[int]:
-    port, http_port = _free_port(), _free_port()
+    port, http_port = free_port(), free_port()
     root = work / "orthanc"
     root.mkdir(exist_ok=True)
     config = {
@@ -150,7 +136,7 @@ def orthanc(work: Path) -> Iterator[int]:
     process = subprocess.Popen(["Orthanc", str(root / "orthanc.json")], env=ENV,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_for_port(port)
+        wait_for_port(port)
         yield port
     finally:
         process.terminate()
