@@ -69,7 +69,10 @@ def test_refusing_peer_gives_a_failure_per_file(results: list[Path], tmp_path: P
         outcomes = send_files(destination(port), results, "PARASPINAL", TIMEOUT_S)
 
     assert [o.ok for o in outcomes] == [False] * 3
-    assert all("rejected" in o.message and o.status is None for o in outcomes)
+    # storescp closes the connection as it rejects; under load pynetdicom can see the close before
+    # it parses the rejection, and then reports an abort. Either way: no status, a reason, no retry storm.
+    messages = [o.message for o in outcomes]
+    assert all(o.status is None and ("rejected" in o.message or "aborted" in o.message) for o in outcomes), messages
 
 
 def test_absent_peer_gives_a_failure_per_file(results: list[Path]) -> None:
