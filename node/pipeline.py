@@ -37,7 +37,7 @@ def run_pipeline(ct_path: Path, out_dir: Path, config: Config, seg_path: Path | 
     result = measure(ct, seg, config.measure)
     json_path, csv_path = write_reports(result, out_dir)
     files = {"measurements_json": json_path, "measurements_csv": csv_path}
-    if dicom and ct.datasets:
+    if dicom:  # NIfTI input is refused here in one line, after the reports are written
         files.update(_encode(ct, seg, result, out_dir, config))
     log.info("event=measured series=%s levels_present=%d", ct.series_uid, sum(lv.status != "absent" for lv in result.levels))
     return PipelineResult(result, files)

@@ -159,3 +159,11 @@ def test_results_section_of_the_config_reaches_the_objects(phantom_dicom, phanto
     seg, sr = pydicom.dcmread(out / "seg.dcm"), pydicom.dcmread(out / "sr.dcm")
     assert sr.SeriesNumber == 42
     assert seg.SeriesDescription == "Rückenmuskel" and seg.file_meta.TransferSyntaxUID == JPEG2000Lossless
+
+
+def test_dicom_results_of_nifti_input_are_refused_after_the_reports(phantom, phantom_masks, tmp_path, capsys):
+    nifti = ph.write_nifti_ct(phantom, tmp_path / "ct.nii.gz")
+    args = ["measure", str(nifti), "--seg", str(phantom_masks("multilabel")), "--out", str(tmp_path / "out"), "--dicom"]
+    assert main(args) == 2
+    assert "give a DICOM folder" in capsys.readouterr().err
+    assert (tmp_path / "out" / "measurements.json").exists()
