@@ -61,14 +61,17 @@ def hook_model_process() -> None:
     """
     if multiprocessing.current_process().name != MODEL_PROCESS or not os.environ.get(TRUTH):
         return
-    import node.segment as segment
+    from node import segment
 
     original = segment.run_totalsegmentator
     times_file = Path(os.environ[MODEL_TIMES]) if os.environ.get(MODEL_TIMES) else None
 
     @functools.wraps(original)
     def timed(image, device: str, fast: bool, vertebral_bodies: bool):
-        from gpu import StageClock, gpu_memory  # bench/gpu.py; TotalSegmentator is configured by now
+        from gpu import (  # bench/gpu.py; TotalSegmentator is configured by now
+            StageClock,
+            gpu_memory,
+        )
 
         clock = StageClock()
         clock.install()
@@ -176,7 +179,7 @@ def describe_machine(device: str) -> str:
     gpu = "no nvidia-smi"
     if shutil.which("nvidia-smi"):
         query = subprocess.run(["nvidia-smi", "--query-gpu=index,name,memory.total,driver_version",
-                                "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
+                                "--format=csv,noheader"], check=False, capture_output=True, text=True, timeout=30)
         gpu = "; ".join(query.stdout.strip().splitlines()) or query.stderr.strip()
     return f"{cpu}, {os.cpu_count()} cores; GPU: {gpu}; device {device}"
 
@@ -259,8 +262,8 @@ def report(spans: Spans, model: dict, total: float) -> None:
 
 
 def run(args: argparse.Namespace, work: Path) -> None:
+    from node import pipeline
     from node.config import Config, SegmenterConfig
-    import node.pipeline as pipeline
 
     weights = standin_weights(work, args)
     (series,) = phantom_series(work, args, 1)

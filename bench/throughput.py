@@ -24,10 +24,11 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Self
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from e2e import (  # noqa: E402 - bench/e2e.py, beside this script
+from e2e import (
     add_ct_arguments,
     describe_machine,
     hook_model_process,
@@ -52,7 +53,7 @@ class GpuSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, name="gpu-sampler", daemon=True)
 
-    def __enter__(self) -> GpuSampler:
+    def __enter__(self) -> Self:
         if self.index is not None:
             self._thread.start()
         return self
@@ -65,7 +66,7 @@ class GpuSampler:
     def _sample(self) -> None:
         command = ["nvidia-smi", "-i", self.index, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"]
         while not self._stop.wait(0.5):
-            answer = subprocess.run(command, capture_output=True, text=True, timeout=10)
+            answer = subprocess.run(command, check=False, capture_output=True, text=True, timeout=10)
             if answer.returncode == 0 and answer.stdout.strip().isdigit():
                 self.samples.append(int(answer.stdout.strip()))
 
