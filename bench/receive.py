@@ -34,6 +34,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+import dicom_peers  # noqa: E402
 from dicom_peers import dcmtk_env, free_port, wait_for_port  # noqa: E402
 from node.config import ReceiverConfig  # noqa: E402
 from node.receiver import Receiver  # noqa: E402
@@ -107,19 +108,9 @@ def node(work: Path) -> Iterator[int]:
         receiver.stop(grace_s=5)
 
 
-@contextlib.contextmanager
-def storescp(work: Path) -> Iterator[int]:
-    port = free_port()
-    out = work / "storescp"
-    out.mkdir(exist_ok=True)
-    process = subprocess.Popen(["storescp", "-od", str(out), str(port)], env=ENV,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_port(port)
-        yield port
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+def storescp(work: Path) -> contextlib.AbstractContextManager[int]:
+    """dcmtk storescp writing every file to disk (the test peers' helper)."""
+    return dicom_peers.storescp(work / "storescp")
 
 
 @contextlib.contextmanager
