@@ -340,3 +340,30 @@ def test_scheduler_round_that_fails_is_logged_and_scheduling_goes_on(tmp_path: P
             runner.join(timeout=60)
     assert any("event=scheduler_round_failed" in m for m in caplog.messages)
     assert not runner.is_alive()
+
+
+def test_bad_series_fail_with_their_reason_and_the_node_keeps_working(node: Node, destination: Destination,
+                                                                       series: Series, tmp_path: Path) -> None:
+    body = ph.make_phantom(spacing=(5.0, 3.0, 3.0))
+    no_pixels = ph.write_dicom_series(body, tmp_path / "no-pixels")
+    damaged = pydicom.dcmread(no_pixels.paths[10])
+    del damaged.PixelData
+    damaged.save_as(no_pixels.paths[10])
+    mixed = ph.write_dicom_series(body, tmp_path / "mixed")
+    for path in mixed.paths[:5]:
+        other = pydicom.dcmread(path)
+        other.ImageOrientationPatient = [-1, 0, 0, 0, -1, 0]
+        other.save_as(path)
+    destination.start()
+    node.start()
+    node.send(no_pixels.paths)
+    node.send(mixed.paths)
+    node.send(series.files)
+    wait_until(lambda: node.delivery_states() == {DeliveryStatus.SENT}, "the good series delivered")
+    jobs = {job.series_uid: job for job in node.jobs()}
+    refused, mixed_up = jobs[no_pixels.series_uid], jobs[mixed.series_uid]
+    assert refused.status is JobStatus.FAILED and "no pixel data" in refused.last_error
+    assert mixed_up.status is JobStatus.FAILED and "mixed series" in mixed_up.last_error
+    assert jobs[series.series_uid].status is JobStatus.DONE
+    assert node.process.poll() is None
+    assert_results_once(destination, series)
