@@ -119,7 +119,7 @@ class WorkerConfig:
     max_attempts: int = 3  # attempts before a repeatedly failing job ends as failed
     retry_delay_s: float = 30.0
     poll_s: float = 1.0
-    weights_check_s: float = 60.0  # how often held jobs look for newly installed weights
+    weights_check_s: float = 60.0  # how often held jobs (weights, precomputed masks) are tried again
 
 
 @dataclass

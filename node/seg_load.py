@@ -17,7 +17,7 @@ import SimpleITK as sitk
 from .config import SegmenterConfig
 from .ct import CTVolume, InputError
 from .labels import BODY_CLASS, CLASS_LABEL
-from .segmentation import Segmentation
+from .segmentation import PrecomputedMissingError, Segmentation
 
 BODY_FILE = f"{BODY_CLASS}.nii.gz"
 
@@ -33,7 +33,7 @@ def load_segmentation(path: Path, ct: CTVolume) -> Segmentation:
 
 
 class PrecomputedSegmenter:
-    """Reads segmentations made elsewhere from `precomputed_dir/<SeriesInstanceUID>/`."""
+    """Reads segmentations made elsewhere from `precomputed_dir/<SeriesInstanceUID>/`; the job waits for it."""
 
     def __init__(self, config: SegmenterConfig) -> None:
         self.root = Path(config.precomputed_dir)
@@ -41,7 +41,10 @@ class PrecomputedSegmenter:
     def segment(self, ct: CTVolume) -> Segmentation:
         folder = self.root / str(ct.series_uid)
         if not folder.is_dir():
-            raise InputError(f"no precomputed segmentation in {folder}: put the TotalSegmentator output for this series there")
+            raise PrecomputedMissingError(
+                f"no precomputed segmentation in {folder} yet: the job waits until the TotalSegmentator output "
+                "for this series is put there"
+            )
         return load_segmentation(folder, ct)
 
 

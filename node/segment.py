@@ -26,7 +26,7 @@ from .config import SegmenterConfig
 from .ct import CTVolume
 from .labels import ROI_SUBSET
 from .seg_load import PrecomputedSegmenter
-from .segmentation import Segmentation
+from .segmentation import Segmentation, SegmenterError, WeightsMissingError
 from .weights import missing_models, runs_vertebral_bodies
 
 _VARIANTS = "nnunetv2.training.nnUNetTrainer.variants"
@@ -37,14 +37,6 @@ _TRAINER_MODULES = {  # the trainers of the models in node.weights (total, fast,
 }
 VERTEBRAE_BODY_CLASS = 1  # class_map["vertebrae_body"]: 1 vertebrae_body, 2 intervertebral_discs
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
-
-
-class SegmenterError(Exception):
-    """Segmentation of one CT failed; the message says why and what to do."""
-
-
-class WeightsMissingError(SegmenterError):
-    """Required TotalSegmentator model folders are not installed."""
 
 
 class Segmenter(Protocol):

@@ -1,4 +1,4 @@
-"""The segmentation the measurement needs, on the CT grid."""
+"""The segmentation the measurement needs, on the CT grid, and why a segmenter may have none yet."""
 
 from __future__ import annotations
 
@@ -18,3 +18,19 @@ class Segmentation:
     labels: np.ndarray  # uint8
     body: np.ndarray | None = None  # bool
     totalsegmentator_version: str | None = None
+
+
+class SegmenterError(Exception):
+    """Segmentation of one CT failed; the message says why and what to do."""
+
+
+class NotReadyError(SegmenterError):
+    """Something the segmenter needs is not there yet; the node holds the job until it is."""
+
+
+class WeightsMissingError(NotReadyError):
+    """Required TotalSegmentator model folders are not installed."""
+
+
+class PrecomputedMissingError(NotReadyError):
+    """The segmentation made elsewhere for this series has not arrived yet."""

@@ -1,7 +1,8 @@
 """The worker: claims a job, runs the pipeline under a renewed lease, and queues the deliveries.
 
 Outcomes by exception: refused input ends the job as failed at once (retrying cannot help);
-missing weights hold it until the weights are installed; anything else is retried with a
+missing weights, or a precomputed segmentation that has not arrived, hold it and it is tried
+again every `worker.weights_check_s` once nothing is missing; anything else is retried with a
 growing delay until `worker.max_attempts`, then the job fails with the last reason. A worker
 that dies simply stops renewing its lease, and the job is claimed again when the lease expires.
 """
@@ -23,7 +24,7 @@ from .config import Config
 from .ct import InputError
 from .durable import make_dirs
 from .pipeline import PipelineResult, run_pipeline
-from .segment import WeightsMissingError
+from .segmentation import NotReadyError
 from .state import Job, JobStore, NewDelivery
 from .weights import missing_models
 
@@ -80,7 +81,7 @@ class Worker:
 
     def run_once(self) -> bool:
         """Process at most one job; False when there was nothing to do."""
-        self._release_held_when_weights_arrive()
+        self._release_held_when_ready()
         job = self._store.claim(self._owner, self._config.worker.lease_s, self._config.worker.max_attempts)
         if job is None:
             return False
@@ -103,7 +104,7 @@ class Worker:
         except InputError as exc:
             self._store.fail(job.id, self._owner, f"refused input: {exc}", retry_at=None)
             log.warning("event=job_failed job=%d series=%s reason=%r", job.id, job.series_uid, f"refused input: {exc}")
-        except WeightsMissingError as exc:
+        except NotReadyError as exc:  # missing weights, or a precomputed segmentation not there yet
             self._store.hold(job.id, self._owner, str(exc))
             log.warning("event=job_held job=%d series=%s reason=%r", job.id, job.series_uid, str(exc))
         except Exception as exc:  # noqa: BLE001 - any other failure is retried, never lost
@@ -131,7 +132,8 @@ class Worker:
         log.warning("event=job_retry job=%d series=%s attempt=%d reason=%r", job.id, job.series_uid,
                     job.attempts, error)
 
-    def _release_held_when_weights_arrive(self) -> None:
+    def _release_held_when_ready(self) -> None:
+        """Held jobs run again once the weights are there; a precomputed job simply looks again."""
         now = self._clock()
         if now < self._next_weights_check:
             return
@@ -139,7 +141,7 @@ class Worker:
         if not _weights_missing(self._config):
             released = self._store.release_held()
             if released:
-                log.info("event=held_jobs_released count=%d reason=weights installed", released)
+                log.info("event=held_jobs_released count=%d reason=nothing missing any more, trying again", released)
 
 
 class _LeaseKeeper:

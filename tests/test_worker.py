@@ -79,12 +79,13 @@ def test_job_done_with_results_in_outbox_and_deliveries_queued(config: Config, s
 
 def test_refused_input_fails_at_once_with_the_reason(config: Config, state: State, series: Series,
                                                      tmp_path: Path) -> None:
-    config.segmenter.precomputed_dir = tmp_path / "empty"
-    job_id = queue(state, series)
+    (tmp_path / "not-a-series").mkdir()
+    (tmp_path / "not-a-series" / "notes.txt").write_text("not DICOM")
+    job_id = queue(state, series, tmp_path / "not-a-series")
     Worker(config, state, "w").run_once()
     job = state.get_job(job_id)
     assert job.status is JobStatus.FAILED and job.attempts == 1
-    assert job.last_error.startswith("refused input: no precomputed segmentation")
+    assert job.last_error.startswith("refused input: no DICOM files")
     assert state.deliveries(job_id) == []
 
 
@@ -180,3 +181,18 @@ def test_sigterm_mid_job_hands_the_job_back(config: Config, state: State, series
         signal.signal(signal.SIGINT, previous[1])
     job = state.get_job(job_id)
     assert stop.is_set() and job.status is JobStatus.QUEUED and job.attempts == 0 and job.lease_owner is None
+
+
+def test_precomputed_segmentation_not_there_yet_holds_the_job_until_it_arrives(config: Config, state: State,
+                                                                               series: Series, tmp_path: Path) -> None:
+    config.segmenter.precomputed_dir = tmp_path / "later"
+    job_id = queue(state, series)
+    worker = Worker(config, state, "w")
+    assert worker.run_once()
+    job = state.get_job(job_id)
+    assert job.status is JobStatus.HELD and "no precomputed segmentation" in job.last_error and job.attempts == 0
+    assert worker.run_once()  # looked again: still not there, held again without using up an attempt
+    assert state.get_job(job_id).status is JobStatus.HELD and state.get_job(job_id).attempts == 0
+    (tmp_path / "later").symlink_to(series.precomputed, target_is_directory=True)
+    assert worker.run_once()
+    assert state.get_job(job_id).status is JobStatus.DONE
