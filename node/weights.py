@@ -11,6 +11,7 @@ import shutil
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,12 +198,20 @@ def _segmenter_config(args: argparse.Namespace) -> SegmenterConfig:
     return config
 
 
-def _check(args: argparse.Namespace) -> int:
-    try:
-        config = _segmenter_config(args)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def _one_line_errors(handler: Callable[[argparse.Namespace, SegmenterConfig], int]) -> Callable[[argparse.Namespace], int]:
+    """Every weights subcommand reads the config the same way and reports a bad one in one line."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args, _segmenter_config(args))
+        except (ConfigError, InstallError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def _report(config: SegmenterConfig) -> int:
     print(f"weights directory: {Path(config.weights_dir).resolve()}")
     missing = []
     for model in _required(config):
@@ -222,25 +231,22 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _install(args: argparse.Namespace) -> int:
-    try:
-        config = _segmenter_config(args)
-        for archive in zips_in(args.source):
-            for name in install_zip(archive, Path(config.weights_dir)):
-                print(f"installed {name} from {archive.name}")
-    except (ConfigError, InstallError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    _check(args)  # what is still missing, for the admin; the install itself succeeded
+@_one_line_errors
+def _check(args: argparse.Namespace, config: SegmenterConfig) -> int:
+    return _report(config)
+
+
+@_one_line_errors
+def _install(args: argparse.Namespace, config: SegmenterConfig) -> int:
+    for archive in zips_in(args.source):
+        for name in install_zip(archive, Path(config.weights_dir)):
+            print(f"installed {name} from {archive.name}")
+    _report(config)  # what is still missing, for the admin; the install itself succeeded
     return 0
 
 
-def _urls(args: argparse.Namespace) -> int:
-    try:
-        config = _segmenter_config(args)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+@_one_line_errors
+def _urls(args: argparse.Namespace, config: SegmenterConfig) -> int:
     for model in _required(config) + _optional(config):
         print(model.url)
     return 0

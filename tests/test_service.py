@@ -156,16 +156,15 @@ results_dir = "{root / 'results'}"
         return open_state(self.root / "state" / "state.sqlite")
 
     def jobs(self) -> list:
-        state = self.state()
-        try:
-            return state.jobs()
-        finally:
-            state.close()
+        return self._read(State.jobs)
 
     def deliveries(self) -> list:
+        return self._read(State.deliveries)
+
+    def _read(self, query: Callable[[State], list]) -> list:
         state = self.state()
         try:
-            return state.deliveries()
+            return query(state)
         finally:
             state.close()
 
