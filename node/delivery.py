@@ -139,7 +139,8 @@ class DeliveryLoop:
         self._failed(delivery, outcome.message)
 
     def _failed(self, delivery: Delivery, error: str) -> None:
-        retry_at = next_attempt_at(delivery, self._clock(), self._config)
+        now = self._clock()
+        retry_at = next_attempt_at(delivery, now, self._config)
         self._state.mark_not_sent(delivery.id, error, retry_at)
         if retry_at is None:
             log.error("event=delivery_failed job=%d delivery=%d destination=%s attempts=%d reason=%r",
@@ -147,4 +148,4 @@ class DeliveryLoop:
         else:
             log.warning("event=delivery_retry job=%d delivery=%d destination=%s attempt=%d retry_in_s=%.0f reason=%r",
                         delivery.job_id, delivery.id, delivery.destination, delivery.attempts + 1,
-                        retry_at - self._clock(), error)
+                        retry_at - now, error)
