@@ -10,6 +10,17 @@ import pytest
 import phantom as ph
 
 
+REAL_CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "totalseg-example-ct"
+
+
+@pytest.fixture(scope="session")
+def real_ct() -> Path:
+    """The real scanner series (JPEG 2000, blank UIDs) from ../shared/data, beside the repo."""
+    if not REAL_CT.is_dir():
+        pytest.skip(f"the real CT series is not at {REAL_CT}: clone the repo beside shared/")
+    return REAL_CT
+
+
 @pytest.fixture(scope="session")
 def phantom() -> ph.Phantom:
     """The default phantom (about 124x128x128 at 2.5/0.9/0.9 mm, seed 0)."""

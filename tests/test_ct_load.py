@@ -16,7 +16,6 @@ import phantom as ph
 from node.ct import InputError
 from node.ct_load import load_ct
 
-REAL_J2K = Path(__file__).resolve().parents[2] / "shared" / "data" / "totalseg-example-ct"
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +36,11 @@ def refusal(folder: Path) -> str:
     return message
 
 
-@pytest.mark.skipif(not REAL_J2K.is_dir(), reason="shared/data is beside the repo")
-def test_real_jpeg2000_series_decodes_like_gdcm():
-    ct = load_ct(REAL_J2K)
+def test_real_jpeg2000_series_decodes_like_gdcm(real_ct):
+    ct = load_ct(real_ct)
     assert ct.shape == (20, 512, 512)
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(REAL_J2K)))
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(real_ct)))
     image = reader.Execute()
     reference = sitk.GetArrayFromImage(image)
     if image.GetDirection()[8] < 0:  # GDCM stacked head first; the loader stacks along the normal

@@ -128,14 +128,12 @@ def test_dicom_flag_writes_the_three_result_objects_in_the_source_study(phantom_
     assert len({ds.SeriesInstanceUID for ds in objects.values()} | {series.series_uid}) == 4
 
 
-def test_dicom_results_of_a_series_with_blank_uids_are_refused_in_one_line(tmp_path, capsys):
+def test_dicom_results_of_a_series_with_blank_uids_are_refused_in_one_line(tmp_path, capsys, real_ct):
     import SimpleITK as sitk
 
     from node.ct_load import load_ct
 
-    real = Path(__file__).resolve().parents[2] / "shared" / "data" / "totalseg-example-ct"
-    if not real.is_dir():
-        pytest.skip("shared/data is beside the repo")
+    real = real_ct
     ct = load_ct(real)
     sitk.WriteImage(ct.to_sitk(np.zeros(ct.shape, np.uint8)), str(tmp_path / "seg.nii.gz"))
     assert main(["measure", str(real), "--seg", str(tmp_path / "seg.nii.gz"), "--out", str(tmp_path / "out"), "--dicom"]) == 2

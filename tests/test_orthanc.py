@@ -37,7 +37,6 @@ from orthanc import ORTHANC, Modality, Orthanc, OrthancError
 pytestmark = pytest.mark.skipif(not ORTHANC.exists(), reason=f"{ORTHANC} missing: apt-get install orthanc")
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE_CT = ROOT.parent / "shared" / "data" / "totalseg-example-ct"
 WAIT_S = 120.0
 
 NODE_AE, ORTHANC_AE, STRANGER_AE = "PARASPINAL", "ORTHANC", "STRANGER"
@@ -282,7 +281,7 @@ def dose_report_of(ct_file: Path, target: Path) -> Path:
     return target
 
 
-def example_with_fresh_uids(target: Path) -> tuple[list[Path], str, str]:
+def example_with_fresh_uids(source_dir: Path, target: Path) -> tuple[list[Path], str, str]:
     """The example series with new Study/Series/SOP Instance UIDs; files, study and series UID.
 
     Its own UIDs (and SOP Class UID) are blank, which Orthanc and the node's spool both refuse.
@@ -291,7 +290,7 @@ def example_with_fresh_uids(target: Path) -> tuple[list[Path], str, str]:
     target.mkdir(parents=True)
     study_uid, series_uid = str(generate_uid()), str(generate_uid())
     files = []
-    for source in sorted(EXAMPLE_CT.iterdir()):
+    for source in sorted(source_dir.iterdir()):
         ds = pydicom.dcmread(source)
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -418,12 +417,12 @@ def test_orthanc_transcodes_to_jpeg_ls_and_the_numbers_do_not_change(orthanc: Or
 
 
 def test_real_jpeg2000_abdomen_is_decoded_and_reported_with_every_level_absent(orthanc: Orthanc, node: Node,
-                                                                               tmp_path: Path) -> None:
+                                                                               tmp_path: Path, real_ct: Path) -> None:
     """The real JPEG 2000 abdominal CT (20 slices of 3 mm) passes the selection rules, so it is
     processed, not skipped: it decodes, and with no thoracic vertebra in the field of view (the
     precomputed segmentation is empty, as TotalSegmentator's would be for T1-T10) every level is
     reported absent, in an SR that reaches Orthanc like any other result."""
-    files, study_uid, series_uid = example_with_fresh_uids(tmp_path / "ct")
+    files, study_uid, series_uid = example_with_fresh_uids(real_ct, tmp_path / "ct")
     node.provide_masks(series_uid, empty_masks(tmp_path / "ct", tmp_path / "masks"))
     ids = orthanc.upload(files)
     orthanc.store(NODE, [orthanc.get(f"/instances/{ids[0]}/series")["ID"]])

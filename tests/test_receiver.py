@@ -32,7 +32,6 @@ from dicom_peers import (
 )
 
 AE_TITLE = "NODE"
-EXAMPLE_CT = Path("/work/shared/data/totalseg-example-ct")
 
 
 class Node:
@@ -151,10 +150,10 @@ def _with_uids(source: Path, target: Path, study_uid: str, series_uid: str) -> P
     return target
 
 
-def test_jpeg2000_series_from_a_scanner(make_node, tmp_path: Path) -> None:
+def test_jpeg2000_series_from_a_scanner(make_node, tmp_path: Path, real_ct: Path) -> None:
     node = make_node()
     study_uid, series_uid = generate_uid(), generate_uid()
-    files = [_with_uids(p, tmp_path / f"{i}.dcm", study_uid, series_uid) for i, p in enumerate(sorted(EXAMPLE_CT.iterdir()))]
+    files = [_with_uids(p, tmp_path / f"{i}.dcm", study_uid, series_uid) for i, p in enumerate(sorted(real_ct.iterdir()))]
 
     result = storescu(node.port, files, AE_TITLE, "MODALITY", "-R", "-xv")
 
