@@ -20,20 +20,29 @@ import errno
 import logging
 import socket
 import socketserver
+import struct
 import threading
 import time
 import uuid
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
-from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, StoragePresentationContexts, build_context, evt
+from pynetdicom import (
+    ALL_TRANSFER_SYNTAXES,
+    AE,
+    PYNETDICOM_IMPLEMENTATION_UID,
+    PYNETDICOM_IMPLEMENTATION_VERSION,
+    StoragePresentationContexts,
+    build_context,
+    evt,
+)
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from .config import ReceiverConfig
-from .spool import Receipt, Spool, SpoolError, SpoolListener, StoreOutcome
+from .spool import Receipt, Spool, SpoolError, SpoolListener, StoreOutcome, read_data_set_header
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +68,7 @@ STATUS_CANNOT_UNDERSTAND = 0xC000
 STATUS_PROCESSING_FAILURE = 0x0110
 
 _RECV_CHUNK = 1 << 20
+PART10_PREAMBLE = b"\x00" * 128 + b"DICM"
 
 
 @dataclass
@@ -88,6 +98,35 @@ def presentation_contexts(accept_other_storage: bool) -> list[PresentationContex
             if cx.abstract_syntax not in own
         ]
     return contexts
+
+
+def part10_head(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> bytes:
+    """Preamble, "DICM" and file meta group (PS3.10 section 7.1) for a data set received in a C-STORE.
+
+    Encoded here because it is on every image's path to its acknowledgement: pydicom's general
+    writer, with the file meta dataset pynetdicom builds for it, takes about 0.4 ms of a 6 ms image.
+    """
+    elements = b"".join((
+        _meta_element(0x0001, b"OB", b"\x00\x01"),
+        _meta_element(0x0002, b"UI", _padded(sop_class_uid, b"\x00")),
+        _meta_element(0x0003, b"UI", _padded(sop_instance_uid, b"\x00")),
+        _meta_element(0x0010, b"UI", _padded(transfer_syntax_uid, b"\x00")),
+        _meta_element(0x0012, b"UI", _padded(PYNETDICOM_IMPLEMENTATION_UID, b"\x00")),
+        _meta_element(0x0013, b"SH", _padded(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")),
+    ))
+    return PART10_PREAMBLE + _meta_element(0x0000, b"UL", struct.pack("<I", len(elements))) + elements
+
+
+def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
+    """One group 0002 element in explicit VR little endian (OB has the long length form)."""
+    if vr == b"OB":
+        return struct.pack("<HH2s2xI", 0x0002, element, vr, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def _padded(text: str, pad: bytes) -> bytes:
+    value = str(text).encode("ascii")
+    return value + pad if len(value) % 2 else value
 
 
 class Receiver:
@@ -236,8 +275,13 @@ class Receiver:
 
     def _spool(self, event: evt.Event, tally: _Tally, sop_uid: str) -> int | Dataset:
         receipt = Receipt(tally.association_id, tally.calling_ae, time.time())
+        body = event.request.DataSet
+        transfer_syntax = event.context.transfer_syntax
+        head = part10_head(event.context.abstract_syntax, sop_uid, transfer_syntax)
         try:
-            instance = self.spool.store(event.encoded_dataset(), receipt)
+            header = read_data_set_header(head, body, transfer_syntax)
+            with body.getbuffer() as data_set:
+                instance = self.spool.store_parts([head, data_set], header, receipt)
         except SpoolError as exc:
             return self._refuse(tally, sop_uid, STATUS_CANNOT_UNDERSTAND, str(exc))
         except OSError as exc:

@@ -11,26 +11,32 @@ import enum
 import logging
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 from typing import Protocol
 
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_dataset
+from pydicom.tag import BaseTag, Tag
+from pydicom.uid import UID
 
-from .durable import TEMP_SUFFIX, fsync_dir, write_atomic
+from .durable import TEMP_SUFFIX, Bytes, fsync_dir, supports_direct_io, write_atomic
 
 log = logging.getLogger(__name__)
 
+_PIXEL_DATA_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
+_UNREADABLE = (InvalidDicomError, ValueError, EOFError, KeyError, TypeError)
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _SUMMARY_TAGS = (
     "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
     "ImageType", "SliceThickness", "SeriesDescription", "BodyPartExamined", "ConvolutionKernel",
     "PatientID", "AccessionNumber", "StudyDate", "InstanceNumber",
 )
+_DATA_SET_TAGS = [Tag(keyword) for keyword in (*_SUMMARY_TAGS, "SpecificCharacterSet")]
 
 
 class SpoolError(Exception):
@@ -94,14 +100,22 @@ class Spool:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.direct_io = supports_direct_io(self.root)
 
     def store(self, data: bytes | bytearray | memoryview | Path, receipt: Receipt) -> SpooledInstance:
         """Durably spool one DICOM Part 10 file given as its bytes (or a file to copy them from)."""
         raw = Path(data).read_bytes() if isinstance(data, Path) else bytes(data)
-        header = read_header(raw)
+        return self.store_parts([raw], read_header(raw), receipt)
+
+    def store_parts(self, parts: Sequence[Bytes], header: Dataset, receipt: Receipt) -> SpooledInstance:
+        """Durably spool a Part 10 file given as consecutive byte ranges and its parsed header.
+
+        The receiver's path: file meta and data set are written as they are, never joined or copied.
+        """
+        check_header(header)
         sop_uid = _checked_uid(header.SOPInstanceUID, "SOPInstanceUID")
         target = self.series_dir(header.StudyInstanceUID, header.SeriesInstanceUID) / f"{sop_uid}.dcm"
-        outcome = self._write(target, raw)
+        outcome = self._write(target, parts)
         instance = summarize(header, target, receipt, outcome)
         if outcome is StoreOutcome.REPLACED:
             log.warning(
@@ -137,14 +151,14 @@ class Spool:
         """Free space for the spool's filesystem, for the receiver's watermark."""
         return shutil.disk_usage(self.root).free // (1024 * 1024)
 
-    def _write(self, target: Path, raw: bytes) -> StoreOutcome:
+    def _write(self, target: Path, parts: Sequence[Bytes]) -> StoreOutcome:
         if target.exists():
-            if _same_content(target, raw):
+            if _same_content(target, parts):
                 return StoreOutcome.DUPLICATE
-            write_atomic(target, raw)
+            write_atomic(target, parts, self.direct_io)
             return StoreOutcome.REPLACED
         _make_dirs_durable(target.parent, self.root)
-        write_atomic(target, raw)
+        write_atomic(target, parts, self.direct_io)
         return StoreOutcome.NEW
 
 
@@ -154,14 +168,43 @@ def read_header(raw: bytes) -> Dataset:
         raise SpoolError("not a DICOM Part 10 file (no 'DICM' prefix at byte 128): send DICOM files, or convert with dcmconv")
     try:
         header = pydicom.dcmread(BytesIO(raw), stop_before_pixels=True, specific_tags=list(_SUMMARY_TAGS))
-    except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError) as exc:
+    except _UNREADABLE as exc:
         raise SpoolError(f"unreadable DICOM header: {exc}") from None
+    check_header(header)
+    return header
+
+
+def read_data_set_header(head: bytes, body: BytesIO, transfer_syntax_uid: str) -> Dataset:
+    """Parse the header of a received data set, given apart from its encoded preamble and file meta `head`.
+
+    Reading the data set where it lies saves joining and copying half a megabyte per image.
+    """
+    syntax = UID(transfer_syntax_uid)
+    if syntax.is_deflated:  # rare; pydicom inflates only a whole Part 10 file
+        return read_header(head + body.getvalue())
+    body.seek(0)
+    try:
+        header = read_dataset(body, syntax.is_implicit_VR, syntax.is_little_endian, stop_when=_at_pixel_data,
+                              specific_tags=_DATA_SET_TAGS)
+    except _UNREADABLE as exc:
+        raise SpoolError(f"unreadable DICOM header: {exc}") from None
+    header.file_meta = FileMetaDataset()
+    header.file_meta.TransferSyntaxUID = syntax
+    check_header(header)
+    return header
+
+
+def check_header(header: Dataset) -> None:
+    """Refuse a header the spool could not file, naming what is missing."""
     if "TransferSyntaxUID" not in header.file_meta:
         raise SpoolError("DICOM file meta has no TransferSyntaxUID: re-export the file with a complete file meta header")
     for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID"):
         if not str(header.get(keyword, "")).strip():
             raise SpoolError(f"DICOM file has no {keyword}: the sender must supply it")
-    return header
+
+
+def _at_pixel_data(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return tag in _PIXEL_DATA_TAGS
 
 
 def summarize(header: Dataset, path: Path, receipt: Receipt, outcome: StoreOutcome) -> SpooledInstance:
@@ -222,9 +265,9 @@ def _int_or_none(value: object) -> int | None:
         return None
 
 
-def _same_content(path: Path, raw: bytes) -> bool:
+def _same_content(path: Path, parts: Sequence[Bytes]) -> bool:
     try:
-        return path.stat().st_size == len(raw) and path.read_bytes() == raw
+        return path.stat().st_size == sum(len(p) for p in parts) and path.read_bytes() == b"".join(parts)
     except FileNotFoundError:
         return False
 

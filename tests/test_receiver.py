@@ -11,7 +11,14 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import CTImageStorage, DeflatedExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import (
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ImplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
 from pynetdicom import AE, build_context
 from pynetdicom.sop_class import Verification
 
@@ -148,6 +155,27 @@ def _with_uids(source: Path, target: Path, study_uid: str, series_uid: str) -> P
     dataset.StudyInstanceUID, dataset.SeriesInstanceUID = study_uid, series_uid
     dataset.save_as(target, enforce_file_format=True)
     return target
+
+
+@pytest.mark.parametrize("transfer_syntax", [ImplicitVRLittleEndian, ExplicitVRBigEndian])
+def test_header_is_read_in_the_negotiated_transfer_syntax(make_node, transfer_syntax: str) -> None:
+    node = make_node()
+    dataset = ct_dataset(generate_uid(), generate_uid(), 3)
+    dataset.file_meta.TransferSyntaxUID = transfer_syntax
+    assoc = scu(node.port, [build_context(CTImageStorage, transfer_syntax)])
+    status = assoc.send_c_store(dataset)
+    assoc.release()
+
+    assert status.Status == 0x0000
+    node.listener.wait_released(1)
+    (instance,) = node.listener.instances
+    assert (instance.transfer_syntax_uid, instance.sop_instance_uid) == (transfer_syntax, dataset.SOPInstanceUID)
+    assert (instance.series_uid, instance.instance_number, instance.slice_thickness) == (
+        dataset.SeriesInstanceUID, dataset.InstanceNumber, float(dataset.SliceThickness))
+    stored = pydicom.dcmread(instance.path)
+    assert stored.file_meta.MediaStorageSOPInstanceUID == dataset.SOPInstanceUID
+    assert stored.file_meta.MediaStorageSOPClassUID == CTImageStorage
+    assert stored.pixel_array.tolist() == dataset.pixel_array.tolist()
 
 
 def test_jpeg2000_series_from_a_scanner(make_node, tmp_path: Path, real_ct: Path) -> None:

@@ -9,6 +9,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from dicom_peers import ct_dataset, write_ct_series
+from node.durable import supports_direct_io, write_atomic
 from node.spool import Receipt, Spool, SpoolError, StoreOutcome
 
 RECEIPT = Receipt("assoc:test", "MODALITY", time.time())
@@ -72,3 +73,20 @@ def test_partial_files_from_a_crash_are_removed(tmp_path: Path) -> None:
 
     assert spool.remove_partial_files() == 1
     assert spool.series_files(instance.study_uid, instance.series_uid) == [instance.path]
+
+
+def test_spooled_files_are_the_bytes_sent_whatever_their_length(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    sent = write_ct_series(tmp_path / "in", 3, size=37)  # file lengths that are not whole blocks
+    stored = [spool.store(path, RECEIPT) for path in sent]
+    assert [i.path.read_bytes() for i in stored] == [p.read_bytes() for p in sent]
+    assert not list(spool.root.rglob("*.partial"))
+
+
+def test_write_atomic_joins_parts_without_padding(tmp_path: Path) -> None:
+    """Through the page cache, and with O_DIRECT (whole blocks, then cut to length) where it is supported."""
+    parts = [b"head", memoryview(bytes(range(256)) * 40)[3:], bytearray(b"tail")]
+    for direct in (False, supports_direct_io(tmp_path)):
+        target = tmp_path / f"file-{direct}"
+        write_atomic(target, parts, direct=direct)
+        assert target.read_bytes() == b"".join(bytes(p) for p in parts)
