@@ -1,8 +1,9 @@
 """Durable spool of received instances: root/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm.
 
 An instance is acknowledged to a sender only after `Spool.store` returns, so every write is
-temp file → fsync → rename → fsync of the directory. The bytes are written as they arrived
-(no decode/re-encode): that keeps the original encoding for audit and keeps the receive path fast.
+temp file → fsync → rename → fsync of the directory, with O_DIRECT where the filesystem takes it
+(see `durable.write_atomic`). The bytes are written as they arrived (no decode/re-encode): that
+keeps the original encoding for audit and keeps the receive path fast.
 """
 
 from __future__ import annotations
