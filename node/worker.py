@@ -197,7 +197,10 @@ def install_stop_handler() -> threading.Event:
 
 def run_worker(config: Config, store: JobStore, index: int = 0) -> int:
     """The `worker` command: run until SIGTERM, then exit 0 with the queue consistent."""
+    from dicom_sr.results import warm_up
+
     stop = install_stop_handler()
+    warm_up()
     try:
         Worker(config, store, worker_id(index)).run(stop)
     except Stop:
