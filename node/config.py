@@ -46,6 +46,7 @@ class DestinationConfig:
 @dataclass
 class StorageConfig:
     state_dir: Path = Path("./state")
+    retention_days: float = 30.0  # settled series' images and results are removed after this; 0 keeps everything
 
     @property
     def database(self) -> Path:
@@ -60,6 +61,10 @@ class StorageConfig:
     def outbox_dir(self) -> Path:
         """Per-job result folders, kept until every delivery of the job is settled and beyond."""
         return self.state_dir / "outbox"
+
+    def job_outbox(self, job_id: int) -> Path:
+        """One job's results, attempt by attempt."""
+        return self.outbox_dir / f"job-{job_id}"
 
 
 @dataclass
@@ -332,6 +337,8 @@ def _validate_positive(config: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be greater than 0, not {value}")
+    if config.storage.retention_days < 0:
+        raise ConfigError(f"storage.retention_days must be 0 (keep everything) or more, not {config.storage.retention_days}")
     if config.worker.count < 0:
         raise ConfigError(f"worker.count must be 0 or more, not {config.worker.count}")
     if config.worker.retry_delay_s < 0:

@@ -129,6 +129,10 @@ class _Pending:
         return now - self.last_instance_at >= periods.idle_quiet_s
 
 
+class PrunedMeanwhile(Exception):
+    """An instance's file was removed by retention between its write and its report."""
+
+
 class SeriesTracker:
     """The spool's listener: tracks series in flight and turns complete ones into jobs.
 
@@ -149,7 +153,11 @@ class SeriesTracker:
         self._pending: dict[str, _Pending] = {}
 
     def instance_stored(self, instance: SpooledInstance) -> None:
+        """Raises PrunedMeanwhile when retention removed the file as it was stored: the sender must not
+        be told it is safe (the receiver answers a failure and the sender sends it again)."""
         with self._lock:
+            if not instance.path.exists():
+                raise PrunedMeanwhile(f"{instance.path.name} was removed by retention as it arrived: send it again")
             pending = self._pending.get(instance.series_uid)
             if pending is None:
                 pending = self._pending[instance.series_uid] = _Pending(instance.study_uid, self._clock())
@@ -166,6 +174,29 @@ class SeriesTracker:
                     pending.open_associations.discard(association_id)
                     if not pending.open_associations:
                         pending.released_at = now
+
+    def prune(self, series_uid: str, folder: Path, claim: Callable[[], bool]) -> int | None:
+        """Remove a settled series' spooled files; None when it is receiving again or `claim` says no.
+
+        Holds the lock that instance_stored takes, so an instance of this series stored meanwhile is
+        either seen here as in flight (nothing is removed) or finds its file gone and is refused.
+        """
+        if folder.parent.parent != self._spool.root:
+            raise ValueError(f"{folder} is not a series folder of the spool {self._spool.root}: not removed")
+        with self._lock:
+            if series_uid in self._pending or not claim():
+                return None
+            removed = 0
+            for path in folder.glob("*"):
+                if path.is_file():
+                    path.unlink(missing_ok=True)
+                    removed += 1
+            for empty in (folder, folder.parent):  # the study folder too, once its last series is gone
+                try:
+                    empty.rmdir()
+                except OSError:
+                    break
+            return removed
 
     def pending_series(self) -> int:
         with self._lock:

@@ -18,6 +18,7 @@ from types import FrameType
 
 from .config import Config
 from .delivery import DeliveryLoop
+from .housekeeping import Housekeeper
 from .receiver import Receiver
 from .series import SeriesTracker
 from .spool import Spool
@@ -60,6 +61,7 @@ class Service:
         self.watcher = Watcher(config.receiver, self.spool, self.tracker) if config.receiver.watch_dir else None
         self.supervisor = WorkerSupervisor(config_path, config.worker.count, self.state)
         self.delivery = DeliveryLoop(config, self.state)
+        self.housekeeper = Housekeeper(config.storage, self.state, self.tracker)
         self._delivery_stop = threading.Event()
         self._delivery_thread = threading.Thread(target=self.delivery.run, args=(self._delivery_stop,),
                                                  name="delivery", daemon=True)
@@ -80,6 +82,7 @@ class Service:
         try:
             self.tracker.tick()
             self.supervisor.check()
+            self.housekeeper.tick()
         except Exception:
             log.exception("event=scheduler_round_failed")
 

@@ -171,7 +171,23 @@ _MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX deliveries_due ON deliveries (status, next_attempt_at);
     """,
+    """
+    ALTER TABLE series ADD COLUMN pruned_at REAL;
+    ALTER TABLE jobs ADD COLUMN outbox_pruned_at REAL;
+    """,
 )
+
+# A series whose images can go: every job settled before the cutoff, no delivery pending.
+_SETTLED_SERIES = """series.pruned_at IS NULL AND series.updated_at < :cutoff
+    AND NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.series_uid = series.series_uid
+        AND (jobs.status NOT IN ('done', 'failed', 'skipped') OR jobs.finished_at IS NULL
+             OR jobs.finished_at >= :cutoff))
+    AND NOT EXISTS (SELECT 1 FROM deliveries JOIN jobs ON jobs.id = deliveries.job_id
+        WHERE jobs.series_uid = series.series_uid AND deliveries.status = 'pending')"""
+# A job whose outbox can go: settled before the cutoff, no delivery pending.
+_SETTLED_OUTBOX = """jobs.outbox_pruned_at IS NULL AND jobs.status IN ('done', 'failed', 'skipped')
+    AND jobs.finished_at < :cutoff
+    AND NOT EXISTS (SELECT 1 FROM deliveries WHERE deliveries.job_id = jobs.id AND deliveries.status = 'pending')"""
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 _JOB_COLUMNS = ("id, series_uid, fingerprint, series_dir, status, attempts, last_error, lease_owner, "
@@ -247,12 +263,15 @@ class State:
         values = {**series.__dict__, "now": self._clock()}
         with self._transaction() as db:
             db.execute(
-                """INSERT INTO series VALUES (:series_uid, :study_uid, :patient_id, :accession, :study_date,
+                """INSERT INTO series (series_uid, study_uid, patient_id, accession, study_date, modality,
+                   description, instances, fingerprint, series_dir, updated_at)
+                   VALUES (:series_uid, :study_uid, :patient_id, :accession, :study_date,
                    :modality, :description, :instances, :fingerprint, :series_dir, :now)
                    ON CONFLICT (series_uid) DO UPDATE SET study_uid=excluded.study_uid,
                    patient_id=excluded.patient_id, accession=excluded.accession, study_date=excluded.study_date,
                    modality=excluded.modality, description=excluded.description, instances=excluded.instances,
-                   fingerprint=excluded.fingerprint, series_dir=excluded.series_dir, updated_at=excluded.updated_at""",
+                   fingerprint=excluded.fingerprint, series_dir=excluded.series_dir, updated_at=excluded.updated_at,
+                   pruned_at=NULL""",
                 values,
             )
 
@@ -390,16 +409,50 @@ class State:
             row = db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 raise StateError(f"no job {job_id}: see `paraspinal-node status` for job numbers")
+            pruned_series, pruned_outbox = db.execute(
+                """SELECT series.pruned_at, jobs.outbox_pruned_at FROM jobs JOIN series USING (series_uid)
+                   WHERE jobs.id = ?""", (job_id,)).fetchone()
             if row[0] in ("failed", "held", "skipped"):
+                if pruned_series is not None:
+                    raise StateError(f"job {job_id}: its images were removed from the spool after "
+                                     "storage.retention_days: send the series to the node again")
                 db.execute("""UPDATE jobs SET status = 'queued', attempts = 0, not_before = 0, finished_at = NULL,
                               updated_at = ? WHERE id = ?""", (now, job_id))
                 return f"job {job_id} queued again"
+            if pruned_outbox is not None:
+                raise StateError(f"job {job_id}: its results were removed from the outbox after "
+                                 "storage.retention_days: send the series to the node again")
             resent = db.execute(
                 """UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = ?, created_at = ?,
                    updated_at = ? WHERE job_id = ? AND status = 'failed'""", (now, now, now, job_id)).rowcount
             if resent:
                 return f"job {job_id}: {resent} failed deliveries pending again"
             raise StateError(f"job {job_id} is {row[0]} with no failed deliveries: there is nothing to retry")
+
+    # retention ------------------------------------------------------------------------------
+
+    def prunable_series(self, cutoff: float, limit: int) -> list[tuple[str, str]]:
+        """(series UID, spool folder) of series settled before `cutoff` and not yet pruned."""
+        return self._query(f"SELECT series_uid, series_dir FROM series WHERE {_SETTLED_SERIES} LIMIT :limit",
+                           {"cutoff": cutoff, "limit": limit})
+
+    def mark_series_pruned(self, series_uid: str, cutoff: float) -> bool:
+        """Record that a series' images are going, if it is still settled (a retry may have queued it)."""
+        with self._transaction() as db:
+            return db.execute(f"UPDATE series SET pruned_at = :now WHERE series_uid = :uid AND {_SETTLED_SERIES}",
+                              {"now": self._clock(), "uid": series_uid, "cutoff": cutoff}).rowcount == 1
+
+    def prunable_outboxes(self, cutoff: float, limit: int) -> list[int]:
+        """Jobs settled before `cutoff` whose outbox folder has not been pruned."""
+        rows = self._query(f"SELECT id FROM jobs WHERE {_SETTLED_OUTBOX} LIMIT :limit",
+                           {"cutoff": cutoff, "limit": limit})
+        return [row[0] for row in rows]
+
+    def mark_outbox_pruned(self, job_id: int, cutoff: float) -> bool:
+        """Record that a job's outbox is going, if the job is still settled."""
+        with self._transaction() as db:
+            return db.execute(f"UPDATE jobs SET outbox_pruned_at = :now WHERE id = :id AND {_SETTLED_OUTBOX}",
+                              {"now": self._clock(), "id": job_id, "cutoff": cutoff}).rowcount == 1
 
     def get_job(self, job_id: int) -> Job | None:
         rows = self._query(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,))

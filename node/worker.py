@@ -97,7 +97,7 @@ class Worker:
         """Run the pipeline under a renewed lease, then record the outcome once renewal has stopped."""
         log.info("event=job_started job=%d series=%s attempt=%d worker=%s", job.id, job.series_uid,
                  job.attempts, self._owner)
-        out_dir = _fresh_outbox(self._config.storage.outbox_dir, job)
+        out_dir = _fresh_outbox(self._config.storage.job_outbox(job.id), job)
         try:
             with _LeaseKeeper(self._store, job.id, self._owner, self._config.worker.lease_s):
                 result = self._pipeline(Path(job.series_dir), out_dir, self._config)
@@ -171,9 +171,8 @@ def _weights_missing(config: Config) -> bool:
     return config.segmenter.backend != "precomputed" and bool(missing_models(config.segmenter))
 
 
-def _fresh_outbox(outbox: Path, job: Job) -> Path:
+def _fresh_outbox(job_dir: Path, job: Job) -> Path:
     """An empty folder for this attempt; what an earlier, interrupted attempt left is removed."""
-    job_dir = outbox / f"job-{job.id}"
     shutil.rmtree(job_dir, ignore_errors=True)
     out_dir = job_dir / f"attempt-{job.attempts}"
     make_dirs(out_dir)

@@ -51,6 +51,7 @@ def test_example_values_are_the_defaults_where_they_are_active() -> None:
     ("[[destinations]]\nae_title = \"A_VERY_LONG_AE_TITLE\"\nhost = \"h\"\n", "destinations[0].ae_title"),
     ("[[destinations]]\nae_title = \"PACS\"\nhost = \"h\"\nport = 0\n", "destinations[0].port"),
     ("[delivery]\nresults_dir = 5\n", "delivery.results_dir must be a path string"),
+    ("[storage]\nretention_days = -1\n", "storage.retention_days must be 0 (keep everything) or more"),
     ("[storage\n", "not valid TOML"),
 ])
 def test_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
