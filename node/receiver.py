@@ -125,7 +125,10 @@ def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
 
 
 def _padded(text: str, pad: bytes) -> bytes:
-    value = str(text).encode("ascii")
+    try:
+        value = str(text).encode("ascii")
+    except UnicodeEncodeError:
+        raise SpoolError(f"UID {text!r} in the C-STORE request is not ASCII: fix the sender") from None
     return value + pad if len(value) % 2 else value
 
 
@@ -277,8 +280,8 @@ class Receiver:
         receipt = Receipt(tally.association_id, tally.calling_ae, time.time())
         body = event.request.DataSet
         transfer_syntax = event.context.transfer_syntax
-        head = part10_head(event.context.abstract_syntax, sop_uid, transfer_syntax)
         try:
+            head = part10_head(event.context.abstract_syntax, sop_uid, transfer_syntax)
             header = read_data_set_header(head, body, transfer_syntax)
             with body.getbuffer() as data_set:
                 instance = self.spool.store_parts([head, data_set], header, receipt)
