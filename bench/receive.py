@@ -1,7 +1,8 @@
 """Receive throughput: one association carries an N-slice 512×512 CT series to each receiver in turn.
 
 Receivers, alternated round by round so that disk and CPU noise hit them alike:
-- node: this project's Receiver (in this process, spooling with fsync before each acknowledgement);
+- node: this project's Receiver and series tracker, wired as `serve` wires them (in this process,
+  spooling with fsync before each acknowledgement; series are not completed during the send);
 - storescp: dcmtk writing each file to disk;
 - orthanc: Orthanc with its default storage settings (skipped if Orthanc is not installed).
 The sender is dcmtk storescu with TCP_NODELAY=1 (without it loopback runs at ~20 images/s).
@@ -36,21 +37,13 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import dicom_peers  # noqa: E402
 from dicom_peers import dcmtk_env, free_port, wait_for_port  # noqa: E402
-from node.config import ReceiverConfig  # noqa: E402
+from node.config import CompletionConfig, ReceiverConfig, SelectionConfig  # noqa: E402
 from node.receiver import Receiver  # noqa: E402
-from node.spool import Spool, SpooledInstance  # noqa: E402
+from node.series import SeriesTracker  # noqa: E402
+from node.spool import Spool  # noqa: E402
+from node.state import State  # noqa: E402
 
 ENV = dcmtk_env()
-
-
-class _Discard:
-    """A listener that records nothing: the bench measures the receive path, not the state store."""
-
-    def instance_stored(self, instance: SpooledInstance) -> None:
-        return None
-
-    def association_released(self, association_id: str) -> None:
-        return None
 
 
 def write_series(folder: Path, count: int, size: int = 512) -> list[Path]:
@@ -100,12 +93,15 @@ def send(port: int, called_ae: str, files: list[Path]) -> float:
 def node(work: Path) -> Iterator[int]:
     port = free_port()
     config = ReceiverConfig(ae_title="NODE", port=port, bind_address="127.0.0.1", min_free_disk_mb=100)
-    receiver = Receiver(config, Spool(work / "node-spool"), _Discard())
+    spool, state = Spool(work / "node-spool"), State(work / "node-state.sqlite")
+    tracker = SeriesTracker(spool, state, CompletionConfig(), SelectionConfig())  # as serve wires it
+    receiver = Receiver(config, spool, tracker)
     receiver.start()
     try:
         yield port
     finally:
         receiver.stop(grace_s=5)
+        state.close()
 
 
 def storescp(work: Path) -> contextlib.AbstractContextManager[int]:
