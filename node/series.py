@@ -120,13 +120,15 @@ class _Pending:
     instances: dict[str, SpooledInstance] = field(default_factory=dict)
     not_before: float = 0.0
 
-    def complete(self, now: float, periods: CompletionConfig) -> bool:
-        if now < self.not_before:
-            return False
+    def complete_at(self, periods: CompletionConfig) -> float:
+        """When the series counts as complete if nothing more arrives."""
+        due = self.last_instance_at + periods.idle_quiet_s
         if not self.open_associations and self.released_at is not None:
-            if now - self.released_at >= periods.release_quiet_s:
-                return True
-        return now - self.last_instance_at >= periods.idle_quiet_s
+            due = min(due, self.released_at + periods.release_quiet_s)
+        return max(due, self.not_before)
+
+    def complete(self, now: float, periods: CompletionConfig) -> bool:
+        return now >= self.complete_at(periods)
 
 
 class PrunedMeanwhile(Exception):
@@ -197,6 +199,11 @@ class SeriesTracker:
                 except OSError:
                     break
             return removed
+
+    def next_completion_at(self) -> float | None:
+        """The earliest time a pending series completes, so the scheduler can wake for it."""
+        with self._lock:
+            return min((p.complete_at(self._completion) for p in self._pending.values()), default=None)
 
     def pending_series(self) -> int:
         with self._lock:

@@ -224,3 +224,15 @@ def test_series_whose_job_could_not_be_recorded_stays_pending(tmp_path: Path, ca
     node.clock.now += 10
     assert len(node.tracker.tick()) == 1
     assert node.jobs()[0].status is JobStatus.QUEUED
+
+
+def test_next_completion_is_the_earliest_due_series(node: Node) -> None:
+    assert node.tracker.next_completion_at() is None
+    node.send(4, "a1")
+    assert node.tracker.next_completion_at() == node.clock.now + 60  # association open: the idle rule
+    node.tracker.association_released("a1")
+    released = node.clock.now
+    assert node.tracker.next_completion_at() == released + 5
+    node.clock.now += 5
+    assert len(node.tracker.tick()) == 1
+    assert node.tracker.next_completion_at() is None
