@@ -29,7 +29,7 @@ from .watch import Watcher
 
 log = logging.getLogger(__name__)
 
-SCHEDULER_TICK_S = 0.1  # supervisor and housekeeping rounds; completion is woken for (see run)
+SCHEDULER_TICK_S = 0.1  # the longest the scheduler sleeps; a series falling due wakes it sooner
 MIN_WAIT_S = 0.001
 SHUTDOWN_GRACE_S = 30.0
 
