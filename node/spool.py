@@ -109,11 +109,11 @@ class Spool:
         return self.store_parts([raw], read_header(raw), receipt)
 
     def store_parts(self, parts: Sequence[Bytes], header: Dataset, receipt: Receipt) -> SpooledInstance:
-        """Durably spool a Part 10 file given as consecutive byte ranges and its parsed header.
+        """Durably spool a Part 10 file given as consecutive byte ranges and its header, as read (and
+        checked) by read_header or read_data_set_header.
 
         The receiver's path: file meta and data set are written as they are, never joined or copied.
         """
-        check_header(header)
         sop_uid = _checked_uid(header.SOPInstanceUID, "SOPInstanceUID")
         target = self.series_dir(header.StudyInstanceUID, header.SeriesInstanceUID) / f"{sop_uid}.dcm"
         outcome = self._write(target, parts)

@@ -212,7 +212,7 @@ class Watcher:
         if str(header.SOPClassUID) != CT_IMAGE_STORAGE:
             raise SpoolError(f"SOP class {header.SOPClassUID} is not CT Image Storage: only CT series are measured")
         check_complete(raw)
-        return self.spool.store(raw, Receipt(self._batch_id(), CALLING_AE, time.time()))
+        return self.spool.store_parts([raw], header, Receipt(self._batch_id(), CALLING_AE, time.time()))
 
     def _reject(self, path: Path, label: str, reason: str) -> None:
         """Move the file aside with its reason beside it (the reason file may name the patient: it is on disk)."""
