@@ -48,7 +48,7 @@ release_quiet_s = {release_quiet_s}
 count = 0
 """)
     log = (work / "node.log").open("a")
-    process = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "--config", str(config)],
+    process = subprocess.Popen([sys.executable, "-m", "node.cli.main", "serve", "--config", str(config)],
                                cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while "event=node_started" not in (work / "node.log").read_text():

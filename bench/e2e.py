@@ -1,7 +1,7 @@
 """One CT on the node's own path (issue 6, item 2): load → segment → measure → encode, in seconds per stage.
 
 Writes stand-in weights of the real architecture (tests/standin_weights.py) and a phantom DICOM
-series on the machine itself, then calls node.pipeline.run_pipeline, the function the worker runs,
+series on the machine itself, then calls node.pipeline.run.run_pipeline, the function the worker runs,
 with the stage functions it calls wrapped by timers:
 
     load CT    node.ct_load.load_ct on the DICOM folder
@@ -15,7 +15,7 @@ with the stage functions it calls wrapped by timers:
 
 Node overhead is everything but the model, as a percentage of the model's time (target ≤ 25 %).
 The model process is timed from inside: multiprocessing "spawn" re-imports this script there as
-__mp_main__, where it wraps node.segment.run_totalsegmentator, writes the timings to a file and
+__mp_main__, where it wraps node.pipeline.segment.run_totalsegmentator, writes the timings to a file and
 hands the phantom's true labels back instead of the stand-in networks' output, so that measure
 and encode work on a realistic segmentation.
 
@@ -61,7 +61,7 @@ def hook_model_process() -> None:
     """
     if multiprocessing.current_process().name != MODEL_PROCESS or not os.environ.get(TRUTH):
         return
-    from node import segment
+    from node.pipeline import segment
 
     original = segment.run_totalsegmentator
     times_file = Path(os.environ[MODEL_TIMES]) if os.environ.get(MODEL_TIMES) else None
@@ -230,7 +230,7 @@ class Spans:
 
 
 def run_once(series: Path, out_dir: Path, config, spans: Spans, times_file: Path) -> None:
-    from node.pipeline import run_pipeline
+    from node.pipeline.run import run_pipeline
 
     spans.spans.clear()
     times_file.unlink(missing_ok=True)
@@ -262,7 +262,7 @@ def report(spans: Spans, model: dict, total: float) -> None:
 
 
 def run(args: argparse.Namespace, work: Path) -> None:
-    from node import pipeline
+    from node.pipeline import run as pipeline
     from node.config import Config, SegmenterConfig
 
     weights = standin_weights(work, args)

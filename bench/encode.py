@@ -26,9 +26,9 @@ from dicom_sr.results import gc_paused, warm_up  # noqa: E402
 from dicom_sr.seg import build_seg, segment_map  # noqa: E402
 from dicom_sr.sr import build_sr  # noqa: E402
 from node.config import MeasureConfig  # noqa: E402
-from node.ct import CTVolume  # noqa: E402
-from node.measure import measure  # noqa: E402
-from node.segmentation import Segmentation  # noqa: E402
+from node.pipeline.ct import CTVolume  # noqa: E402
+from node.pipeline.measure import measure  # noqa: E402
+from node.pipeline.segmentation import Segmentation  # noqa: E402
 
 
 def ct_from_phantom(phantom: ph.Phantom) -> CTVolume:

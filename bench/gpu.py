@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from node.config import SegmenterConfig
-from node.ct import CTVolume
-from node.segment import (
+from node.pipeline.ct import CTVolume
+from node.pipeline.segment import (
     TotalSegmentatorSegmenter,
     configure_totalsegmentator,
     nifti_affine,

@@ -34,9 +34,9 @@ def generate(shape: tuple[int, int, int], workdir: Path) -> tuple[Path, Path]:
 
 def timed(ct_path: Path, seg_path: Path) -> dict:
     from node.config import MeasureConfig
-    from node.ct_load import load_ct
-    from node.measure import measure
-    from node.seg_load import load_segmentation
+    from node.pipeline.ct_load import load_ct
+    from node.pipeline.measure import measure
+    from node.pipeline.seg_load import load_segmentation
 
     times = {}
     t0 = time.perf_counter()

@@ -38,10 +38,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import dicom_peers  # noqa: E402
 from dicom_peers import dcmtk_env, free_port, wait_for_port  # noqa: E402
 from node.config import CompletionConfig, ReceiverConfig, SelectionConfig  # noqa: E402
-from node.receiver import Receiver  # noqa: E402
-from node.series import SeriesTracker  # noqa: E402
-from node.spool import Spool  # noqa: E402
-from node.state import State  # noqa: E402
+from node.ingest.receiver import Receiver  # noqa: E402
+from node.ingest.series import SeriesTracker  # noqa: E402
+from node.ingest.spool import Spool  # noqa: E402
+from node.state.store import State  # noqa: E402
 
 ENV = dcmtk_env()
 

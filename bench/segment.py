@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from node.config import SegmenterConfig
-from node.ct import CTVolume
-from node.segment import TotalSegmentatorSegmenter
+from node.pipeline.ct import CTVolume
+from node.pipeline.segment import TotalSegmentatorSegmenter
 
 
 def phantom_ct(shape: tuple[int, int, int]) -> CTVolume:

@@ -100,9 +100,9 @@ def _toml(value: object) -> str:
 def queue_series(config, series: list[Path]) -> None:
     """Spool every file and let SeriesTracker make the jobs, as the receiver and scheduler do."""
     from node.config import CompletionConfig
-    from node.series import SeriesTracker
-    from node.spool import Receipt, Spool
-    from node.state import open_state
+    from node.ingest.series import SeriesTracker
+    from node.ingest.spool import Receipt, Spool
+    from node.state.store import open_state
 
     state = open_state(config.storage.database)
     spool = Spool(config.storage.spool_dir)
@@ -123,7 +123,7 @@ def queue_series(config, series: list[Path]) -> None:
 
 def run_workers(config_path: Path, config, workers: int, timeout_s: float, device: str) -> tuple[float, str]:
     """Start the workers, wait until no job is queued or running, stop them; (seconds, GPU utilisation)."""
-    from node.state import open_state
+    from node.state.store import open_state
 
     state = open_state(config.storage.database)
     command = [sys.executable, str(Path(__file__).resolve()), "--config", str(config_path), "--worker-index"]
@@ -187,8 +187,8 @@ def worker_main(config_path: Path, index: int) -> int:
     """A worker process, as `paraspinal-node worker --index I` starts one (bench/e2e.py's hook included)."""
     from node.config import load_config
     from node.logs import configure
-    from node.state import open_state
-    from node.worker import run_worker
+    from node.state.store import open_state
+    from node.service.worker import run_worker
 
     config = load_config(config_path)
     configure(config.logging)

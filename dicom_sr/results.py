@@ -15,9 +15,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from pydicom.dataset import Dataset
 
-from node.ct import CTVolume, InputError
+from node.pipeline.ct import CTVolume, InputError
 from node.durable import make_dirs, write_atomic
-from node.segmentation import Segmentation
+from node.pipeline.segmentation import Segmentation
 
 from .keyimage import build_key_image
 from .options import EncodeOptions

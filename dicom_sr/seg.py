@@ -21,9 +21,9 @@ from highdicom.seg import SegmentAlgorithmTypeValues, SegmentDescription, Segmen
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
 from node import __version__
-from node.ct import CTVolume
+from node.pipeline.ct import CTVolume
 from node.labels import AUTOCHTHON_LEFT, AUTOCHTHON_RIGHT, MEASURED_LEVELS, VERTEBRA_LABEL
-from node.segmentation import Segmentation
+from node.pipeline.segmentation import Segmentation
 
 from . import codes
 from .options import EncodeOptions

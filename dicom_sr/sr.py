@@ -31,7 +31,7 @@ from highdicom.sr import (
 from pydicom.dataset import Dataset
 
 from node import __version__
-from node.ct import CTVolume
+from node.pipeline.ct import CTVolume
 from node.labels import MEASURED_LEVELS
 
 from . import codes

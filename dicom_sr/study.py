@@ -10,7 +10,7 @@ from pydicom.charset import python_encoding
 from pydicom.dataset import Dataset
 
 from node import __version__
-from node.ct import CTVolume, InputError
+from node.pipeline.ct import CTVolume, InputError
 
 UTF8 = "ISO_IR 192"
 # Type 2 attributes highdicom copies by attribute access; anonymisers often drop them.

@@ -13,7 +13,7 @@ import re
 import sys
 import time
 
-from .config import LoggingConfig
+from node.config import LoggingConfig
 
 _PAIR = re.compile(r"""(\w+)=('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|\S+)""")
 

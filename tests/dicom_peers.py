@@ -18,7 +18,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from node.spool import SpooledInstance
+from node.ingest.spool import SpooledInstance
 
 STARTUP_TIMEOUT_S = 10.0
 

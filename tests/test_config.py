@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from node.cli import main
+from node.cli.main import main
 from node.config import Config, ConfigError, DestinationConfig, load_config
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "config" / "node.toml"

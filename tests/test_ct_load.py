@@ -13,8 +13,8 @@ import SimpleITK as sitk
 from pydicom.uid import JPEG2000Lossless
 
 import phantom as ph
-from node.ct import InputError
-from node.ct_load import load_ct
+from node.pipeline.ct import InputError
+from node.pipeline.ct_load import load_ct
 
 
 
@@ -183,7 +183,7 @@ def test_truncated_pixel_data_is_refused_as_damaged(series):
 
 
 def test_an_unwritable_output_folder_is_one_line(phantom_dicom, phantom_masks, tmp_path, capsys):
-    from node.cli import main
+    from node.cli.main import main
 
     blocker = tmp_path / "file"
     blocker.write_text("x")

@@ -19,10 +19,10 @@ from pynetdicom.sop_class import CTImageStorage
 
 from dicom_peers import free_port, write_ct_series
 from node.config import Config, DestinationConfig
-from node.delivery import DeliveryLoop, export_results, next_attempt_at
-from node.sender import SendOutcome, send_files
-from node.state import DeliveryStatus, NewDelivery, SeriesRecord, State
-from node.worker import RESULTS_FOLDER
+from node.delivery.loop import DeliveryLoop, export_results, next_attempt_at
+from node.delivery.sender import SendOutcome, send_files
+from node.state.store import DeliveryStatus, NewDelivery, SeriesRecord, State
+from node.service.worker import RESULTS_FOLDER
 
 
 class Clock:
@@ -240,7 +240,7 @@ def test_loop_survives_a_locked_database(config: Config, clock: Clock, destinati
     config.storage.state_dir.mkdir(parents=True)
     state = LockedOnce(config.storage.database, clock=clock)
     job_id = finished_job(state, files, f"PACS@127.0.0.1:{destination.port}")
-    with caplog.at_level(logging.ERROR, logger="node.delivery"), running(DeliveryLoop(config, state, clock=clock)):
+    with caplog.at_level(logging.ERROR, logger="node.delivery.loop"), running(DeliveryLoop(config, state, clock=clock)):
         wait_until(lambda: {d.status for d in state.deliveries(job_id)} == {DeliveryStatus.SENT}, "delivery")
     assert any("event=delivery_round_failed" in m for m in caplog.messages)
     assert len(destination.received) == 3

@@ -21,10 +21,10 @@ from dicom_sr.seg import segment_map
 from dicom_sr.sr import MEASUREMENTS, tracking_label
 from dicom_sr.study import character_set
 from node.config import MeasureConfig
-from node.ct_load import load_ct
+from node.pipeline.ct_load import load_ct
 from node.labels import MEASURED_LEVELS
-from node.measure import measure
-from node.segmentation import Segmentation
+from node.pipeline.measure import measure
+from node.pipeline.segmentation import Segmentation
 
 OPTIONS = EncodeOptions(seg_series_number=301, sr_series_number=302, key_image_series_number=303,
                         seg_series_description="SEG test", sr_series_description="SR test",

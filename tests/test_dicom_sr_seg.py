@@ -15,10 +15,10 @@ import phantom as ph
 from dicom_sr.options import EncodeOptions
 from dicom_sr.seg import MUSCLE_SEGMENTS, build_seg, muscle_segment_number, segment_map
 from node.config import MeasureConfig
-from node.ct_load import load_ct
+from node.pipeline.ct_load import load_ct
 from node.labels import AUTOCHTHON_LEFT, AUTOCHTHON_RIGHT, MEASURED_LEVELS, VERTEBRA_LABEL
-from node.measure import measure
-from node.segmentation import Segmentation
+from node.pipeline.measure import measure
+from node.pipeline.segmentation import Segmentation
 
 
 def loaded_case(phantom: ph.Phantom, series: ph.DicomSeries, layout: ph.DicomLayout):

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from node.config import StorageConfig
-from node.housekeeping import Housekeeper
-from node.series import PrunedMeanwhile
-from node.spool import Receipt
-from node.state import _MIGRATIONS, SCHEMA_VERSION, NewDelivery, State, StateError
+from node.service.housekeeping import Housekeeper
+from node.ingest.series import PrunedMeanwhile
+from node.ingest.spool import Receipt
+from node.state.store import _MIGRATIONS, SCHEMA_VERSION, NewDelivery, State, StateError
 from test_series import Node
 
 DAY = 86400.0

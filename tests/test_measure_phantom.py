@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import phantom as ph
-from node.cli import main
+from node.cli.main import main
 
 
 def measure_json(ct: Path, seg: Path, out: Path) -> dict:
@@ -88,7 +88,7 @@ def test_csv_has_a_row_per_level_and_the_total(phantom_truth, phantom_dicom, pha
 def test_refusal_is_one_line_and_a_nonzero_exit(tmp_path):
     (tmp_path / "notes.txt").write_text("not dicom")
     done = subprocess.run(
-        [sys.executable, "-m", "node.cli", "measure", str(tmp_path), "--out", str(tmp_path / "out")],
+        [sys.executable, "-m", "node.cli.main", "measure", str(tmp_path), "--out", str(tmp_path / "out")],
         capture_output=True, text=True, timeout=120,
     )
     assert done.returncode != 0
@@ -99,8 +99,8 @@ def test_refusal_is_one_line_and_a_nonzero_exit(tmp_path):
 def test_masks_on_another_grid_are_resampled_by_position(phantom, phantom_dicom, phantom_masks, tmp_path):
     import SimpleITK as sitk
 
-    from node.ct_load import load_ct
-    from node.seg_load import load_segmentation
+    from node.pipeline.ct_load import load_ct
+    from node.pipeline.seg_load import load_segmentation
 
     fine = sitk.ReadImage(str(phantom_masks("multilabel", "RAS")))
     coarse = sitk.Resample(fine, [n // 2 for n in fine.GetSize()], sitk.Transform(), sitk.sitkNearestNeighbor,
@@ -131,7 +131,7 @@ def test_dicom_flag_writes_the_three_result_objects_in_the_source_study(phantom_
 def test_dicom_results_of_a_series_with_blank_uids_are_refused_in_one_line(tmp_path, capsys, real_ct):
     import SimpleITK as sitk
 
-    from node.ct_load import load_ct
+    from node.pipeline.ct_load import load_ct
 
     real = real_ct
     ct = load_ct(real)

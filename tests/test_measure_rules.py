@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from node.config import MeasureConfig
-from node.ct import CTVolume
+from node.pipeline.ct import CTVolume
 from node.labels import AUTOCHTHON_LEFT, AUTOCHTHON_RIGHT, VERTEBRA_LABEL
-from node.measure import measure
-from node.segmentation import Segmentation
+from node.pipeline.measure import measure
+from node.pipeline.segmentation import Segmentation
 
 K, R, C = 64, 48, 48
 

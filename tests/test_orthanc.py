@@ -30,7 +30,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 import phantom as ph
 from dicom_peers import free_port, wait_for_port
 from dicom_sr.sr import MEASUREMENTS, tracking_label
-from node.ct_load import load_ct
+from node.pipeline.ct_load import load_ct
 from node.labels import CLASS_LABEL, MEASURED_LEVELS
 from orthanc import ORTHANC, Modality, Orthanc, OrthancError
 
@@ -118,7 +118,7 @@ class Node:
 
     def start(self) -> None:
         with self.log.open("a") as log:
-            self._process = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "--config", str(self.config)],
+            self._process = subprocess.Popen([sys.executable, "-m", "node.cli.main", "serve", "--config", str(self.config)],
                                              cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                                              stdout=log, stderr=subprocess.STDOUT)
         wait_for_port(self.port, timeout_s=30)
@@ -136,7 +136,7 @@ class Node:
 
     def status(self) -> dict:
         """`paraspinal-node status --format json`: job and delivery counts, recent jobs and errors."""
-        run = subprocess.run([sys.executable, "-m", "node.cli", "status", "--format", "json", "--jobs", "100",
+        run = subprocess.run([sys.executable, "-m", "node.cli.main", "status", "--format", "json", "--jobs", "100",
                               "--config", str(self.config)], cwd=ROOT, capture_output=True, text=True, timeout=60,
                              env={**os.environ, "PYTHONPATH": str(ROOT)})
         assert run.returncode == 0, run.stderr

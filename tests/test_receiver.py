@@ -23,10 +23,10 @@ from pynetdicom import AE, build_context
 from pynetdicom.sop_class import Verification
 
 from node.config import CompletionConfig, ReceiverConfig, SelectionConfig
-from node.receiver import ENHANCED_CT_IMAGE_STORAGE, Receiver
-from node.series import SeriesTracker
-from node.spool import Spool, StoreOutcome
-from node.state import State
+from node.ingest.receiver import ENHANCED_CT_IMAGE_STORAGE, Receiver
+from node.ingest.series import SeriesTracker
+from node.ingest.spool import Spool, StoreOutcome
+from node.state.store import State
 from dicom_peers import (
     RecordingListener,
     ct_dataset,
@@ -209,7 +209,7 @@ def test_calling_ae_outside_allowlist_is_rejected_and_logged(make_node, tmp_path
     node = make_node(allowed_calling_aes=["MODALITY"])
     sent = write_ct_series(tmp_path / "in", 1)
 
-    with caplog.at_level(logging.WARNING, logger="node.receiver"):
+    with caplog.at_level(logging.WARNING, logger="node.ingest.receiver"):
         refused = storescu(node.port, sent, AE_TITLE, "INTRUDER")
         accepted = storescu(node.port, sent, AE_TITLE, "MODALITY")
 
@@ -319,7 +319,7 @@ def test_aborted_send_waits_for_the_idle_period_not_the_release_period(tmp_path:
     receiver.start()
     study_uid, series_uid = generate_uid(), generate_uid()
     try:
-        with caplog.at_level(logging.INFO, logger="node.receiver"):
+        with caplog.at_level(logging.INFO, logger="node.ingest.receiver"):
             assoc = scu(receiver.port, [build_context(CTImageStorage)])
             for index in range(3):  # then the network drops, halfway through the series
                 assert assoc.send_c_store(ct_dataset(study_uid, series_uid, index, size=8)).Status == 0x0000

@@ -19,8 +19,8 @@ import torch
 from standin_weights import HIGH_HU, MID_HU, sabotage_checkpoint, write_standin_weights
 
 from node.config import SegmenterConfig
-from node.ct import CTVolume
-from node.segment import (
+from node.pipeline.ct import CTVolume
+from node.pipeline.segment import (
     SegmenterError,
     TotalSegmentatorSegmenter,
     WeightsMissingError,

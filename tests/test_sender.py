@@ -13,7 +13,7 @@ from pynetdicom import AE, evt
 
 from dicom_peers import ct_dataset, free_port, storescp
 from node.config import DestinationConfig
-from node.sender import echo, send_files
+from node.delivery.sender import echo, send_files
 
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"

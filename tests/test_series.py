@@ -14,9 +14,9 @@ from pydicom.uid import generate_uid
 
 from dicom_peers import ct_dataset
 from node.config import CompletionConfig, SelectionConfig
-from node.series import SeriesSummary, SeriesTracker, selection_refusal
-from node.spool import Receipt, Spool
-from node.state import JobStatus, State
+from node.ingest.series import SeriesSummary, SeriesTracker, selection_refusal
+from node.ingest.spool import Receipt, Spool
+from node.state.store import JobStatus, State
 
 CHEST = SeriesSummary(modalities=frozenset({"CT"}), image_types=(("ORIGINAL", "PRIMARY", "AXIAL"),),
                       slice_thicknesses=frozenset({1.0}), description="Thorax 1.0 B30f", body_part="CHEST",
@@ -217,7 +217,7 @@ class LockedOnce(State):
 def test_series_whose_job_could_not_be_recorded_stays_pending(tmp_path: Path, caplog) -> None:
     node = Node(tmp_path, state=LockedOnce)
     node.send(4, "a1")
-    with caplog.at_level(logging.ERROR, logger="node.series"):
+    with caplog.at_level(logging.ERROR, logger="node.ingest.series"):
         assert node.complete_after_release("a1") == []
     assert any("event=series_finish_failed" in m for m in caplog.messages)
     assert node.tracker.pending_series() == 1

@@ -29,8 +29,8 @@ from pynetdicom.sop_class import CTImageStorage
 import phantom as ph
 from dicom_peers import dcmtk_env, free_port, storescu, wait_for_port
 from node.config import Config
-from node.service import Service
-from node.state import DeliveryStatus, JobStatus, State, open_state
+from node.service.serve import Service
+from node.state.store import DeliveryStatus, JobStatus, State, open_state
 
 ROOT = Path(__file__).resolve().parents[1]
 PATIENT_NAME = "Phantom^Thorax"
@@ -134,7 +134,7 @@ results_dir = "{root / 'results'}"
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         starts = self.log.read_text().count("event=node_started") if self.log.exists() else 0
         with self.log.open("a") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "--config", str(self.config)],
+            self.process = subprocess.Popen([sys.executable, "-m", "node.cli.main", "serve", "--config", str(self.config)],
                                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         wait_until(lambda: self.log.read_text().count("event=node_started") > starts, "node start", 30)
 
@@ -176,7 +176,7 @@ results_dir = "{root / 'results'}"
         assert result.returncode == 0, result.stderr
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "node.cli", *args, "--config", str(self.config)], cwd=ROOT,
+        return subprocess.run([sys.executable, "-m", "node.cli.main", *args, "--config", str(self.config)], cwd=ROOT,
                               env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
                               timeout=60)
 
@@ -327,7 +327,7 @@ def test_scheduler_round_that_fails_is_logged_and_scheduling_goes_on(tmp_path: P
     service.supervisor.check = check_failing_once
     stop = threading.Event()
     runner = threading.Thread(target=service.run, args=(stop,), daemon=True)
-    with caplog.at_level(logging.ERROR, logger="node.service"):
+    with caplog.at_level(logging.ERROR, logger="node.service.serve"):
         runner.start()
         try:
             wait_until(lambda: len(calls) > 2, "a scheduler round after the failed one", 30)

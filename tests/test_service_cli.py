@@ -13,8 +13,8 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from dicom_peers import free_port
-from node.cli import main
-from node.state import JobStatus, SeriesRecord, open_state
+from node.cli.main import main
+from node.state.store import JobStatus, SeriesRecord, open_state
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from pydicom.uid import generate_uid
 
 from dicom_peers import ct_dataset, write_ct_series
 from node.durable import supports_direct_io, write_atomic
-from node.spool import Receipt, Spool, SpoolError, StoreOutcome
+from node.ingest.spool import Receipt, Spool, SpoolError, StoreOutcome
 
 RECEIPT = Receipt("assoc:test", "MODALITY", time.time())
 

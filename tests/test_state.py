@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from node.state import (SCHEMA_VERSION, DeliveryStatus, JobStatus, NewDelivery, SeriesRecord, State, StateError,
+from node.state.store import (SCHEMA_VERSION, DeliveryStatus, JobStatus, NewDelivery, SeriesRecord, State, StateError,
                         open_state)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from node.config import load_config
-from node.service import SHUTDOWN_GRACE_S
+from node.service.serve import SHUTDOWN_GRACE_S
 
 ROOT = Path(__file__).resolve().parents[1]
 UNITS = ROOT / "systemd"

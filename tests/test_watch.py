@@ -18,8 +18,8 @@ from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
 
 from dicom_peers import RecordingListener, ct_dataset, free_port, write_ct_series
 from node.config import ReceiverConfig
-from node.spool import Spool
-from node.watch import StabilityTracker, Watcher, WatchFolderError
+from node.ingest.spool import Spool
+from node.ingest.watch import StabilityTracker, Watcher, WatchFolderError
 
 ROOT = Path(__file__).resolve().parents[1]
 PATIENT_FOLDER = "MUELLER_JOERG"  # exporters name folders after the patient
@@ -173,7 +173,7 @@ state_dir = "{tmp_path / 'state'}"
 count = 0
 """)
     with read_only(inbox):
-        result = subprocess.run([sys.executable, "-m", "node.cli", "serve", "--config", str(config)], check=False,
+        result = subprocess.run([sys.executable, "-m", "node.cli.main", "serve", "--config", str(config)], check=False,
                                 cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
                                 timeout=120)
 

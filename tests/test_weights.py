@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from standin_weights import write_model, write_standin_weights
 
-from node import weights
+from node.pipeline import weights
 from node.config import SegmenterConfig
 
 PART2 = "Dataset292_TotalSegmentator_part2_vertebrae_1532subj"

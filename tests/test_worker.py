@@ -12,10 +12,10 @@ import pytest
 
 import phantom
 from node.config import Config, DestinationConfig
-from node.pipeline import run_pipeline
-from node.state import JobStatus, SeriesRecord, State, open_state
-from node.weights import MODEL_FILES, required_models
-from node.worker import RESULTS_FOLDER, Stop, Worker, install_stop_handler
+from node.pipeline.run import run_pipeline
+from node.state.store import JobStatus, SeriesRecord, State, open_state
+from node.pipeline.weights import MODEL_FILES, required_models
+from node.service.worker import RESULTS_FOLDER, Stop, Worker, install_stop_handler
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from node.cli import main
+from node.cli.main import main
 from node.labels import MEASURED_LEVELS
-from node.state import SeriesRecord, open_state
-from node.worklist import parse_since
+from node.state.store import SeriesRecord, open_state
+from node.state.worklist import parse_since
 
 
 def stats(median: float | None, volume: float) -> dict:

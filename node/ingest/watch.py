@@ -30,9 +30,9 @@ import pydicom
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from .config import ConfigError, ReceiverConfig
-from .receiver import CT_IMAGE_STORAGE
-from .spool import Receipt, Spool, SpooledInstance, SpoolError, SpoolListener, StoreOutcome, read_header
+from node.config import ConfigError, ReceiverConfig
+from node.ingest.receiver import CT_IMAGE_STORAGE
+from node.ingest.spool import Receipt, Spool, SpooledInstance, SpoolError, SpoolListener, StoreOutcome, read_header
 
 log = logging.getLogger(__name__)
 

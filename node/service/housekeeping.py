@@ -19,9 +19,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import StorageConfig
-from .series import SeriesTracker
-from .state import State
+from node.config import StorageConfig
+from node.ingest.series import SeriesTracker
+from node.state.store import State
 
 log = logging.getLogger(__name__)
 

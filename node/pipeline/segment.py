@@ -22,12 +22,12 @@ from typing import Protocol
 
 import numpy as np
 
-from .config import SegmenterConfig
-from .ct import CTVolume
-from .labels import ROI_SUBSET
-from .seg_load import PrecomputedSegmenter
-from .segmentation import Segmentation, SegmenterError, WeightsMissingError
-from .weights import missing_models, runs_vertebral_bodies
+from node.config import SegmenterConfig
+from node.pipeline.ct import CTVolume
+from node.labels import ROI_SUBSET
+from node.pipeline.seg_load import PrecomputedSegmenter
+from node.pipeline.segmentation import Segmentation, SegmenterError, WeightsMissingError
+from node.pipeline.weights import missing_models, runs_vertebral_bodies
 
 _VARIANTS = "nnunetv2.training.nnUNetTrainer.variants"
 _TRAINER_MODULES = {  # the trainers of the models in node.weights (total, fast, crop, vertebrae_body)

@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import ConfigError, load_config
-from .ct import InputError
+from node.config import ConfigError, load_config
+from node.pipeline.ct import InputError
 
 
 def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
@@ -21,8 +21,8 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .pipeline import run_pipeline
-    from .segment import SegmenterError, WeightsMissingError
+    from node.pipeline.run import run_pipeline
+    from node.pipeline.segment import SegmenterError, WeightsMissingError
 
     try:
         config = load_config(args.config)

@@ -12,9 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-from .config import Config, ConfigError, load_config
-from .logs import configure
-from .state import StateError, open_state
+from node.config import Config, ConfigError, load_config
+from node.logs import configure
+from node.state.store import StateError, open_state
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -58,7 +58,7 @@ def _guarded(handler, args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace, config: Config) -> int:
-    from .service import StartError, serve
+    from node.service.serve import StartError, serve
 
     configure(config.logging)
     try:
@@ -69,14 +69,14 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
 
 
 def _worker(args: argparse.Namespace, config: Config) -> int:
-    from .worker import run_worker
+    from node.service.worker import run_worker
 
     configure(config.logging)
     store = open_state(config.storage.database)
     if args.index is not None or args.count == 1:
         return run_worker(config, store, args.index or 0)
-    from .supervisor import WorkerSupervisor
-    from .service import stop_on_signals
+    from node.service.supervisor import WorkerSupervisor
+    from node.service.serve import stop_on_signals
 
     stop = stop_on_signals()
     supervisor = WorkerSupervisor(args.config, args.count, store)
@@ -124,8 +124,8 @@ def _retry(args: argparse.Namespace, config: Config) -> int:
 
 
 def _echo(args: argparse.Namespace, config: Config) -> int:
-    from .delivery import parse_destination
-    from .sender import echo
+    from node.delivery.loop import parse_destination
+    from node.delivery.sender import echo
 
     try:
         peer = parse_destination(args.peer)
@@ -138,7 +138,7 @@ def _echo(args: argparse.Namespace, config: Config) -> int:
 
 
 def _config_check(args: argparse.Namespace, config: Config) -> int:
-    from .weights import missing_models
+    from node.pipeline.weights import missing_models
 
     source = args.config or "built-in defaults"
     print(f"config OK ({source})")
@@ -155,7 +155,7 @@ def _config_check(args: argparse.Namespace, config: Config) -> int:
 
 
 def _worklist(args: argparse.Namespace, config: Config) -> int:
-    from .worklist import parse_since, render, worklist_row
+    from node.state.worklist import parse_since, render, worklist_row
 
     try:
         since = parse_since(args.since) if args.since else None

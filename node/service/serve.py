@@ -17,15 +17,15 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from .config import Config
-from .delivery import DeliveryLoop
-from .housekeeping import Housekeeper
-from .receiver import Receiver
-from .series import SeriesTracker
-from .spool import Spool
-from .state import State, open_state
-from .supervisor import WorkerSupervisor
-from .watch import Watcher
+from node.config import Config
+from node.delivery.loop import DeliveryLoop
+from node.service.housekeeping import Housekeeper
+from node.ingest.receiver import Receiver
+from node.ingest.series import SeriesTracker
+from node.ingest.spool import Spool
+from node.state.store import State, open_state
+from node.service.supervisor import WorkerSupervisor
+from node.ingest.watch import Watcher
 
 log = logging.getLogger(__name__)
 

@@ -41,8 +41,8 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
-from .config import ReceiverConfig
-from .spool import Receipt, Spool, SpoolError, SpoolListener, StoreOutcome, read_data_set_header
+from node.config import ReceiverConfig
+from node.ingest.spool import Receipt, Spool, SpoolError, SpoolListener, StoreOutcome, read_data_set_header
 
 log = logging.getLogger(__name__)
 

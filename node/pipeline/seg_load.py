@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .config import SegmenterConfig
-from .ct import CTVolume, InputError
-from .labels import BODY_CLASS, CLASS_LABEL
-from .segmentation import PrecomputedMissingError, Segmentation
+from node.config import SegmenterConfig
+from node.pipeline.ct import CTVolume, InputError
+from node.labels import BODY_CLASS, CLASS_LABEL
+from node.pipeline.segmentation import PrecomputedMissingError, Segmentation
 
 BODY_FILE = f"{BODY_CLASS}.nii.gz"
 

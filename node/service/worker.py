@@ -20,13 +20,13 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from .config import Config
-from .ct import InputError
-from .durable import make_dirs
-from .pipeline import PipelineResult, run_pipeline
-from .segmentation import NotReadyError
-from .state import Job, JobStore, NewDelivery
-from .weights import missing_models
+from node.config import Config
+from node.pipeline.ct import InputError
+from node.durable import make_dirs
+from node.pipeline.run import PipelineResult, run_pipeline
+from node.pipeline.segmentation import NotReadyError
+from node.state.store import Job, JobStore, NewDelivery
+from node.pipeline.weights import missing_models
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 
-from .ct import CTVolume, InputError
+from node.pipeline.ct import CTVolume, InputError
 
 log = logging.getLogger(__name__)
 

@@ -5,18 +5,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import __version__
+from node import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="paraspinal-node", description=__doc__)
     parser.add_argument("--version", action="version", version=__version__)
     sub = parser.add_subparsers(dest="command", required=True)
-    from . import measure_cli, service_cli, weights
+    from node.cli import measure, service
+    from node.pipeline import weights
 
-    measure_cli.add_subcommand(sub)
+    measure.add_subcommand(sub)
     weights.add_subcommand(sub)
-    service_cli.add_subcommand(sub)
+    service.add_subcommand(sub)
     return parser
 
 

@@ -20,7 +20,7 @@ from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 
-from .config import DestinationConfig
+from node.config import DestinationConfig
 
 log = logging.getLogger(__name__)
 

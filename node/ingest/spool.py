@@ -25,7 +25,7 @@ from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
 
-from .durable import TEMP_SUFFIX, Bytes, fsync_dir, supports_direct_io, write_atomic
+from node.durable import TEMP_SUFFIX, Bytes, fsync_dir, supports_direct_io, write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pydicom
 
-from .config import CompletionConfig, SelectionConfig
-from .spool import Receipt, Spool, SpooledInstance, StoreOutcome, SpoolError, summarize
-from .state import JobStatus, SeriesRecord, State
+from node.config import CompletionConfig, SelectionConfig
+from node.ingest.spool import Receipt, Spool, SpooledInstance, StoreOutcome, SpoolError, summarize
+from node.state.store import JobStatus, SeriesRecord, State
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ import re
 from datetime import date
 from typing import Any
 
-from .labels import MEASURED_LEVELS
-from .state import SeriesRecord
+from node.labels import MEASURED_LEVELS
+from node.state.store import SeriesRecord
 
 _DATE = re.compile(r"^(\d{4})-?(\d{2})-?(\d{2})$")
 

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from . import __version__
-from .config import MeasureConfig
-from .ct import CTVolume
-from .labels import AUTOCHTHON_LEFT, AUTOCHTHON_RIGHT, MEASURED_LEVELS, VERTEBRA_LABEL
-from .segmentation import Segmentation
+from node import __version__
+from node.config import MeasureConfig
+from node.pipeline.ct import CTVolume
+from node.labels import AUTOCHTHON_LEFT, AUTOCHTHON_RIGHT, MEASURED_LEVELS, VERTEBRA_LABEL
+from node.pipeline.segmentation import Segmentation
 
 METHOD_NAME = "seed"
 METHOD_REFERENCE = (

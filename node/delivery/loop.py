@@ -16,11 +16,11 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import Config, DestinationConfig
-from .durable import write_atomic
-from .sender import SendOutcome, send_files
-from .state import Delivery, State
-from .worker import RESULTS_FOLDER
+from node.config import Config, DestinationConfig
+from node.durable import write_atomic
+from node.delivery.sender import SendOutcome, send_files
+from node.state.store import Delivery, State
+from node.service.worker import RESULTS_FOLDER
 
 log = logging.getLogger(__name__)
 

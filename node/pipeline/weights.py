@@ -17,7 +17,7 @@ from pathlib import Path
 
 from totalsegmentator.map_tasks_config import TASK_CONFIGS, TASK_ID_WEIGHTS_CONFIGS
 
-from .config import ConfigError, SegmenterConfig, load_config
+from node.config import ConfigError, SegmenterConfig, load_config
 
 # totalsegmentator.libs.download_pretrained_weights builds its URLs from this base (a local there).
 RELEASE_URL = "https://github.com/wasserth/TotalSegmentator/releases/download"

@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .state import JobStore
-from .worker import worker_id
+from node.state.store import JobStore
+from node.service.worker import worker_id
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class WorkerSupervisor:
         slot.restart_delay_s = min(slot.restart_delay_s * 2, _MAX_RESTART_DELAY_S)
 
     def _spawn(self, index: int) -> subprocess.Popen:
-        command = [sys.executable, "-m", "node.cli", "worker", "--index", str(index)]
+        command = [sys.executable, "-m", "node.cli.main", "worker", "--index", str(index)]
         if self._config_path is not None:
             command += ["--config", str(self._config_path)]
         process = subprocess.Popen(command, preexec_fn=_die_with_parent)

@@ -11,14 +11,14 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import Config
-from .ct import CTVolume
-from .ct_load import load_ct
-from .measure import MeasurementResult, measure
-from .report import write_reports
-from .seg_load import load_segmentation
-from .segment import make_segmenter
-from .segmentation import Segmentation
+from node.config import Config
+from node.pipeline.ct import CTVolume
+from node.pipeline.ct_load import load_ct
+from node.pipeline.measure import MeasurementResult, measure
+from node.pipeline.report import write_reports
+from node.pipeline.seg_load import load_segmentation
+from node.pipeline.segment import make_segmenter
+from node.pipeline.segmentation import Segmentation
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ import io
 import json
 from pathlib import Path
 
-from .durable import make_dirs, write_atomic
-from .measure import MeasurementResult, MuscleStats
+from node.durable import make_dirs, write_atomic
+from node.pipeline.measure import MeasurementResult, MuscleStats
 
 STAT_COLUMNS = ("voxels", "volume_cm3", "median_hu", "mean_hu", "sd_hu", "p25_hu", "p75_hu", "fat_fraction")
 LEAN_COLUMNS = ("voxels", "volume_cm3", "median_hu", "mean_hu", "sd_hu", "p25_hu", "p75_hu")

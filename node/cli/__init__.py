@@ -1,0 +1,1 @@
+"""Thin commands: parse arguments, call one component, map errors to exit codes."""

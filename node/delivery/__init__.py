@@ -1,0 +1,1 @@
+"""Runs in `serve`: sends results to their destinations until acknowledged."""

@@ -1,0 +1,1 @@
+"""Process wiring: `serve`, the worker process, the worker supervisor, housekeeping."""
