@@ -262,8 +262,8 @@ def report(spans: Spans, model: dict, total: float) -> None:
 
 
 def run(args: argparse.Namespace, work: Path) -> None:
-    from node.pipeline import run as pipeline
     from node.config import Config, SegmenterConfig
+    from node.pipeline import run as pipeline
 
     weights = standin_weights(work, args)
     (series,) = phantom_series(work, args, 1)

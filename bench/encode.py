@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 import phantom as ph  # noqa: E402
+
 from dicom_sr.keyimage import build_key_image  # noqa: E402
 from dicom_sr.options import EncodeOptions  # noqa: E402
 from dicom_sr.results import gc_paused, warm_up  # noqa: E402

@@ -37,6 +37,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import dicom_peers  # noqa: E402
 from dicom_peers import dcmtk_env, free_port, wait_for_port  # noqa: E402
+
 from node.config import CompletionConfig, ReceiverConfig, SelectionConfig  # noqa: E402
 from node.ingest.receiver import Receiver  # noqa: E402
 from node.ingest.series import SeriesTracker  # noqa: E402

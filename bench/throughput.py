@@ -187,8 +187,8 @@ def worker_main(config_path: Path, index: int) -> int:
     """A worker process, as `paraspinal-node worker --index I` starts one (bench/e2e.py's hook included)."""
     from node.config import load_config
     from node.logs import configure
-    from node.state.store import open_state
     from node.service.worker import run_worker
+    from node.state.store import open_state
 
     config = load_config(config_path)
     configure(config.logging)

@@ -8,8 +8,8 @@ object that uses it declares in its Coding Scheme Identification Sequence.
 
 from __future__ import annotations
 
-from highdicom.sr import CodedConcept
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from highdicom.sr import CodedConcept
 
 from node.labels import MEASURED_LEVELS
 

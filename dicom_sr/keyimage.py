@@ -14,11 +14,11 @@ matplotlib.use("Agg")
 
 import highdicom as hd  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
-from node.pipeline.ct import CTVolume  # noqa: E402
 from node.labels import MEASURED_LEVELS  # noqa: E402
+from node.pipeline.ct import CTVolume  # noqa: E402
 
 from . import codes  # noqa: E402
 from .options import EncodeOptions  # noqa: E402

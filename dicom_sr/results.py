@@ -15,8 +15,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from pydicom.dataset import Dataset
 
-from node.pipeline.ct import CTVolume, InputError
 from node.durable import make_dirs, write_atomic
+from node.pipeline.ct import CTVolume, InputError
 from node.pipeline.segmentation import Segmentation
 
 from .keyimage import build_key_image

@@ -16,13 +16,13 @@ from dataclasses import dataclass
 
 import highdicom as hd
 import numpy as np
-from scipy import ndimage
-from highdicom.seg import SegmentAlgorithmTypeValues, SegmentDescription, SegmentationTypeValues
+from highdicom.seg import SegmentAlgorithmTypeValues, SegmentationTypeValues, SegmentDescription
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
+from scipy import ndimage
 
 from node import __version__
-from node.pipeline.ct import CTVolume
 from node.labels import AUTOCHTHON_LEFT, AUTOCHTHON_RIGHT, MEASURED_LEVELS, VERTEBRA_LABEL
+from node.pipeline.ct import CTVolume
 from node.pipeline.segmentation import Segmentation
 
 from . import codes

@@ -31,8 +31,8 @@ from highdicom.sr import (
 from pydicom.dataset import Dataset
 
 from node import __version__
-from node.pipeline.ct import CTVolume
 from node.labels import MEASURED_LEVELS
+from node.pipeline.ct import CTVolume
 
 from . import codes
 from .options import EncodeOptions

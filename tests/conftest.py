@@ -5,10 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
 import phantom as ph
-
+import pytest
 
 REAL_CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "totalseg-example-ct"
 

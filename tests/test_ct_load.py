@@ -7,15 +7,14 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import phantom as ph
 import pydicom
 import pytest
 import SimpleITK as sitk
 from pydicom.uid import JPEG2000Lossless
 
-import phantom as ph
 from node.pipeline.ct import InputError
 from node.pipeline.ct_load import load_ct
-
 
 
 @pytest.fixture(scope="module")

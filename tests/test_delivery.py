@@ -13,16 +13,16 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from dicom_peers import free_port, write_ct_series
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage
 
-from dicom_peers import free_port, write_ct_series
 from node.config import Config, DestinationConfig
 from node.delivery.loop import DeliveryLoop, export_results, next_attempt_at
 from node.delivery.sender import SendOutcome, send_files
-from node.state.store import DeliveryStatus, NewDelivery, SeriesRecord, State
 from node.service.worker import RESULTS_FOLDER
+from node.state.store import DeliveryStatus, NewDelivery, SeriesRecord, State
 
 
 class Clock:

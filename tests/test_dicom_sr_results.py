@@ -10,10 +10,10 @@ import shutil
 import subprocess
 
 import numpy as np
+import phantom as ph
 import pydicom
 import pytest
 
-import phantom as ph
 from dicom_sr.keyimage import render_key_image, screening_flag
 from dicom_sr.options import EncodeOptions
 from dicom_sr.results import write_results
@@ -21,8 +21,8 @@ from dicom_sr.seg import segment_map
 from dicom_sr.sr import MEASUREMENTS, tracking_label
 from dicom_sr.study import character_set
 from node.config import MeasureConfig
-from node.pipeline.ct_load import load_ct
 from node.labels import MEASURED_LEVELS
+from node.pipeline.ct_load import load_ct
 from node.pipeline.measure import measure
 from node.pipeline.segmentation import Segmentation
 
@@ -106,7 +106,7 @@ def test_utf8_source_name_stays_utf8(tmp_path, small_phantom):
     for path in (files.seg, files.sr, files.key_image):
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         assert (ds.SpecificCharacterSet, str(ds.PatientName)) == ("ISO_IR 192", "Müller^Jörg")
-        assert "Müller^Jörg".encode("utf-8") in path.read_bytes()
+        assert "Müller^Jörg".encode() in path.read_bytes()
 
 
 def test_character_set_switches_to_utf8_only_when_the_source_set_cannot_encode(encoded):

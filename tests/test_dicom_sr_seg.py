@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import highdicom as hd
 import numpy as np
+import phantom as ph
 import pydicom
 import pytest
 
-import phantom as ph
 from dicom_sr.options import EncodeOptions
 from dicom_sr.seg import MUSCLE_SEGMENTS, build_seg, muscle_segment_number, segment_map
 from node.config import MeasureConfig
-from node.pipeline.ct_load import load_ct
 from node.labels import AUTOCHTHON_LEFT, AUTOCHTHON_RIGHT, MEASURED_LEVELS, VERTEBRA_LABEL
+from node.pipeline.ct_load import load_ct
 from node.pipeline.measure import measure
 from node.pipeline.segmentation import Segmentation
 

@@ -6,13 +6,13 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from test_series import Node
 
 from node.config import StorageConfig
-from node.service.housekeeping import Housekeeper
 from node.ingest.series import PrunedMeanwhile
 from node.ingest.spool import Receipt
+from node.service.housekeeping import Housekeeper
 from node.state.store import _MIGRATIONS, SCHEMA_VERSION, NewDelivery, State, StateError
-from test_series import Node
 
 DAY = 86400.0
 

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import phantom as ph
 import pytest
 
-import phantom as ph
 from node.cli.main import main
 
 

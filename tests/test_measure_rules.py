@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from node.config import MeasureConfig
-from node.pipeline.ct import CTVolume
 from node.labels import AUTOCHTHON_LEFT, AUTOCHTHON_RIGHT, VERTEBRA_LABEL
+from node.pipeline.ct import CTVolume
 from node.pipeline.measure import measure
 from node.pipeline.segmentation import Segmentation
 

@@ -21,18 +21,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import phantom as ph
 import pydicom
 import pytest
 import SimpleITK as sitk
+from dicom_peers import free_port, wait_for_port
+from orthanc import ORTHANC, Modality, Orthanc, OrthancError
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-import phantom as ph
-from dicom_peers import free_port, wait_for_port
 from dicom_sr.sr import MEASUREMENTS, tracking_label
-from node.pipeline.ct_load import load_ct
 from node.labels import CLASS_LABEL, MEASURED_LEVELS
-from orthanc import ORTHANC, Modality, Orthanc, OrthancError
+from node.pipeline.ct_load import load_ct
 
 pytestmark = pytest.mark.skipif(not ORTHANC.exists(), reason=f"{ORTHANC} missing: apt-get install orthanc")
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import phantom as ph
 import pydicom
 import pytest
 
-import phantom as ph
 from node.labels import AUTOCHTHON_LEFT, AUTOCHTHON_RIGHT, MEASURED_LEVELS, THORACIC, VERTEBRA_LABEL
 
 

@@ -11,6 +11,16 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from dicom_peers import (
+    RecordingListener,
+    ct_dataset,
+    dataset_bytes,
+    dcmtk_env,
+    echoscu,
+    free_port,
+    storescu,
+    write_ct_series,
+)
 from pydicom.uid import (
     CTImageStorage,
     DeflatedExplicitVRLittleEndian,
@@ -27,16 +37,6 @@ from node.ingest.receiver import ENHANCED_CT_IMAGE_STORAGE, Receiver
 from node.ingest.series import SeriesTracker
 from node.ingest.spool import Spool, StoreOutcome
 from node.state.store import State
-from dicom_peers import (
-    RecordingListener,
-    ct_dataset,
-    dataset_bytes,
-    dcmtk_env,
-    echoscu,
-    free_port,
-    storescu,
-    write_ct_series,
-)
 
 AE_TITLE = "NODE"
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from dicom_peers import ct_dataset, free_port, storescp
 from pydicom.dataset import Dataset
 from pydicom.uid import ImplicitVRLittleEndian, RLELossless, generate_uid
 from pynetdicom import AE, evt
 
-from dicom_peers import ct_dataset, free_port, storescp
 from node.config import DestinationConfig
 from node.delivery.sender import echo, send_files
 

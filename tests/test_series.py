@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from dicom_peers import ct_dataset
 from pydicom.uid import generate_uid
 
-from dicom_peers import ct_dataset
 from node.config import CompletionConfig, SelectionConfig
 from node.ingest.series import SeriesSummary, SeriesTracker, selection_refusal
 from node.ingest.spool import Receipt, Spool

@@ -20,14 +20,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import phantom as ph
 import pydicom
 import pytest
+from dicom_peers import dcmtk_env, free_port, storescu, wait_for_port
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
-import phantom as ph
-from dicom_peers import dcmtk_env, free_port, storescu, wait_for_port
 from node.config import Config
 from node.service.serve import Service
 from node.state.store import DeliveryStatus, JobStatus, State, open_state

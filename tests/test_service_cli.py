@@ -9,10 +9,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from dicom_peers import free_port
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from dicom_peers import free_port
 from node.cli.main import main
 from node.state.store import JobStatus, SeriesRecord, open_state
 

@@ -6,9 +6,9 @@ import time
 from pathlib import Path
 
 import pytest
+from dicom_peers import ct_dataset, write_ct_series
 from pydicom.uid import generate_uid
 
-from dicom_peers import ct_dataset, write_ct_series
 from node.durable import supports_direct_io, write_atomic
 from node.ingest.spool import Receipt, Spool, SpoolError, StoreOutcome
 

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from node.state.store import (SCHEMA_VERSION, DeliveryStatus, JobStatus, NewDelivery, SeriesRecord, State, StateError,
-                        open_state)
+from node.state.store import SCHEMA_VERSION, DeliveryStatus, JobStatus, NewDelivery, SeriesRecord, State, StateError, open_state
 
 
 class Clock:

@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from dicom_peers import RecordingListener, ct_dataset, free_port, write_ct_series
 from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
 
-from dicom_peers import RecordingListener, ct_dataset, free_port, write_ct_series
 from node.config import ReceiverConfig
 from node.ingest.spool import Spool
 from node.ingest.watch import StabilityTracker, Watcher, WatchFolderError

@@ -8,14 +8,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import phantom
 import pytest
 
-import phantom
 from node.config import Config, DestinationConfig
 from node.pipeline.run import run_pipeline
-from node.state.store import JobStatus, SeriesRecord, State, open_state
 from node.pipeline.weights import MODEL_FILES, required_models
 from node.service.worker import RESULTS_FOLDER, Stop, Worker, install_stop_handler
+from node.state.store import JobStatus, SeriesRecord, State, open_state
 
 
 @dataclass(frozen=True)

@@ -75,8 +75,8 @@ def _worker(args: argparse.Namespace, config: Config) -> int:
     store = open_state(config.storage.database)
     if args.index is not None or args.count == 1:
         return run_worker(config, store, args.index or 0)
-    from node.service.supervisor import WorkerSupervisor
     from node.service.serve import stop_on_signals
+    from node.service.supervisor import WorkerSupervisor
 
     stop = stop_on_signals()
     supervisor = WorkerSupervisor(args.config, args.count, store)

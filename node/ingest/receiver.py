@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 from pynetdicom import (
-    ALL_TRANSFER_SYNTAXES,
     AE,
+    ALL_TRANSFER_SYNTAXES,
     PYNETDICOM_IMPLEMENTATION_UID,
     PYNETDICOM_IMPLEMENTATION_VERSION,
     StoragePresentationContexts,

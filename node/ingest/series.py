@@ -24,7 +24,7 @@ from pathlib import Path
 import pydicom
 
 from node.config import CompletionConfig, SelectionConfig
-from node.ingest.spool import Receipt, Spool, SpooledInstance, StoreOutcome, SpoolError, summarize
+from node.ingest.spool import Receipt, Spool, SpooledInstance, SpoolError, StoreOutcome, summarize
 from node.state.store import JobStatus, SeriesRecord, State
 
 log = logging.getLogger(__name__)

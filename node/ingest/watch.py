@@ -26,7 +26,6 @@ from io import BytesIO
 from pathlib import Path
 
 import pydicom
-
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 

@@ -19,8 +19,8 @@ from scipy import ndimage
 
 from node import __version__
 from node.config import MeasureConfig
-from node.pipeline.ct import CTVolume
 from node.labels import AUTOCHTHON_LEFT, AUTOCHTHON_RIGHT, MEASURED_LEVELS, VERTEBRA_LABEL
+from node.pipeline.ct import CTVolume
 from node.pipeline.segmentation import Segmentation
 
 METHOD_NAME = "seed"

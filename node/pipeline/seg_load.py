@@ -15,8 +15,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from node.config import SegmenterConfig
-from node.pipeline.ct import CTVolume, InputError
 from node.labels import BODY_CLASS, CLASS_LABEL
+from node.pipeline.ct import CTVolume, InputError
 from node.pipeline.segmentation import PrecomputedMissingError, Segmentation
 
 BODY_FILE = f"{BODY_CLASS}.nii.gz"

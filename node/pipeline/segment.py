@@ -23,8 +23,8 @@ from typing import Protocol
 import numpy as np
 
 from node.config import SegmenterConfig
-from node.pipeline.ct import CTVolume
 from node.labels import ROI_SUBSET
+from node.pipeline.ct import CTVolume
 from node.pipeline.seg_load import PrecomputedSegmenter
 from node.pipeline.segmentation import Segmentation, SegmenterError, WeightsMissingError
 from node.pipeline.weights import missing_models, runs_vertebral_bodies

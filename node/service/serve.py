@@ -19,13 +19,13 @@ from types import FrameType
 
 from node.config import Config
 from node.delivery.loop import DeliveryLoop
-from node.service.housekeeping import Housekeeper
 from node.ingest.receiver import Receiver
 from node.ingest.series import SeriesTracker
 from node.ingest.spool import Spool
-from node.state.store import State, open_state
-from node.service.supervisor import WorkerSupervisor
 from node.ingest.watch import Watcher
+from node.service.housekeeping import Housekeeper
+from node.service.supervisor import WorkerSupervisor
+from node.state.store import State, open_state
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from node.state.store import JobStore
 from node.service.worker import worker_id
+from node.state.store import JobStore
 
 log = logging.getLogger(__name__)
 

@@ -21,12 +21,12 @@ from pathlib import Path
 from types import FrameType
 
 from node.config import Config
-from node.pipeline.ct import InputError
 from node.durable import make_dirs
+from node.pipeline.ct import InputError
 from node.pipeline.run import PipelineResult, run_pipeline
 from node.pipeline.segmentation import NotReadyError
-from node.state.store import Job, JobStore, NewDelivery
 from node.pipeline.weights import missing_models
+from node.state.store import Job, JobStore, NewDelivery
 
 log = logging.getLogger(__name__)
 
