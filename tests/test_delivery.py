@@ -6,7 +6,6 @@ import contextlib
 import logging
 import sqlite3
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -17,20 +16,13 @@ from dicom_peers import free_port, write_ct_series
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage
+from support import Clock, wait_until
 
 from node.config import Config, DestinationConfig
 from node.delivery.loop import DeliveryLoop, export_results, next_attempt_at
 from node.delivery.sender import SendOutcome, send_files
 from node.service.worker import RESULTS_FOLDER
 from node.state.store import DeliveryStatus, NewDelivery, SeriesRecord, State
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 10_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Destination:
@@ -201,13 +193,6 @@ def test_results_folder_gets_json_and_csv(config: Config, state: State, clock: C
 def test_export_refuses_a_missing_outbox(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         export_results(tmp_path / "gone", tmp_path / "results", "1.2.3")
-
-
-def wait_until(predicate, what: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"{what} did not happen within {timeout_s} s"
-        time.sleep(0.02)
 
 
 @contextlib.contextmanager

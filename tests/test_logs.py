@@ -19,7 +19,7 @@ def record(message: str, *args: object, exc: bool = False) -> logging.LogRecord:
             raise RuntimeError("first line\nsecond line")
         except RuntimeError:
             exc_info = sys.exc_info()
-    return logging.LogRecord("node.service.worker", logging.WARNING, __file__, 1, message, args, exc_info)
+    return logging.LogRecord("node.worker", logging.WARNING, __file__, 1, message, args, exc_info)
 
 
 def test_key_value_line_keeps_the_event_and_folds_the_traceback() -> None:

@@ -16,8 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from dicom_peers import free_port, wait_for_port
 from orthanc import ORTHANC, Modality, Orthanc, OrthancError
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from support import wait_until
 
 from dicom_sr.sr import MEASUREMENTS, tracking_label
 from node.labels import CLASS_LABEL, MEASURED_LEVELS
@@ -51,16 +51,6 @@ ONCE_EACH = {"seg": [1], "sr": [1], "key_image": [1]}  # one series of one insta
 JPEG_LS_LOSSLESS = "1.2.840.10008.1.2.4.80"
 JPEG_2000_LOSSLESS = "1.2.840.10008.1.2.4.90"
 ABSENT = "121054"  # SR qualitative evaluation code of an absent level
-
-
-def wait_until(predicate: Callable[[], object], what: str, timeout_s: float = WAIT_S) -> object:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise TimeoutError(f"{what} did not happen within {timeout_s} s")
 
 
 def node_config(state_dir: Path, port: int, orthanc: Orthanc, precomputed: Path) -> str:

@@ -12,6 +12,7 @@ import pydicom
 import pytest
 from dicom_peers import ct_dataset
 from pydicom.uid import generate_uid
+from support import Clock
 
 from node.config import CompletionConfig, SelectionConfig
 from node.ingest.series import SeriesSummary, SeriesTracker, selection_refusal
@@ -21,14 +22,6 @@ from node.state.store import JobStatus, State
 CHEST = SeriesSummary(modalities=frozenset({"CT"}), image_types=(("ORIGINAL", "PRIMARY", "AXIAL"),),
                       slice_thicknesses=frozenset({1.0}), description="Thorax 1.0 B30f", body_part="CHEST",
                       kernel="B30f", instances=200)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 5000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.mark.parametrize(("change", "rules", "expected"), [
@@ -57,7 +50,7 @@ class Node:
     """A spool, a state database and a tracker on a fake clock, fed like the receiver feeds them."""
 
     def __init__(self, root: Path, selection: SelectionConfig | None = None, state: type[State] = State) -> None:
-        self.clock = Clock()
+        self.clock = Clock(5000.0)
         self.spool = Spool(root / "spool")
         self.state = state(root / "state.sqlite", clock=self.clock)
         self.selection = selection or SelectionConfig(min_slices=3)

@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from dicom_peers import dcmtk_env, free_port, storescu, wait_for_port
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
+from support import wait_until
 
 from node.config import Config
 from node.service.serve import Service
@@ -52,16 +52,6 @@ def series(tmp_path_factory: pytest.TempPathFactory) -> Series:
     written = ph.write_dicom_series(body, root / "ct", patient_name=PATIENT_NAME)
     ph.write_masks(body, root / "precomputed" / written.series_uid)
     return Series(written.paths, written.study_uid, written.series_uid, root / "precomputed")
-
-
-def wait_until(predicate: Callable[[], object], what: str, timeout_s: float = WAIT_S) -> object:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise TimeoutError(f"{what} did not happen within {timeout_s} s")
 
 
 class Destination:

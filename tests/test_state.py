@@ -7,16 +7,9 @@ import threading
 from pathlib import Path
 
 import pytest
+from support import Clock
 
 from node.state.store import SCHEMA_VERSION, DeliveryStatus, JobStatus, NewDelivery, SeriesRecord, State, StateError, open_state
-
-
-class Clock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def series(uid: str = "1.2.3", date: str = "20240105") -> SeriesRecord:
@@ -26,7 +19,7 @@ def series(uid: str = "1.2.3", date: str = "20240105") -> SeriesRecord:
 
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(1000.0)
 
 
 @pytest.fixture

@@ -10,12 +10,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from dicom_peers import RecordingListener, ct_dataset, free_port, write_ct_series
 from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
+from support import wait_until
 
 from node.config import ReceiverConfig
 from node.ingest.spool import Spool
@@ -26,14 +27,6 @@ PATIENT_FOLDER = "MUELLER_JOERG"  # exporters name folders after the patient
 
 STABLE_S = 0.5
 WAIT_S = 20.0
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"condition not met within {timeout_s} s")
-        time.sleep(0.05)
 
 
 class Inbox:
