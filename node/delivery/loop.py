@@ -17,9 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from node.config import Config, DestinationConfig
+from node.delivery.destinations import RESULTS_FOLDER
 from node.delivery.sender import SendOutcome, send_files
 from node.durable import write_atomic
-from node.service.worker import RESULTS_FOLDER
 from node.state.store import Delivery, State
 
 log = logging.getLogger(__name__)

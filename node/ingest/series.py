@@ -188,17 +188,7 @@ class SeriesTracker:
         with self._lock:
             if series_uid in self._pending or not claim():
                 return None
-            removed = 0
-            for path in folder.glob("*"):
-                if path.is_file():
-                    path.unlink(missing_ok=True)
-                    removed += 1
-            for empty in (folder, folder.parent):  # the study folder too, once its last series is gone
-                try:
-                    empty.rmdir()
-                except OSError:
-                    break
-            return removed
+            return self._spool.remove_series(folder)
 
     def next_completion_at(self) -> float | None:
         """The earliest time a pending series completes, so the scheduler can wake for it."""

@@ -140,6 +140,22 @@ class Spool:
             for series in sorted(p for p in study.iterdir() if p.is_dir()):
                 yield study.name, series.name
 
+    def remove_series(self, folder: Path) -> int:
+        """Delete a series folder's files, then the folder and its study folder once empty; returns files removed."""
+        if folder.parent.parent != self.root:
+            raise ValueError(f"{folder} is not a series folder of the spool {self.root}: not removed")
+        removed = 0
+        for path in folder.glob("*"):
+            if path.is_file():
+                path.unlink(missing_ok=True)
+                removed += 1
+        for empty in (folder, folder.parent):  # the study folder too, once its last series is gone
+            try:
+                empty.rmdir()
+            except OSError:
+                break
+        return removed
+
     def remove_partial_files(self) -> int:
         """Delete temp files left by writes that a crash interrupted (never acknowledged)."""
         removed = 0

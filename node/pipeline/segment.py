@@ -6,14 +6,12 @@ hang in the model costs one job, never the node, and GPU memory is returned when
 
 from __future__ import annotations
 
-import ctypes
 import importlib
 import importlib.metadata
 import json
 import multiprocessing
 import os
 import signal
-import sys
 import tempfile
 import traceback
 from collections.abc import Callable
@@ -28,6 +26,7 @@ from node.pipeline.ct import CTVolume
 from node.pipeline.seg_load import PrecomputedSegmenter
 from node.pipeline.segmentation import Segmentation, SegmenterError, WeightsMissingError
 from node.pipeline.weights import missing_models, runs_vertebral_bodies
+from node.process import die_with_parent
 
 _VARIANTS = "nnunetv2.training.nnUNetTrainer.variants"
 _TRAINER_MODULES = {  # the trainers of the models in node.weights (total, fast, crop, vertebrae_body)
@@ -189,7 +188,7 @@ def _read_result(job_dir: Path, ct: CTVolume) -> Segmentation:
 def child_main(job_dir_name: str) -> None:
     """Entry point of the child: reads job.json, writes labels.npy (+ body.npy) or error.json."""
     os.setpgid(0, 0)
-    _die_with_parent()
+    die_with_parent(signal.SIGKILL)  # a node that dies must not leave a model holding the GPU
     job_dir = Path(job_dir_name)
     try:
         job = json.loads((job_dir / "job.json").read_text(encoding="utf-8"))
@@ -201,12 +200,6 @@ def child_main(job_dir_name: str) -> None:
         error = {"type": type(exc).__name__, "message": lines[0] if lines else ""}
         (job_dir / "error.json").write_text(json.dumps(error), encoding="utf-8")
         raise SystemExit(1) from None
-
-
-def _die_with_parent() -> None:
-    """A node that dies must not leave a model holding the GPU (Linux prctl PR_SET_PDEATHSIG)."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)
 
 
 def configure_totalsegmentator(weights_dir: Path, home: Path) -> None:

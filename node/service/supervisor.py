@@ -8,7 +8,7 @@ are requeued at once instead of waiting for their leases to run out.
 
 from __future__ import annotations
 
-import ctypes
+import functools
 import logging
 import signal
 import subprocess
@@ -17,19 +17,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from node.service.worker import worker_id
+from node.process import die_with_parent
+from node.service.ids import worker_id
 from node.state.store import JobStore
 
 log = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
 _MAX_RESTART_DELAY_S = 60.0
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGTERM it when the supervisor dies, even by kill -9 (Linux)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 @dataclass
@@ -94,7 +88,7 @@ class WorkerSupervisor:
         command = [sys.executable, "-m", "node.cli.main", "worker", "--index", str(index)]
         if self._config_path is not None:
             command += ["--config", str(self._config_path)]
-        process = subprocess.Popen(command, preexec_fn=_die_with_parent)
+        process = subprocess.Popen(command, preexec_fn=functools.partial(die_with_parent, signal.SIGTERM))
         log.info("event=worker_spawned index=%d pid=%d", index, process.pid)
         return process
 

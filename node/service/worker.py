@@ -10,10 +10,8 @@ that dies simply stops renewing its lease, and the job is claimed again when the
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -21,16 +19,17 @@ from pathlib import Path
 from types import FrameType
 
 from node.config import Config
+from node.delivery.destinations import RESULTS_FOLDER, destination_key
 from node.durable import make_dirs
 from node.pipeline.ct import InputError
 from node.pipeline.run import PipelineResult, run_pipeline
 from node.pipeline.segmentation import NotReadyError
 from node.pipeline.weights import missing_models
+from node.service.ids import worker_id
 from node.state.store import Job, JobStore, NewDelivery
 
 log = logging.getLogger(__name__)
 
-RESULTS_FOLDER = "folder"  # the delivery destination that stands for delivery.results_dir
 DICOM_RESULTS = ("seg", "sr", "keyimage")
 
 Pipeline = Callable[[Path, Path, Config], PipelineResult]
@@ -38,15 +37,6 @@ Pipeline = Callable[[Path, Path, Config], PipelineResult]
 
 class Stop(BaseException):
     """Raised in the worker's main thread by SIGTERM, so the running job is handed back at once."""
-
-
-def worker_id(index: int = 0, pid: int | None = None) -> str:
-    """The lease owner name: unique per process, and known to the supervisor that started it."""
-    return f"{socket.gethostname()}:{os.getpid() if pid is None else pid}:{index}"
-
-
-def destination_key(ae_title: str, host: str, port: int) -> str:
-    return f"{ae_title}@{host}:{port}"
 
 
 def deliveries_for(result: PipelineResult, config: Config, out_dir: Path) -> list[NewDelivery]:

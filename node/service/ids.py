@@ -1,0 +1,11 @@
+"""Names the supervisor and its workers agree on, kept apart from the worker so `serve` never imports the pipeline."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+
+def worker_id(index: int = 0, pid: int | None = None) -> str:
+    """The lease owner name: unique per process, and known to the supervisor that started it."""
+    return f"{socket.gethostname()}:{os.getpid() if pid is None else pid}:{index}"
