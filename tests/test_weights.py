@@ -10,7 +10,7 @@ import pytest
 from standin_weights import write_model, write_standin_weights
 
 from node.config import SegmenterConfig
-from node.pipeline import weights
+from node import weights
 
 PART2 = "Dataset292_TotalSegmentator_part2_vertebrae_1532subj"
 CROP = "Dataset298_TotalSegmentator_total_6mm_1559subj"

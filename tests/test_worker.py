@@ -13,7 +13,7 @@ import pytest
 
 from node.config import Config, DestinationConfig
 from node.pipeline.run import run_pipeline
-from node.pipeline.weights import MODEL_FILES, required_models
+from node.weights import MODEL_FILES, required_models
 from node.service.worker import RESULTS_FOLDER, Stop, Worker, install_stop_handler
 from node.state.store import JobStatus, SeriesRecord, State, open_state
 

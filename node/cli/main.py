@@ -13,7 +13,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=__version__)
     sub = parser.add_subparsers(dest="command", required=True)
     from node.cli import measure, service
-    from node.pipeline import weights
+    from node import weights
 
     measure.add_subcommand(sub)
     weights.add_subcommand(sub)

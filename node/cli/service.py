@@ -138,7 +138,7 @@ def _echo(args: argparse.Namespace, config: Config) -> int:
 
 
 def _config_check(args: argparse.Namespace, config: Config) -> int:
-    from node.pipeline.weights import missing_models
+    from node.weights import missing_models
 
     source = args.config or "built-in defaults"
     print(f"config OK ({source})")

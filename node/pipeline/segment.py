@@ -25,7 +25,7 @@ from node.labels import ROI_SUBSET
 from node.pipeline.ct import CTVolume
 from node.pipeline.seg_load import PrecomputedSegmenter
 from node.pipeline.segmentation import Segmentation, SegmenterError, WeightsMissingError
-from node.pipeline.weights import missing_models, runs_vertebral_bodies
+from node.weights import missing_models, runs_vertebral_bodies
 from node.process import die_with_parent
 
 _VARIANTS = "nnunetv2.training.nnUNetTrainer.variants"

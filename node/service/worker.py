@@ -24,7 +24,7 @@ from node.durable import make_dirs
 from node.pipeline.ct import InputError
 from node.pipeline.run import PipelineResult, run_pipeline
 from node.pipeline.segmentation import NotReadyError
-from node.pipeline.weights import missing_models
+from node.weights import missing_models
 from node.service.ids import worker_id
 from node.state.store import Job, JobStore, NewDelivery
 
