@@ -52,3 +52,23 @@ def test_configure_selects_the_format(capsys: pytest.CaptureFixture) -> None:
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
+
+
+@pytest.mark.parametrize("formatter", [KeyValueFormatter(), JsonFormatter()])
+def test_a_peer_cannot_add_a_field_or_a_raw_control_character(formatter: logging.Formatter) -> None:
+    line = formatter.format(record("event=association_accepted calling_ae=%s peer=%s", "Z event=echo_ok", "a\x00b\x1b"))
+    assert "\x00" not in line and "\x1b" not in line and "\n" not in line
+    pairs = json.loads(line) if isinstance(formatter, JsonFormatter) else fields(line)
+    assert pairs["event"] == "association_accepted"
+    assert pairs["calling_ae"] == "Z event=echo_ok" and pairs["peer"] == "a\x00b\x1b"
+
+
+def test_a_peer_cannot_overwrite_the_fixed_json_keys() -> None:
+    payload = json.loads(JsonFormatter().format(record("event=x level=%s ae=%s", "ERROR", "level=ERROR")))
+    assert payload["level"] == "WARNING" and payload["ae"] == "level=ERROR"
+
+
+def test_json_reason_keeps_every_word() -> None:
+    payload = json.loads(JsonFormatter().format(record("event=instance_refused status=0x%04X reason=%s", 0xA700,
+                                                       "spool disk below receiver.min_free_disk_mb")))
+    assert payload["reason"] == "spool disk below receiver.min_free_disk_mb" and payload["status"] == "0xA700"

@@ -438,7 +438,7 @@ def test_foreign_calling_ae_is_refused_and_logged(orthanc: Orthanc, node: Node) 
     with pytest.raises(OrthancError):
         orthanc.echo(STRANGER)
     wait_until(lambda: f"event=association_rejected calling_ae={STRANGER_AE}" in node.log_text(), "rejection logged")
-    assert "reason=calling AE not in receiver.allowed_calling_aes" in node.log_text()
+    assert 'reason="calling AE not in receiver.allowed_calling_aes"' in node.log_text()
 
 
 def test_orthanc_rest_api_needs_the_credentials(orthanc: Orthanc) -> None:

@@ -120,7 +120,7 @@ class Spool:
         instance = summarize(header, target, receipt, outcome)
         if outcome is StoreOutcome.REPLACED:
             log.warning(
-                "event=instance_replaced series=%s sop=%s association=%s reason=same SOP Instance UID with different content",
+                "event=instance_replaced series=%s sop=%s association=%s reason=\"same SOP Instance UID with different content\"",
                 instance.series_uid, instance.sop_instance_uid, receipt.association_id,
             )
         return instance
