@@ -24,9 +24,9 @@ from node.durable import make_dirs
 from node.pipeline.ct import InputError
 from node.pipeline.run import PipelineResult, run_pipeline
 from node.pipeline.segmentation import NotReadyError
-from node.weights import missing_models
 from node.service.ids import worker_id
 from node.state.store import Job, JobStore, NewDelivery
+from node.weights import missing_models
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class Worker:
             self._process(job)
         except Stop:
             self._store.release(job.id, self._owner)
-            log.info("event=job_released job=%d series=%s reason=worker stopping", job.id, job.series_uid)
+            log.info("event=job_released job=%d series=%s reason=\"worker stopping\"", job.id, job.series_uid)
             raise
         return True
 
@@ -107,7 +107,7 @@ class Worker:
         if self._store.complete(job.id, self._owner, result.measurement.to_dict(), deliveries):
             log.info("event=job_done job=%d series=%s deliveries=%d", job.id, job.series_uid, len(deliveries))
         else:
-            log.warning("event=job_lease_lost job=%d series=%s reason=another worker took the job", job.id,
+            log.warning("event=job_lease_lost job=%d series=%s reason=\"another worker took the job\"", job.id,
                         job.series_uid)
 
     def _retry_or_fail(self, job: Job, error: str) -> None:
@@ -131,7 +131,7 @@ class Worker:
         if not _weights_missing(self._config):
             released = self._store.release_held()
             if released:
-                log.info("event=held_jobs_released count=%d reason=nothing missing any more, trying again", released)
+                log.info("event=held_jobs_released count=%d reason=\"nothing missing any more, trying again\"", released)
 
 
 class _LeaseKeeper:
