@@ -158,6 +158,19 @@ class LoggingConfig:
 
 
 @dataclass
+class WebConfig:
+    """The status page, /metrics and health checks inside `serve`; read-only but for retry."""
+
+    enabled: bool = True
+    bind: str = "127.0.0.1"  # loopback: put a reverse proxy in front to reach it from elsewhere
+    port: int = 8780
+    auth: str = "none"  # none, basic or bearer; retry needs basic or bearer
+    secret_file: Path | None = None  # the password or token, one line; never in the TOML
+    show_patient_names: bool = False
+    refresh_s: int = 30  # pages reload themselves this often (0: never)
+
+
+@dataclass
 class Config:
     receiver: ReceiverConfig = field(default_factory=ReceiverConfig)
     destinations: list[DestinationConfig] = field(default_factory=list)
@@ -170,9 +183,11 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     results: ResultsConfig = field(default_factory=ResultsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    web: WebConfig = field(default_factory=WebConfig)
 
 
 _VALID_BACKENDS = ("totalsegmentator", "precomputed")
+_VALID_WEB_AUTH = ("none", "basic", "bearer")
 _VALID_BODY_MODES = ("auto", "on", "off")
 
 
@@ -297,6 +312,7 @@ def _validate(config: Config) -> None:
         if not 0 < dest.port < 65536:
             raise ConfigError(f"destinations[{i}].port must be 1..65535, not {dest.port}")
     _validate_selection(config.selection)
+    _validate_web(config.web)
     _validate_positive(config)
     if config.logging.format not in ("kv", "json"):
         raise ConfigError(f"logging.format must be kv or json, not {config.logging.format!r}")
@@ -319,6 +335,19 @@ def _validate_selection(selection: SelectionConfig) -> None:
         raise ConfigError("selection.slice_thickness_min_mm must not exceed selection.slice_thickness_max_mm")
     if selection.min_slices < 1:
         raise ConfigError("selection.min_slices must be at least 1")
+
+
+def _validate_web(web: WebConfig) -> None:
+    if web.auth not in _VALID_WEB_AUTH:
+        raise ConfigError(f"web.auth must be one of {', '.join(_VALID_WEB_AUTH)}, not {web.auth!r}")
+    if not 0 < web.port < 65536:
+        raise ConfigError(f"web.port must be 1..65535, not {web.port}")
+    if not web.bind:
+        raise ConfigError("web.bind must be an address, e.g. 127.0.0.1")
+    if web.refresh_s < 0:
+        raise ConfigError(f"web.refresh_s must be 0 (no refresh) or more, not {web.refresh_s}")
+    if web.auth != "none" and web.secret_file is None:
+        raise ConfigError(f"web.auth = {web.auth!r} needs web.secret_file: a file holding the password or token")
 
 
 def _validate_positive(config: Config) -> None:
