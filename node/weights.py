@@ -1,4 +1,4 @@
-"""Which TotalSegmentator model folders the node needs, and `paraspinal-node weights` to check or install them.
+"""Which TotalSegmentator model folders the node needs, whether they are installed, and how to install them.
 
 The node never lets TotalSegmentator download: every folder it would fetch must already be in
 `segmenter.weights_dir`. An admin fetches the release zips elsewhere and installs them offline.
@@ -6,18 +6,15 @@ The node never lets TotalSegmentator download: every folder it would fetch must 
 
 from __future__ import annotations
 
-import argparse
 import shutil
-import sys
 import tempfile
 import zipfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from totalsegmentator.map_tasks_config import TASK_CONFIGS, TASK_ID_WEIGHTS_CONFIGS
 
-from node.config import ConfigError, SegmenterConfig, load_config
+from node.config import SegmenterConfig
 
 # totalsegmentator.libs.download_pretrained_weights builds its URLs from this base (a local there).
 RELEASE_URL = "https://github.com/wasserth/TotalSegmentator/releases/download"
@@ -95,7 +92,20 @@ def _optional(config: SegmenterConfig) -> list[Model]:
     return [body_model()] if config.vertebral_bodies == "auto" else []
 
 
-# ---------------------------------------------------------------- install
+@dataclass(frozen=True)
+class ModelState:
+    """One model folder this config uses: whether the run needs it and whether it is installed."""
+
+    model: Model
+    required: bool
+    present: bool
+
+
+def inventory(config: SegmenterConfig) -> list[ModelState]:
+    """Every folder a run with these options needs (required) or uses when present (optional)."""
+    return [ModelState(m, True, m.is_installed(config.weights_dir)) for m in _required(config)] + [
+        ModelState(m, False, m.is_installed(config.weights_dir)) for m in _optional(config)]
+
 
 
 class InstallError(Exception):
@@ -162,91 +172,3 @@ def zips_in(source: Path) -> list[Path]:
     if source.is_dir():
         return sorted(source.glob("*.zip"))
     raise InstallError(f"{source} does not exist: pass a folder of TotalSegmentator release zips or one zip")
-
-
-# ---------------------------------------------------------------- CLI
-
-
-def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("weights", help="check or install TotalSegmentator weights (offline)")
-    actions = parser.add_subparsers(dest="weights_command", required=True)
-
-    check = actions.add_parser("check", help="list required model folders; exit 0 only when all are present")
-    _add_common(check)
-    check.set_defaults(handler=_check)
-
-    install = actions.add_parser("install", help="unpack release zips into the weights directory")
-    install.add_argument("--from", dest="source", type=Path, required=True,
-                         help="folder of TotalSegmentator release zips, or one zip")
-    _add_common(install)
-    install.set_defaults(handler=_install)
-
-    urls = actions.add_parser("urls", help="print the release zip URLs to fetch on a machine with internet")
-    _add_common(urls)
-    urls.set_defaults(handler=_urls)
-
-
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="node.toml (segmenter.weights_dir, fast, vertebral_bodies)")
-    parser.add_argument("--weights-dir", type=Path, help="overrides segmenter.weights_dir")
-
-
-def _segmenter_config(args: argparse.Namespace) -> SegmenterConfig:
-    config = load_config(args.config).segmenter
-    if args.weights_dir is not None:
-        config.weights_dir = args.weights_dir
-    return config
-
-
-def _one_line_errors(handler: Callable[[argparse.Namespace, SegmenterConfig], int]) -> Callable[[argparse.Namespace], int]:
-    """Every weights subcommand reads the config the same way and reports a bad one in one line."""
-
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return handler(args, _segmenter_config(args))
-        except (ConfigError, InstallError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-
-    return run
-
-
-def _report(config: SegmenterConfig) -> int:
-    print(f"weights directory: {Path(config.weights_dir).resolve()}")
-    missing = []
-    for model in _required(config):
-        present = model.is_installed(config.weights_dir)
-        print(f"  {'present' if present else 'MISSING'}  {model.folder}")
-        if not present:
-            missing.append(model)
-    for model in _optional(config):
-        state = "present" if model.is_installed(config.weights_dir) else "absent (optional: whole vertebrae are used)"
-        print(f"  {state}  {model.folder}")
-    if missing:
-        print("fetch these on a machine with internet, then run "
-              "`paraspinal-node weights install --from <folder of the zips>`:")
-        for model in missing:
-            print(f"  {model.url}")
-        return 1
-    return 0
-
-
-@_one_line_errors
-def _check(args: argparse.Namespace, config: SegmenterConfig) -> int:
-    return _report(config)
-
-
-@_one_line_errors
-def _install(args: argparse.Namespace, config: SegmenterConfig) -> int:
-    for archive in zips_in(args.source):
-        for name in install_zip(archive, Path(config.weights_dir)):
-            print(f"installed {name} from {archive.name}")
-    _report(config)  # what is still missing, for the admin; the install itself succeeded
-    return 0
-
-
-@_one_line_errors
-def _urls(args: argparse.Namespace, config: SegmenterConfig) -> int:
-    for model in _required(config) + _optional(config):
-        print(model.url)
-    return 0

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from standin_weights import write_model, write_standin_weights
 
-from node.config import SegmenterConfig
 from node import weights
+from node.cli import weights as weights_cli
+from node.config import SegmenterConfig
 
 PART2 = "Dataset292_TotalSegmentator_part2_vertebrae_1532subj"
 CROP = "Dataset298_TotalSegmentator_total_6mm_1559subj"
@@ -20,7 +21,7 @@ BODY = "Dataset305_vertebrae_discs_1559subj"
 
 def run_cli(*argv: str) -> int:
     parser = argparse.ArgumentParser(prog="paraspinal-node")
-    weights.add_subcommand(parser.add_subparsers(dest="command", required=True))
+    weights_cli.add_subcommand(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(list(argv))
     return int(args.handler(args))
 

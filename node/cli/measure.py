@@ -6,8 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from node.cli.exit_codes import ExitCode
 from node.config import ConfigError, load_config
-from node.pipeline.ct import InputError
+from node.errors import InputError
 
 
 def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
@@ -29,11 +30,11 @@ def run(args: argparse.Namespace) -> int:
         result = run_pipeline(args.ct, args.out, config, seg_path=args.seg, dicom=args.dicom)
     except (ConfigError, InputError, WeightsMissingError, SegmenterError) as exc:
         print(f"paraspinal-node measure: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     except OSError as exc:
         print(f"paraspinal-node measure: {exc.strerror or exc}: {exc.filename or ''} (check the paths and permissions)",
               file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     for name, path in result.files.items():
         print(f"{name}: {path}")
-    return 0
+    return ExitCode.OK

@@ -12,11 +12,12 @@ import sys
 import time
 from pathlib import Path
 
+from node.cli.exit_codes import ExitCode
 from node.config import Config, ConfigError, load_config
 from node.logs import configure
 from node.state.store import StateError, open_state
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = ExitCode.OK, ExitCode.FAILED, ExitCode.USAGE
 
 
 def add_subcommand(subparsers: argparse._SubParsersAction) -> None:

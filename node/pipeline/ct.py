@@ -8,9 +8,9 @@ import numpy as np
 import SimpleITK as sitk
 from pydicom import Dataset
 
+from node.errors import InputError
 
-class InputError(Exception):
-    """A CT or segmentation the node refuses; the message is one line for the user."""
+__all__ = ["CTVolume", "InputError"]
 
 
 @dataclass

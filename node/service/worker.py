@@ -21,7 +21,7 @@ from types import FrameType
 from node.config import Config
 from node.delivery.destinations import RESULTS_FOLDER, destination_key
 from node.durable import make_dirs
-from node.pipeline.ct import InputError
+from node.errors import InputError
 from node.pipeline.run import PipelineResult, run_pipeline
 from node.pipeline.segmentation import NotReadyError
 from node.service.ids import worker_id
