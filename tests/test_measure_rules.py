@@ -43,7 +43,7 @@ def test_slab_is_the_body_extent_and_muscle_is_the_whole_plane_on_it():
     assert t5.left.fat_fraction == 0 and t5.right.fat_fraction == 1
     assert t5.combined.lean.voxels == t5.left.voxels
     assert t5.combined.volume_cm3 == pytest.approx(640 * 2.5 * 0.8 * 0.8 / 1000)
-    assert result.total["combined"].voxels == 10 * 640
+    assert result.total.combined.voxels == 10 * 640
     assert [lv.status for lv in result.levels] == ["complete"] * 10
     assert result.qc == []
 
@@ -60,7 +60,7 @@ def test_without_vertebrae_body_the_whole_vertebra_defines_the_slab_and_says_so(
     labels[39, 12:14, 22:24] = VERTEBRA_LABEL["T5"]  # a spinous process reaching into the disc
     hu[39, 12:14, 22:24] = 300
     result = measure(volume(hu), Segmentation(labels, None), MeasureConfig())
-    assert result.method["vertebral_body_source"] == "whole_vertebra"
+    assert result.method.vertebral_body_source == "whole_vertebra"
     assert result.level("T5").slab.last_slice == 39
     assert "whole_vertebra_bodies" in {f.code for f in result.qc}
 
@@ -114,7 +114,7 @@ def test_overlapping_slabs_count_a_shared_slice_in_both():
     result = measure(volume(hu), Segmentation(labels, body), MeasureConfig())
     assert result.level("T5").slab.last_slice == result.level("T4").slab.first_slice == 39
     assert "slab_overlap" in {f.code for f in result.qc}
-    assert result.total["combined"].voxels < sum(lv.combined.voxels for lv in result.levels)
+    assert result.total.combined.voxels < sum(lv.combined.voxels for lv in result.levels)
 
 
 def test_thick_slices_and_short_scans_are_flagged():

@@ -12,7 +12,7 @@ muscle voxels with no HU window (the `lean` block adds the −29..150 HU window 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
@@ -22,13 +22,13 @@ from node.config import MeasureConfig
 from node.labels import AUTOCHTHON_LEFT, AUTOCHTHON_RIGHT, MEASURED_LEVELS, VERTEBRA_LABEL
 from node.pipeline.ct import CTVolume
 from node.pipeline.segmentation import Segmentation
+from node.screening import LevelStatus
 
 METHOD_NAME = "seed"
 METHOD_REFERENCE = (
     "Paraspinal muscle at T1-T10 by slabs of TotalSegmentator vertebral bodies (1-700 HU); "
     "median HU of left+right autochthon voxels, no HU window (MESA paraspinal muscle study)"
 )
-SIDES = ("left", "right", "combined")
 
 
 @dataclass
@@ -56,14 +56,27 @@ class Slab:
 
 
 @dataclass
+class Sides:
+    """Left, right and both sides together, the three ways every figure is reported."""
+
+    left: MuscleStats
+    right: MuscleStats
+    combined: MuscleStats
+
+
+@dataclass
 class LevelResult:
     level: str
-    status: str  # complete, partial or absent
+    status: LevelStatus
     reasons: list[str]
     slab: Slab | None
     left: MuscleStats
     right: MuscleStats
     combined: MuscleStats
+
+    @property
+    def sides(self) -> Sides:
+        return Sides(self.left, self.right, self.combined)
 
 
 @dataclass
@@ -73,13 +86,29 @@ class QCFinding:
 
 
 @dataclass
+class Method:
+    """What a reader needs to recompute the numbers; `parameters` are printed as key=value."""
+
+    name: str
+    vertebral_body_source: str  # vertebrae_body, or whole_vertebra when the body task did not run
+    parameters: dict[str, float | str]
+    reference: str
+
+
+@dataclass
+class Software:
+    paraspinal_node: str
+    totalsegmentator: str | None
+
+
+@dataclass
 class MeasurementResult:
     levels: list[LevelResult]
-    total: dict[str, MuscleStats]
+    total: Sides
     qc: list[QCFinding]
-    method: dict
+    method: Method
     source: dict
-    software: dict = field(default_factory=dict)
+    software: Software
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -100,10 +129,10 @@ def measure(ct: CTVolume, seg: Segmentation, params: MeasureConfig) -> Measureme
         levels=levels,
         total=total,
         qc=_qc_findings(ct, seg, params, levels),
-        method={
-            "name": METHOD_NAME,
-            "vertebral_body_source": "vertebrae_body" if seg.body is not None else "whole_vertebra",
-            "parameters": {
+        method=Method(
+            name=METHOD_NAME,
+            vertebral_body_source="vertebrae_body" if seg.body is not None else "whole_vertebra",
+            parameters={
                 "body_hu_min": params.body_hu_min,
                 "body_hu_max": params.body_hu_max,
                 "fat_hu_below": params.fat_hu_below,
@@ -112,10 +141,10 @@ def measure(ct: CTVolume, seg: Segmentation, params: MeasureConfig) -> Measureme
                 "slab": "min..max axial slice index of the level body mask",
                 "statistics": "all muscle voxels, no HU window, no resampling; percentiles linear; SD population",
             },
-            "reference": METHOD_REFERENCE,
-        },
+            reference=METHOD_REFERENCE,
+        ),
         source={"study_instance_uid": ct.study_uid, "series_instance_uid": ct.series_uid},
-        software={"paraspinal_node": __version__, "totalsegmentator": seg.totalsegmentator_version},
+        software=Software(paraspinal_node=__version__, totalsegmentator=seg.totalsegmentator_version),
     )
 
 
@@ -143,12 +172,13 @@ def _measure_level(ct: CTVolume, seg: Segmentation, params: MeasureConfig, name:
     if slab is None:
         reason = "vertebra not segmented" if box is None else "no vertebral body voxels within the HU window"
         empty = _muscle_stats(np.empty(0, np.int16), ct.voxel_volume_mm3, params)
-        return LevelResult(name, "absent", [reason], None, empty, empty, empty)
+        return LevelResult(name, LevelStatus.ABSENT, [reason], None, empty, empty, empty)
     selected = np.zeros(ct.shape[0], dtype=bool)
     selected[slab.first_slice : slab.last_slice + 1] = True
     sides = _muscle_on_slices(ct, seg, params, selected, muscle)
     reasons = _partial_reasons(ct, seg, box, slab, muscle)
-    return LevelResult(name, "partial" if reasons else "complete", reasons, slab, **sides)
+    status = LevelStatus.PARTIAL if reasons else LevelStatus.COMPLETE
+    return LevelResult(name, status, reasons, slab, sides.left, sides.right, sides.combined)
 
 
 def _slab(ct: CTVolume, seg: Segmentation, params: MeasureConfig, label: int, box) -> Slab | None:
@@ -188,7 +218,7 @@ def _union_of_slabs(levels: list[LevelResult], n_slices: int) -> np.ndarray:
 
 def _muscle_on_slices(
     ct: CTVolume, seg: Segmentation, params: MeasureConfig, selected: np.ndarray, muscle: _InPlaneBox | None
-) -> dict[str, MuscleStats]:
+) -> Sides:
     """Left, right and combined statistics of the muscle on the selected slices."""
     ks = np.flatnonzero(selected)
     if muscle is None or ks.size == 0:
@@ -200,11 +230,11 @@ def _muscle_on_slices(
         hu = ct.hu[span, muscle.rows, muscle.cols][inside]
         left, right = hu[labels == AUTOCHTHON_LEFT], hu[labels == AUTOCHTHON_RIGHT]
     volume = ct.voxel_volume_mm3
-    return {
-        "left": _muscle_stats(left, volume, params),
-        "right": _muscle_stats(right, volume, params),
-        "combined": _muscle_stats(np.concatenate([left, right]), volume, params),
-    }
+    return Sides(
+        left=_muscle_stats(left, volume, params),
+        right=_muscle_stats(right, volume, params),
+        combined=_muscle_stats(np.concatenate([left, right]), volume, params),
+    )
 
 
 def _muscle_stats(values: np.ndarray, voxel_mm3: float, params: MeasureConfig) -> MuscleStats:
@@ -262,7 +292,7 @@ def _height_findings(params: MeasureConfig, present: list[LevelResult]) -> list[
         QCFinding("body_height", f"{level.level} vertebral body height {level.slab.height_mm:.1f} mm is outside "
                   f"{params.body_height_min_mm:.0f}–{params.body_height_max_mm:.0f} mm")
         for level in present
-        if level.status == "complete" and not params.body_height_min_mm <= level.slab.height_mm <= params.body_height_max_mm
+        if level.status is LevelStatus.COMPLETE and not params.body_height_min_mm <= level.slab.height_mm <= params.body_height_max_mm
     ]
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from node.durable import make_dirs, write_atomic
 from node.pipeline.measure import MeasurementResult, MuscleStats
+from node.screening import coverage
 
 STAT_COLUMNS = ("voxels", "volume_cm3", "median_hu", "mean_hu", "sd_hu", "p25_hu", "p75_hu", "fat_fraction")
 LEAN_COLUMNS = ("voxels", "volume_cm3", "median_hu", "mean_hu", "sd_hu", "p25_hu", "p75_hu")
@@ -27,9 +28,8 @@ def csv_header() -> list[str]:
 
 def csv_rows(result: MeasurementResult) -> list[list]:
     rows = [[level.level, level.status, *_side_cells(level.combined, level.left, level.right)] for level in result.levels]
-    statuses = {level.status for level in result.levels}
-    total_status = "complete" if statuses == {"complete"} else "partial" if "complete" in statuses or "partial" in statuses else "absent"
-    rows.append([TOTAL_ROW, total_status, *_side_cells(result.total["combined"], result.total["left"], result.total["right"])])
+    total_status = coverage((level.level, level.status) for level in result.levels).status
+    rows.append([TOTAL_ROW, total_status, *_side_cells(result.total.combined, result.total.left, result.total.right)])
     return rows
 
 

@@ -19,6 +19,7 @@ from node.pipeline.report import write_reports
 from node.pipeline.seg_load import load_segmentation
 from node.pipeline.segment import make_segmenter
 from node.pipeline.segmentation import Segmentation
+from node.screening import LevelStatus
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def run_pipeline(ct_path: Path, out_dir: Path, config: Config, seg_path: Path | 
     files = {"measurements_json": json_path, "measurements_csv": csv_path}
     if dicom:  # NIfTI input is refused here in one line, after the reports are written
         files.update(_encode(ct, seg, result, out_dir, config))
-    log.info("event=measured series=%s levels_present=%d", ct.series_uid, sum(lv.status != "absent" for lv in result.levels))
+    log.info("event=measured series=%s levels_present=%d", ct.series_uid, sum(lv.status is not LevelStatus.ABSENT for lv in result.levels))
     return PipelineResult(result, files)
 
 
