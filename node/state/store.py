@@ -19,6 +19,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
+STAGE_DELIVER = "deliver"
+
 
 class StateError(Exception):
     """The state database cannot be used; the message says why and what to do."""
@@ -84,6 +86,59 @@ class Delivery:
     last_error: str | None
     created_at: float
     sent_at: float | None
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """A job with the series it is for, as the status page lists it."""
+
+    job: Job
+    series: SeriesRecord
+
+
+@dataclass(frozen=True)
+class StageTiming:
+    """How long one stage of one attempt took: load, segment, measure, encode (worker) or deliver (one file)."""
+
+    id: int
+    job_id: int
+    attempt: int
+    stage: str
+    seconds: float
+    recorded_at: float
+
+
+@dataclass(frozen=True)
+class WorkerReport:
+    """What a worker process says about itself on each heartbeat."""
+
+    owner: str  # the lease owner name, host:pid:index (node.service.ids.worker_id)
+    device: str
+    engine: str
+    weights_missing: tuple[str, ...]
+    engine_restarts: int = 0
+
+
+@dataclass(frozen=True)
+class WorkerRecord:
+    report: WorkerReport
+    host: str
+    index: int
+    pid: int
+    started_at: float
+    heartbeat_at: float
+
+
+@dataclass(frozen=True)
+class DestinationTotals:
+    """Per destination: deliveries by status, and attempts and failed attempts ever made (never reset by retry)."""
+
+    destination: str
+    pending: int
+    sent: int
+    failed: int
+    attempts: int
+    failed_attempts: int
 
 
 @dataclass(frozen=True)
@@ -175,6 +230,33 @@ _MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE series ADD COLUMN pruned_at REAL;
     ALTER TABLE jobs ADD COLUMN outbox_pruned_at REAL;
     """,
+    """
+    CREATE TABLE stage_timings (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id INTEGER NOT NULL REFERENCES jobs(id),
+        attempt INTEGER NOT NULL,
+        stage TEXT NOT NULL,
+        seconds REAL NOT NULL,
+        recorded_at REAL NOT NULL
+    );
+    CREATE INDEX stage_timings_by_job ON stage_timings (job_id);
+    CREATE TABLE workers (
+        owner TEXT PRIMARY KEY,
+        host TEXT NOT NULL,
+        slot INTEGER NOT NULL,
+        pid INTEGER NOT NULL,
+        device TEXT NOT NULL,
+        engine TEXT NOT NULL,
+        weights_missing TEXT NOT NULL,
+        engine_restarts INTEGER NOT NULL DEFAULT 0,
+        started_at REAL NOT NULL,
+        heartbeat_at REAL NOT NULL
+    );
+    CREATE TABLE probe (id INTEGER PRIMARY KEY CHECK (id = 1), at REAL NOT NULL);
+    ALTER TABLE deliveries ADD COLUMN attempts_total INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE deliveries ADD COLUMN failures_total INTEGER NOT NULL DEFAULT 0;
+    UPDATE deliveries SET attempts_total = attempts, failures_total = attempts - (status = 'sent');
+    """,
 )
 
 # A series whose images can go: every job settled before the cutoff, no delivery pending.
@@ -194,6 +276,9 @@ _JOB_COLUMNS = ("id, series_uid, fingerprint, series_dir, status, attempts, last
                 "lease_expires_at, not_before, created_at, updated_at, finished_at")
 _DELIVERY_COLUMNS = ("id, job_id, destination, file, status, attempts, next_attempt_at, last_error, "
                      "created_at, sent_at")
+_SERIES_COLUMNS = ("s.series_uid, s.study_uid, s.patient_id, s.accession, s.study_date, s.modality, s.description, "
+                   "s.instances, s.fingerprint, s.series_dir")
+_TIMING_COLUMNS = "id, job_id, attempt, stage, seconds, recorded_at"
 
 
 def open_state(database: Path) -> State:
@@ -491,8 +576,13 @@ class State:
     def mark_sent(self, delivery_id: int) -> None:
         now = self._clock()
         with self._transaction() as db:
-            db.execute("""UPDATE deliveries SET status = 'sent', attempts = attempts + 1, last_error = NULL,
-                          sent_at = ?, updated_at = ? WHERE id = ? AND status = 'pending'""", (now, now, delivery_id))
+            sent = db.execute("""UPDATE deliveries SET status = 'sent', attempts = attempts + 1, last_error = NULL,
+                                 attempts_total = attempts_total + 1, sent_at = ?, updated_at = ?
+                                 WHERE id = ? AND status = 'pending'""", (now, now, delivery_id)).rowcount
+            if sent:  # the deliver stage: from results queued (or retried) to the destination's acknowledgement
+                db.execute(f"""INSERT INTO stage_timings (job_id, attempt, stage, seconds, recorded_at)
+                               SELECT job_id, attempts, '{STAGE_DELIVER}', ? - created_at, ? FROM deliveries
+                               WHERE id = ?""", (now, now, delivery_id))
 
     def mark_not_sent(self, delivery_id: int, error: str, next_attempt_at: float | None) -> None:
         """Record a failed attempt: pending again at `next_attempt_at`, or failed for good when None."""
@@ -500,6 +590,7 @@ class State:
         status = "pending" if next_attempt_at is not None else "failed"
         with self._transaction() as db:
             db.execute("""UPDATE deliveries SET status = ?, attempts = attempts + 1, last_error = ?,
+                          attempts_total = attempts_total + 1, failures_total = failures_total + 1,
                           next_attempt_at = ?, updated_at = ? WHERE id = ? AND status = 'pending'""",
                        (status, error, next_attempt_at if next_attempt_at is not None else now, now, delivery_id))
 
@@ -521,6 +612,95 @@ class State:
                    SELECT 'delivery', id, last_error, updated_at FROM deliveries WHERE last_error IS NOT NULL)
                ORDER BY updated_at DESC LIMIT ?""", (limit,))
         return [(r[0], r[1], r[2]) for r in rows]
+
+
+    # status page and metrics --------------------------------------------------------------------
+
+    def job_rows(self, status: JobStatus | None = None, search: str = "", offset: int = 0,
+                 limit: int = 50) -> tuple[list[JobRow], int]:
+        """One page of jobs, newest first, with their series; and how many match in all.
+
+        `search` matches part of the series UID, patient ID, accession or series description.
+        """
+        where = """WHERE (:status IS NULL OR j.status = :status) AND (:search = '' OR instr(s.series_uid, :search)
+                   OR instr(s.patient_id, :search) OR instr(s.accession, :search)
+                   OR instr(lower(s.description), lower(:search)))"""
+        params = {"status": None if status is None else str(status), "search": search, "offset": offset,
+                  "limit": limit}
+        columns = ", ".join(f"j.{c.strip()}" for c in _JOB_COLUMNS.split(","))
+        rows = self._query(f"""SELECT {columns}, {_SERIES_COLUMNS} FROM jobs j JOIN series s USING (series_uid)
+                               {where} ORDER BY j.id DESC LIMIT :limit OFFSET :offset""", params)
+        total = self._query(f"SELECT COUNT(*) FROM jobs j JOIN series s USING (series_uid) {where}", params)[0][0]
+        width = len(_JOB_COLUMNS.split(","))
+        return [JobRow(_job(r[:width]), SeriesRecord(*r[width:])) for r in rows], total
+
+    def record_stage_timings(self, job_id: int, attempt: int, seconds: dict[str, float]) -> None:
+        """The worker's stage durations of one attempt, in the order they ran."""
+        now = self._clock()
+        with self._transaction() as db:
+            db.executemany("INSERT INTO stage_timings (job_id, attempt, stage, seconds, recorded_at) "
+                           "VALUES (?, ?, ?, ?, ?)", [(job_id, attempt, stage, s, now) for stage, s in seconds.items()])
+
+    def stage_timings(self, job_ids: list[int]) -> list[StageTiming]:
+        """Every stage timing of these jobs, oldest first."""
+        marks = ", ".join("?" * len(job_ids))
+        rows = self._query(f"SELECT {_TIMING_COLUMNS} FROM stage_timings WHERE job_id IN ({marks}) ORDER BY id",
+                           tuple(job_ids)) if job_ids else []
+        return [StageTiming(*r) for r in rows]
+
+    def stage_timings_after(self, last_id: int, limit: int = 10000) -> list[StageTiming]:
+        """Timings recorded after the one numbered `last_id`, so a reader can keep running totals."""
+        rows = self._query(f"SELECT {_TIMING_COLUMNS} FROM stage_timings WHERE id > ? ORDER BY id LIMIT ?",
+                           (last_id, limit))
+        return [StageTiming(*r) for r in rows]
+
+    def series_count(self) -> int:
+        return self._query("SELECT COUNT(*) FROM series")[0][0]
+
+    def skip_reasons(self) -> list[tuple[str, int]]:
+        """(reason, skipped jobs) for every distinct reason a series was skipped."""
+        return self._query("SELECT last_error, COUNT(*) FROM jobs WHERE status = 'skipped' GROUP BY last_error")
+
+    def oldest_queued_since(self) -> float | None:
+        """Since when the longest-waiting runnable job has been waiting (a retry's delay not counted)."""
+        return self._query("SELECT MIN(MAX(updated_at, not_before)) FROM jobs WHERE status = 'queued'")[0][0]
+
+    def destination_totals(self) -> list[DestinationTotals]:
+        rows = self._query(
+            """SELECT destination, SUM(status = 'pending'), SUM(status = 'sent'), SUM(status = 'failed'),
+                      SUM(attempts_total), SUM(failures_total) FROM deliveries GROUP BY destination ORDER BY destination""")
+        return [DestinationTotals(*r) for r in rows]
+
+    def report_worker(self, report: WorkerReport) -> None:
+        """A worker's heartbeat: who it is, its device and engine, and which weights it misses."""
+        host, pid, index = report.owner.rsplit(":", 2)
+        now = self._clock()
+        with self._transaction() as db:
+            db.execute(
+                """INSERT INTO workers (owner, host, slot, pid, device, engine, weights_missing, engine_restarts,
+                   started_at, heartbeat_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                   ON CONFLICT (owner) DO UPDATE SET device = excluded.device, engine = excluded.engine,
+                   weights_missing = excluded.weights_missing, engine_restarts = excluded.engine_restarts,
+                   heartbeat_at = excluded.heartbeat_at""",
+                (report.owner, host, int(index), int(pid), report.device, report.engine,
+                 json.dumps(list(report.weights_missing)), report.engine_restarts, now, now))
+
+    def workers(self) -> list[WorkerRecord]:
+        """Every worker process that ever reported, newest start first."""
+        rows = self._query("""SELECT owner, device, engine, weights_missing, engine_restarts, host, slot, pid,
+                              started_at, heartbeat_at FROM workers ORDER BY started_at DESC""")
+        return [WorkerRecord(WorkerReport(r[0], r[1], r[2], tuple(json.loads(r[3])), r[4]), *r[5:]) for r in rows]
+
+    def running_owners(self) -> dict[str, int]:
+        """Lease owner → job for every job running under a live lease."""
+        return dict(self._query("SELECT lease_owner, id FROM jobs WHERE status = 'running' AND lease_expires_at >= ?",
+                                (self._clock(),)))
+
+    def check_writable(self) -> None:
+        """Raises sqlite3.Error when the database cannot take a write (read-only, disk full, locked too long)."""
+        with self._transaction() as db:
+            db.execute("INSERT INTO probe (id, at) VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET at = excluded.at",
+                       (self._clock(),))
 
 
 def _statements(script: str) -> list[str]:
