@@ -134,7 +134,7 @@ def _echo(args: argparse.Namespace, config: Config) -> int:
         print(f"paraspinal-node echo: {exc}", file=sys.stderr)
         return EXIT_USAGE
     outcome = echo(peer, config.receiver.ae_title, config.delivery.timeout_s)
-    print(f"{args.peer}: " + ("C-ECHO succeeded" if outcome.ok else outcome.message))
+    print(f"{args.peer}: {outcome.describe()}")
     return EXIT_OK if outcome.ok else EXIT_FAILED
 
 

@@ -50,7 +50,7 @@ class EchoOutcome:
 
     def describe(self) -> str:
         """One line for the `echo` command."""
-        return "C-ECHO OK (status 0x0000)" if self.ok else f"C-ECHO failed: {self.message}"
+        return "C-ECHO succeeded" if self.ok else f"C-ECHO failed: {self.message}"
 
 
 @dataclass(frozen=True)
