@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,20 +29,34 @@ log = logging.getLogger(__name__)
 class PipelineResult:
     measurement: MeasurementResult
     files: dict[str, Path] = field(default_factory=dict)  # measurements_json, measurements_csv, seg, sr, keyimage
+    seconds: dict[str, float] = field(default_factory=dict)  # load, segment, measure, encode: for the status page
 
 
 def run_pipeline(ct_path: Path, out_dir: Path, config: Config, seg_path: Path | None = None, dicom: bool = True) -> PipelineResult:
     """Raises InputError for input to refuse, WeightsMissingError when the model is not installed."""
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
     ct = load_ct(ct_path)
     log.info("event=ct_loaded series=%s slices=%d", ct.series_uid, ct.shape[0])
+    started = _lap(seconds, "load", started)
     seg = load_segmentation(seg_path, ct) if seg_path is not None else segment(ct, config)
+    started = _lap(seconds, "segment", started)
     result = measure(ct, seg, config.measure)
     json_path, csv_path = write_reports(result, out_dir)
     files = {"measurements_json": json_path, "measurements_csv": csv_path}
+    started = _lap(seconds, "measure", started)
     if dicom:  # NIfTI input is refused here in one line, after the reports are written
         files.update(_encode(ct, seg, result, out_dir, config))
+        _lap(seconds, "encode", started)
     log.info("event=measured series=%s levels_present=%d", ct.series_uid, sum(lv.status is not LevelStatus.ABSENT for lv in result.levels))
-    return PipelineResult(result, files)
+    return PipelineResult(result, files, seconds)
+
+
+def _lap(seconds: dict[str, float], stage: str, started: float) -> float:
+    """Record how long `stage` took since `started`; returns when the next stage starts."""
+    now = time.perf_counter()
+    seconds[stage] = now - started
+    return now
 
 
 def segment(ct: CTVolume, config: Config) -> Segmentation:
