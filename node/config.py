@@ -34,6 +34,8 @@ class ReceiverConfig:
     watch_dir: Path | None = None  # inbox for dropped DICOM files/folders; absent: no watch folder
     watch_rejected_dir: Path | None = None  # non-DICOM drops go here; absent: <watch_dir>-rejected
     watch_stable_s: float = 2.0  # a dropped file is read only after its size/mtime stayed unchanged this long
+    watch_close_write: bool = True  # also wait until the writer closed it (inotify close-write; Linux only)
+    watch_max_file_mb: int = 2048  # larger (or sparse) dropped files are rejected before being read
 
 
 @dataclass
@@ -115,6 +117,9 @@ class SelectionConfig:
 class CompletionConfig:
     release_quiet_s: float = 5.0  # after the association that carried the series was released
     idle_quiet_s: float = 60.0  # after the last instance, when no release was seen
+    # A series cut off (aborted association, refused instances) waits for its sender's resend;
+    # true: the idle period completes it anyway, and the partial series is processed.
+    idle_completes_partial: bool = False
 
 
 @dataclass
@@ -312,6 +317,7 @@ def _validate(config: Config) -> None:
         if not 0 < dest.port < 65536:
             raise ConfigError(f"destinations[{i}].port must be 1..65535, not {dest.port}")
     _validate_selection(config.selection)
+    _validate_operations(config)
     _validate_web(config.web)
     _validate_positive(config)
     if config.logging.format not in ("kv", "json"):
@@ -348,6 +354,48 @@ def _validate_web(web: WebConfig) -> None:
         raise ConfigError(f"web.refresh_s must be 0 (no refresh) or more, not {web.refresh_s}")
     if web.auth != "none" and web.secret_file is None:
         raise ConfigError(f"web.auth = {web.auth!r} needs web.secret_file: a file holding the password or token")
+
+
+def check_ae_title(key: str, title: str) -> None:
+    """PS3.5 AE: 1 to 16 characters of the default repertoire, no backslash or control character, not all spaces."""
+    if not (0 < len(title) <= 16 and title.strip() and all(" " <= c <= "~" and c != "\\" for c in title)):
+        raise ConfigError(f"{key} {title!r} is not an AE title: use 1 to 16 letters, digits, spaces or "
+                          "punctuation other than a backslash")
+
+
+def _validate_operations(config: Config) -> None:
+    """Every AE title and the numbers that would silently turn a safeguard off."""
+    receiver = config.receiver
+    check_ae_title("receiver.ae_title", receiver.ae_title)
+    for key in ("allowed_calling_aes", "called_aes"):
+        for i, title in enumerate(getattr(receiver, key, [])):
+            check_ae_title(f"receiver.{key}[{i}]", title)
+    for i, dest in enumerate(config.destinations):
+        check_ae_title(f"destinations[{i}].ae_title", dest.ae_title)
+    at_least = {
+        "receiver.max_associations": (receiver.max_associations, 1),
+        "receiver.min_free_disk_mb": (receiver.min_free_disk_mb, 0),
+        "receiver.watch_max_file_mb": (receiver.watch_max_file_mb, 1),
+        "measure.min_slices": (config.measure.min_slices, 1),
+        "segmenter.timeout_s": (config.segmenter.timeout_s, 1),
+        "results.seg_series_number": (config.results.seg_series_number, 1),
+        "results.sr_series_number": (config.results.sr_series_number, 1),
+        "results.key_image_series_number": (config.results.key_image_series_number, 1),
+    }
+    for key, (value, least) in at_least.items():
+        if value < least:
+            raise ConfigError(f"{key} must be at least {least}, not {value}: set it in the config file")
+    if receiver.watch_stable_s <= 0:
+        raise ConfigError(f"receiver.watch_stable_s must be greater than 0, not {receiver.watch_stable_s}: "
+                          "a file must stay unchanged for some time before it is read")
+    measure = config.measure
+    for low, high in (("body_hu_min", "body_hu_max"), ("lean_hu_min", "lean_hu_max"),
+                      ("body_height_min_mm", "body_height_max_mm")):
+        if getattr(measure, low) >= getattr(measure, high):
+            raise ConfigError(f"measure.{low} must be less than measure.{high}: swap or correct them")
+    for key in ("max_slice_thickness_mm", "body_height_min_mm"):
+        if getattr(measure, key) <= 0:
+            raise ConfigError(f"measure.{key} must be greater than 0, not {getattr(measure, key)}")
 
 
 def _validate_positive(config: Config) -> None:

@@ -96,3 +96,24 @@ def test_model_folders_follow_the_state_dir_unless_set(tmp_path):
     assert config.segmenter.precomputed_dir == Path("/data/seg")
     overridden = load_config(path, environ={"PARASPINAL_SEGMENTER_WEIGHTS_DIR": "/opt/weights"})
     assert overridden.segmenter.weights_dir == Path("/opt/weights")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("[receiver]\nmax_associations = 0\n", "receiver.max_associations must be at least 1"),
+    ("[receiver]\nmin_free_disk_mb = -1\n", "receiver.min_free_disk_mb must be at least 0"),
+    ("[receiver]\nwatch_stable_s = 0\n", "receiver.watch_stable_s must be greater than 0"),
+    ("[receiver]\nwatch_max_file_mb = 0\n", "receiver.watch_max_file_mb must be at least 1"),
+    ("[receiver]\nae_title = \"A\\\\B\"\n", "receiver.ae_title 'A\\\\B' is not an AE title"),
+    ("[receiver]\nae_title = \"   \"\n", "receiver.ae_title '   ' is not an AE title"),
+    ("[receiver]\nallowed_calling_aes = [\"CT1\", \"SEVENTEEN_CHARS_X\"]\n", "SEVENTEEN_CHARS_X"),
+    ("[[destinations]]\nae_title = \"PA\\u0007CS\"\nhost = \"h\"\n", "destinations[0].ae_title"),
+    ("[measure]\nbody_hu_min = 800.0\n", "measure.body_hu_min must be less than measure.body_hu_max"),
+    ("[measure]\nmax_slice_thickness_mm = 0.0\n", "measure.max_slice_thickness_mm must be greater than 0"),
+    ("[segmenter]\ntimeout_s = 0\n", "segmenter.timeout_s must be at least 1"),
+    ("[results]\nsr_series_number = 0\n", "results.sr_series_number must be at least 1"),
+])
+def test_numbers_and_ae_titles_that_would_turn_a_safeguard_off_are_refused(tmp_path: Path, text: str,
+                                                                          message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text), environ={})
+    assert message in str(caught.value)
