@@ -7,6 +7,7 @@ environment variables override file values (e.g. PARASPINAL_SEGMENTER_DEVICE=cpu
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import tomllib
@@ -15,7 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dicom_sr.options import EncodeOptions
+from node.labels import SPINE_LEVELS
 
 
 class ConfigError(Exception):
@@ -36,6 +37,27 @@ class ReceiverConfig:
     watch_stable_s: float = 2.0  # a dropped file is read only after its size/mtime stayed unchanged this long
     watch_close_write: bool = True  # also wait until the writer closed it (inotify close-write; Linux only)
     watch_max_file_mb: int = 2048  # larger (or sparse) dropped files are rejected before being read
+    # Network bounds (see README "Limits"): what one peer may cost before and after association.
+    called_aes: list[str] = field(default_factory=list)  # called AE titles answered; empty: ae_title only
+    calling_ae_hosts: list[str] = field(default_factory=list)  # "AE@address" or "AE@network/bits": AE only from there
+    max_pdu_size: int = 1048576  # Maximum Length Received announced; longer P-DATA-TF PDUs are aborted
+    max_dataset_mb: int = 64  # larger C-STORE data sets are refused (0xA700) without being held in memory
+    max_pending_connections: int = 32  # connections not yet associated; the oldest is dropped for a new one
+    association_request_timeout_s: float = 10.0  # from connect until the whole A-ASSOCIATE-RQ has arrived
+    pdu_timeout_s: float = 30.0  # from a PDU's first byte until its last
+    idle_timeout_s: float = 60.0  # an associated peer silent this long is aborted
+
+    def answered_aes(self) -> list[str]:
+        """The called AE titles the receiver answers to."""
+        return list(self.called_aes) or [self.ae_title]
+
+    def calling_ae_networks(self) -> dict[str, list[ipaddress.IPv4Network | ipaddress.IPv6Network]]:
+        """calling_ae_hosts as AE title -> networks it may connect from (validated by load_config)."""
+        networks: dict[str, list[ipaddress.IPv4Network | ipaddress.IPv6Network]] = {}
+        for entry in self.calling_ae_hosts:
+            title, _, host = entry.rpartition("@")
+            networks.setdefault(title.strip(), []).append(ipaddress.ip_network(host.strip(), strict=False))
+        return networks
 
 
 @dataclass
@@ -78,6 +100,8 @@ class SegmenterConfig:
     vertebral_bodies: str = "auto"  # auto: use vertebrae_body when its weights exist; on; off
     precomputed_dir: Path = Path("./state/precomputed")  # default: <storage.state_dir>/precomputed
     timeout_s: int = 3600
+    engine: str = "resident"  # or "totalsegmentator": a fresh process per job calling its API (the reference)
+    start_timeout_s: int = 900  # the resident engine's model process: start and load every model
 
 
 @dataclass
@@ -92,6 +116,30 @@ class MeasureConfig:
     body_height_min_mm: float = 8.0
     body_height_max_mm: float = 40.0
     low_attenuation_hu: float = 10.0  # T1–T10 median below this raises the screening flag
+    bone_flag_level: str = "L1"  # the vertebra whose trabecular median is compared with bone_low_hu
+    bone_low_hu: float = 110.0  # trabecular median at or below this raises the low-bone flag (unenhanced CT only)
+    # Contrast status from the header; HU flags are assessed only on series known to be unenhanced.
+    contrast_image_type: list[str] = field(default_factory=lambda: ["ANGIO", "CTA", "MAT_SPECIFIC", "MAT_REMOVED"])
+    contrast_description_unenhanced: str = (
+        r"(?i)non[- ]?contrast|without contrast|w/o contrast|\bc-(?![\w-])|\bnati(v|ve)\b|unenhanced|"
+        r"non[- ]?enhanced|\bnect\b|\bncct\b|\bohne\s*(km|kontrast)|low[- ]?dose|\bldct\b"
+    )
+    contrast_description_enhanced: str = (
+        r"(?i)\bc\+|contrast|\bkm\b|\bke\b|kontrast|\bcta\b|angio|arteri|ven(ous|ös|os)|portal|\bpv\b|"
+        r"delayed|\bcect\b|\bmit\s*km"
+    )
+    assume_unenhanced: bool = False  # series without any contrast evidence count as unenhanced (a site's choice)
+
+
+@dataclass
+class BiomarkersConfig:
+    """Organs measured from the same CT besides muscle and bone."""
+
+    liver: bool = False  # segment liver and spleen (adds TotalSegmentator part 291) and report their attenuation
+    erosion_mm: float = 5.0  # organ border removed, in mm on the CT grid, before the parenchyma window
+    window_mad: float = 3.0  # parenchyma: HU within median ± window_mad × 1.4826 × MAD of the eroded organ
+    liver_low_hu: float = 40.0  # unenhanced liver parenchyma median below this raises the liver flag
+    min_parenchyma_cm3: float = 5.0  # less parenchyma than this: values reported, flag not assessed
 
 
 @dataclass
@@ -143,17 +191,22 @@ class DeliveryConfig:
 
 @dataclass
 class ResultsConfig:
-    """How the SEG, SR and key image are numbered, described and encoded; defaults are the encoder's."""
+    """How the SEG, SR and key image are numbered, described and encoded (dicom_sr reads it as it is).
 
-    seg_series_number: int = EncodeOptions.seg_series_number
-    sr_series_number: int = EncodeOptions.sr_series_number
-    key_image_series_number: int = EncodeOptions.key_image_series_number
-    seg_series_description: str = EncodeOptions.seg_series_description
-    sr_series_description: str = EncodeOptions.sr_series_description
-    key_image_series_description: str = EncodeOptions.key_image_series_description
-    jpeg2000: bool = EncodeOptions.jpeg2000
-    labelmap: bool = EncodeOptions.labelmap
-    institution_name: str = ""
+    Series numbers stay out of the way of scanner series, which rarely exceed 9000. BINARY
+    uncompressed is the default because every reader tested takes it; README "Outputs" lists
+    which readers refuse `jpeg2000` and `labelmap`.
+    """
+
+    seg_series_number: int = 9101
+    sr_series_number: int = 9102
+    key_image_series_number: int = 9103
+    seg_series_description: str = "Paraspinal muscle segmentation T1-T10"
+    sr_series_description: str = "Paraspinal muscle measurements T1-T10"
+    key_image_series_description: str = "Paraspinal muscle summary (derived, not for diagnosis)"
+    jpeg2000: bool = False
+    labelmap: bool = False
+    institution_name: str = ""  # empty: not written
 
 
 @dataclass
@@ -182,6 +235,7 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
+    biomarkers: BiomarkersConfig = field(default_factory=BiomarkersConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     completion: CompletionConfig = field(default_factory=CompletionConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
@@ -194,6 +248,7 @@ class Config:
 _VALID_BACKENDS = ("totalsegmentator", "precomputed")
 _VALID_WEB_AUTH = ("none", "basic", "bearer")
 _VALID_BODY_MODES = ("auto", "on", "off")
+_VALID_ENGINES = ("resident", "totalsegmentator")
 
 
 def load_config(path: Path | None = None, environ: typing.Mapping[str, str] | None = None) -> Config:
@@ -303,6 +358,8 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"segmenter.backend must be one of {', '.join(_VALID_BACKENDS)}, not {seg.backend!r}")
     if seg.vertebral_bodies not in _VALID_BODY_MODES:
         raise ConfigError(f"segmenter.vertebral_bodies must be one of {', '.join(_VALID_BODY_MODES)}")
+    if seg.engine not in _VALID_ENGINES:
+        raise ConfigError(f"segmenter.engine must be one of {', '.join(_VALID_ENGINES)}, not {seg.engine!r}")
     if not (seg.device in ("gpu", "cpu") or (seg.device.startswith("gpu:") and seg.device[4:].isdigit())):
         raise ConfigError(f"segmenter.device must be gpu, cpu or gpu:N, not {seg.device!r}")
     if not 0 < config.receiver.port < 65536:
@@ -316,8 +373,10 @@ def _validate(config: Config) -> None:
             raise ConfigError(f"destinations[{i}].ae_title must be 1 to 16 characters")
         if not 0 < dest.port < 65536:
             raise ConfigError(f"destinations[{i}].port must be 1..65535, not {dest.port}")
+    _validate_receiver_network(config.receiver)
     _validate_selection(config.selection)
     _validate_operations(config)
+    _validate_biomarkers(config.measure, config.biomarkers)
     _validate_web(config.web)
     _validate_positive(config)
     if config.logging.format not in ("kv", "json"):
@@ -354,6 +413,47 @@ def _validate_web(web: WebConfig) -> None:
         raise ConfigError(f"web.refresh_s must be 0 (no refresh) or more, not {web.refresh_s}")
     if web.auth != "none" and web.secret_file is None:
         raise ConfigError(f"web.auth = {web.auth!r} needs web.secret_file: a file holding the password or token")
+
+
+def _validate_receiver_network(receiver: ReceiverConfig) -> None:
+    """The receiver's AE lists and network bounds, so a typo cannot open the node or lock it out."""
+    for key in ("called_aes", "allowed_calling_aes"):
+        for title in getattr(receiver, key):
+            if not 0 < len(title.strip()) <= 16 or "\\" in title:
+                raise ConfigError(f"receiver.{key} entry {title!r} must be an AE title of 1 to 16 characters")
+    for entry in receiver.calling_ae_hosts:
+        title, at, host = entry.rpartition("@")
+        if not at or not 0 < len(title.strip()) <= 16:
+            raise ConfigError(f"receiver.calling_ae_hosts entry {entry!r} must be AE@address, e.g. \"CT1@10.0.0.5\"")
+        try:
+            ipaddress.ip_network(host.strip(), strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"receiver.calling_ae_hosts entry {entry!r}: {host!r} is not an IP address or network (10.0.0.0/24)"
+            ) from None
+    if not 16384 <= receiver.max_pdu_size <= 64 << 20:
+        raise ConfigError(f"receiver.max_pdu_size must be 16384..67108864 bytes, not {receiver.max_pdu_size}")
+    if not 1 <= receiver.max_dataset_mb <= 4096:
+        raise ConfigError(f"receiver.max_dataset_mb must be 1..4096, not {receiver.max_dataset_mb}")
+    if not 1 <= receiver.max_pending_connections <= 1024:
+        raise ConfigError(f"receiver.max_pending_connections must be 1..1024, not {receiver.max_pending_connections}")
+    for key in ("association_request_timeout_s", "pdu_timeout_s", "idle_timeout_s"):
+        if not 0 < getattr(receiver, key) <= 3600:
+            raise ConfigError(f"receiver.{key} must be more than 0 and at most 3600 seconds, not {getattr(receiver, key)}")
+
+
+def _validate_biomarkers(measure: MeasureConfig, biomarkers: BiomarkersConfig) -> None:
+    if measure.bone_flag_level not in SPINE_LEVELS:
+        raise ConfigError(f"measure.bone_flag_level must be one of {', '.join(SPINE_LEVELS)}, not {measure.bone_flag_level!r}")
+    for name in ("contrast_description_unenhanced", "contrast_description_enhanced"):
+        try:
+            re.compile(getattr(measure, name))
+        except re.error as exc:
+            raise ConfigError(f"measure.{name} is not a valid regular expression ({exc}): fix the pattern") from None
+    if biomarkers.erosion_mm < 0:
+        raise ConfigError(f"biomarkers.erosion_mm must be 0 or more, not {biomarkers.erosion_mm}")
+    if biomarkers.window_mad <= 0:
+        raise ConfigError(f"biomarkers.window_mad must be greater than 0, not {biomarkers.window_mad}")
 
 
 def check_ae_title(key: str, title: str) -> None:
@@ -410,6 +510,8 @@ def _validate_positive(config: Config) -> None:
         "delivery.retry_max_interval_s": config.delivery.retry_max_interval_s,
         "delivery.horizon_s": config.delivery.horizon_s,
         "delivery.timeout_s": config.delivery.timeout_s,
+        "segmenter.timeout_s": config.segmenter.timeout_s,
+        "segmenter.start_timeout_s": config.segmenter.start_timeout_s,
     }
     for key, value in positive.items():
         if value <= 0:

@@ -95,11 +95,12 @@ def _aligned_buffer(size: int) -> mmap.mmap:
     return buffer
 
 
-def make_dirs(folder: Path) -> None:
-    """Create `folder` and its missing parents, fsyncing each parent so the new entries survive a crash."""
+def make_dirs(folder: Path, root: Path | None = None) -> None:
+    """Create `folder` and its missing parents (below `root`, when given), fsyncing each parent so the
+    new entries survive a crash."""
     missing = []
     current = Path(folder)
-    while not current.exists():
+    while current != root and not current.exists():
         missing.append(current)
         current = current.parent
     for path in reversed(missing):

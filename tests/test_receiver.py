@@ -33,7 +33,8 @@ from pynetdicom import AE, build_context
 from pynetdicom.sop_class import Verification
 
 from node.config import CompletionConfig, ReceiverConfig, SelectionConfig
-from node.ingest.receiver import ENHANCED_CT_IMAGE_STORAGE, Receiver
+from node.ingest.dicom import ENHANCED_CT_IMAGE_STORAGE
+from node.ingest.receiver import Receiver
 from node.ingest.series import SeriesTracker
 from node.ingest.spool import Spool, StoreOutcome
 from node.state.store import State

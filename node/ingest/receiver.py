@@ -8,18 +8,25 @@ Policy, in the order a C-STORE meets it:
   `accept_other_storage` is on, so routers that forward whole studies see no failures; when it is
   off they are not offered in the presentation contexts at all.
 - Below `min_free_disk_mb` free space every store is answered 0xA700 (out of resources).
-Associations from calling AEs outside `allowed_calling_aes` (when set) are rejected, as is any
-beyond `max_associations`. Only a released association is reported to the listener as ended: an
+Before and after association every connection is bounded in memory and time by the pynetdicom
+adapter (node/ingest/association.py). Associations are rejected when the called AE is not one of
+`called_aes` (default: the node's own title), the calling AE is outside `allowed_calling_aes` (when
+set) or connects from a host `calling_ae_hosts` does not give it, and beyond `max_associations`.
+A CT data set is refused, with its reason in the ErrorComment, when it is over `max_dataset_mb`
+(0xA700), breaks the CT IOD (no Pixel Data, Pixel Data length not Rows x Columns x bits, UIDs that
+disagree with the request: 0xA900, as dcmtk's storescp answers a UID mismatch) or is not encoded as
+its transfer syntax says (compressed syntax over raw pixels, truncated Pixel Data, invalid UIDs: 0xC000).
+Only a released association is reported to the listener as ended: an
 abort (network drop, sender crash) means the sender did not finish, so its series must wait for
 the idle period rather than complete early and be processed half sent.
 """
 
 from __future__ import annotations
 
+import enum
 import errno
+import ipaddress
 import logging
-import socket
-import socketserver
 import struct
 import threading
 import time
@@ -28,7 +35,6 @@ from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 from pynetdicom import (
-    AE,
     ALL_TRANSFER_SYNTAXES,
     PYNETDICOM_IMPLEMENTATION_UID,
     PYNETDICOM_IMPLEMENTATION_VERSION,
@@ -39,15 +45,29 @@ from pynetdicom import (
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+from pynetdicom.status import Status
 
 from node.config import ReceiverConfig
-from node.ingest.spool import Receipt, Spool, SpoolError, SpoolListener, StoreOutcome, read_data_set_header
+from node.ingest.association import (
+    BoundedRequestHandler,
+    BoundedServer,
+    ConnectionLimits,
+    CountingAE,
+    configure_ae,
+    dataset_overflow,
+)
+from node.ingest.dicom import CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE
+from node.ingest.spool import (
+    DataSetMismatch,
+    Receipt,
+    Spool,
+    SpoolError,
+    SpoolListener,
+    StoreOutcome,
+    read_data_set_header,
+)
 
 log = logging.getLogger(__name__)
-
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
 
 # What the CT loader can decode, in order of preference (pynetdicom accepts the first one of ours
 # that the sender proposes): lossless compressed first, so data the sender holds compressed is
@@ -61,13 +81,22 @@ CT_TRANSFER_SYNTAXES = [
     "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51",
 ]
 
-STATUS_SUCCESS = 0x0000
-STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
-STATUS_CANNOT_UNDERSTAND = 0xC000
-STATUS_PROCESSING_FAILURE = 0x0110
 
-_RECV_CHUNK = 1 << 20
+
+class StoreStatus(enum.IntEnum):
+    """C-STORE response statuses the receiver answers with (PS3.4 B.2.3; pynetdicom names only success)."""
+
+    SUCCESS = Status.SUCCESS
+    OUT_OF_RESOURCES = 0xA700  # Refused: out of resources (disk, or a data set over max_dataset_mb)
+    DATA_SET_MISMATCH = 0xA900  # Error: data set does not match SOP class (CT IOD rules, UIDs)
+    CANNOT_UNDERSTAND = 0xC000  # Error: cannot understand (encoding, truncation, invalid UIDs)
+    SOP_CLASS_NOT_SUPPORTED = 0x0122
+    PROCESSING_FAILURE = 0x0110
+
+
+# A-ASSOCIATE-RJ diagnostics (PS3.8 9.3.4), source 1 = service user
+_CALLING_AE_NOT_RECOGNIZED = 0x03
+_CALLED_AE_NOT_RECOGNIZED = 0x07
 PART10_PREAMBLE = b"\x00" * 128 + b"DICM"
 
 
@@ -141,9 +170,12 @@ class Receiver:
         self.listener = listener
         self._tallies: dict[Association, _Tally] = {}
         self._lock = threading.Lock()
-        self._server: ThreadedAssociationServer | None = None
+        self._server: BoundedServer | None = None
         self._thread: threading.Thread | None = None
         self._ae = self._make_ae()
+        self._answered = {title.strip() for title in config.answered_aes()}
+        self._allowed = {title.strip() for title in config.allowed_calling_aes}
+        self._networks = config.calling_ae_networks()
 
     @property
     def port(self) -> int:
@@ -157,6 +189,7 @@ class Receiver:
         handlers = [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_RELEASED, self._on_released),
@@ -166,9 +199,10 @@ class Receiver:
             (self.config.bind_address, self.config.port),
             ae_title=self.config.ae_title,
             evt_handlers=handlers,
-            server_class=_Server,
-            request_handler=_RequestHandler,
+            server_class=BoundedServer,
+            request_handler=BoundedRequestHandler,
         )
+        self._server.limits = self._limits()
         self._thread = threading.Thread(target=self._server.serve_forever, name="dicom-receiver", daemon=True)
         self._thread.start()
         log.info(
@@ -200,16 +234,26 @@ class Receiver:
         self._server = None
         log.info("event=receiver_stopped ae_title=%s", self.config.ae_title)
 
-    def _make_ae(self) -> AE:
-        ae = AE(ae_title=self.config.ae_title)
+    def _limits(self) -> ConnectionLimits:
+        return ConnectionLimits(
+            max_pdu_size=self.config.max_pdu_size,
+            max_dataset_bytes=self.config.max_dataset_mb << 20,
+            max_pending=self.config.max_pending_connections,
+            association_request_timeout_s=self.config.association_request_timeout_s,
+            pdu_timeout_s=self.config.pdu_timeout_s,
+            idle_timeout_s=self.config.idle_timeout_s,
+        )
+
+    def _make_ae(self) -> CountingAE:
+        ae = CountingAE(ae_title=self.config.ae_title)
         ae.maximum_associations = self.config.max_associations
-        ae.maximum_pdu_size = 0  # unlimited: fewer, larger PDUs on the receive path
-        ae.require_calling_aet = list(self.config.allowed_calling_aes)
+        configure_ae(ae, self._limits())
         ae.supported_contexts = presentation_contexts(self.config.accept_other_storage)
         return ae
 
     def _active(self) -> list[Association]:
-        return [a for a in self._ae.active_associations if a.is_acceptor and a.is_alive()]
+        server = self._server
+        return [a for a in server.connections() if a.is_alive()] if server is not None else []
 
     def _tally(self, assoc: Association) -> _Tally:
         with self._lock:
@@ -220,7 +264,34 @@ class Receiver:
             return tally
 
     def _on_echo(self, event: evt.Event) -> int:
-        return STATUS_SUCCESS
+        return StoreStatus.SUCCESS
+
+    def _on_requested(self, event: evt.Event) -> None:
+        """Reject an A-ASSOCIATE-RQ whose called AE, calling AE or host the node does not answer."""
+        request = event.assoc.requestor.primitive
+        called, calling = str(request.called_ae_title).strip(), str(request.calling_ae_title).strip()
+        address = event.assoc.requestor.address_info
+        refusal = self._refusal(called, calling, address.address)
+        if refusal is None:
+            return
+        diagnostic, reason = refusal
+        log.warning(
+            "event=association_rejected calling_ae=%s called_ae=%s peer=%s:%s reason=%s",
+            calling, called, address.address, address.port, reason,
+        )
+        event.assoc.acse.send_reject(0x01, 0x01, diagnostic)  # rejected-permanent, by the service user
+        event.assoc.kill()  # as pynetdicom does after its own rejections: waits until the RJ is sent
+
+    def _refusal(self, called: str, calling: str, host: str) -> tuple[int, str] | None:
+        """(A-ASSOCIATE-RJ diagnostic, reason) when the request must be rejected, else None."""
+        if called not in self._answered:
+            return _CALLED_AE_NOT_RECOGNIZED, "called AE not in receiver.called_aes (default: receiver.ae_title)"
+        if self._allowed and calling not in self._allowed:
+            return _CALLING_AE_NOT_RECOGNIZED, "calling AE not in receiver.allowed_calling_aes"
+        networks = self._networks.get(calling)
+        if networks is not None and not _from_any(host, networks):
+            return _CALLING_AE_NOT_RECOGNIZED, "calling AE connected from a host receiver.calling_ae_hosts does not give it"
+        return None
 
     def _on_accepted(self, event: evt.Event) -> None:
         tally = self._tally(event.assoc)
@@ -231,11 +302,9 @@ class Receiver:
         )
 
     def _on_rejected(self, event: evt.Event) -> None:
+        """pynetdicom's own rejections; the only one the node leaves to it is the association limit."""
         calling = event.assoc.requestor.ae_title
-        allowed = [a.strip() for a in self.config.allowed_calling_aes]
-        reason = "calling AE not in receiver.allowed_calling_aes" if allowed and calling not in allowed else (
-            "receiver.max_associations reached"
-        )
+        reason = "receiver.max_associations reached"
         address = event.assoc.requestor.address_info
         log.warning(
             "event=association_rejected calling_ae=%s peer=%s:%s reason=%s",
@@ -248,7 +317,9 @@ class Receiver:
             self.listener.association_released(tally.association_id)
 
     def _on_aborted(self, event: evt.Event) -> None:
-        self._end(event, "aborted")
+        tally = self._end(event, "aborted")
+        if tally is not None:
+            self.listener.association_aborted(tally.association_id)
 
     def _end(self, event: evt.Event, how: str) -> _Tally | None:
         """Forget the association and log its counts; None if it never got as far as a tally."""
@@ -267,13 +338,18 @@ class Receiver:
         sop_class = event.context.abstract_syntax
         sop_uid = event.request.AffectedSOPInstanceUID
         if sop_class == ENHANCED_CT_IMAGE_STORAGE:
-            return self._refuse(tally, sop_uid, STATUS_SOP_CLASS_NOT_SUPPORTED, "Enhanced CT not supported: send classic CT Image Storage")
-        if sop_class != CT_IMAGE_STORAGE:
+            return self._refuse(tally, sop_uid, StoreStatus.SOP_CLASS_NOT_SUPPORTED,
+                                "Enhanced CT not supported: send classic CT Image Storage")
+        if sop_class != CT_IMAGE_STORAGE:  # kept or not, a discarded instance is answered as stored
             tally.discarded += 1
             log.debug("event=instance_discarded association=%s sop=%s sop_class=%s", tally.association_id, sop_uid, sop_class)
-            return STATUS_SUCCESS
+            return StoreStatus.SUCCESS
+        oversize = dataset_overflow(event.request.DataSet)
+        if oversize is not None:
+            return self._refuse(tally, sop_uid, StoreStatus.OUT_OF_RESOURCES,
+                                f"data set of {oversize >> 20} MiB over receiver.max_dataset_mb")
         if self.spool.free_disk_mb() < self.config.min_free_disk_mb:
-            return self._refuse(tally, sop_uid, STATUS_OUT_OF_RESOURCES, "spool disk below receiver.min_free_disk_mb")
+            return self._refuse(tally, sop_uid, StoreStatus.OUT_OF_RESOURCES, "spool disk below receiver.min_free_disk_mb")
         return self._spool(event, tally, sop_uid)
 
     def _spool(self, event: evt.Event, tally: _Tally, sop_uid: str) -> int | Dataset:
@@ -282,19 +358,23 @@ class Receiver:
         transfer_syntax = event.context.transfer_syntax
         try:
             head = part10_head(event.context.abstract_syntax, sop_uid, transfer_syntax)
-            header = read_data_set_header(head, body, transfer_syntax)
+            header = read_data_set_header(head, body, transfer_syntax, self.config.max_dataset_mb << 20)
+            _check_request_uids(event.request, header)
             with body.getbuffer() as data_set:
                 instance = self.spool.store_parts([head, data_set], header, receipt)
+        except DataSetMismatch as exc:
+            return self._refuse(tally, sop_uid, StoreStatus.DATA_SET_MISMATCH, str(exc))
         except SpoolError as exc:
-            return self._refuse(tally, sop_uid, STATUS_CANNOT_UNDERSTAND, str(exc))
+            return self._refuse(tally, sop_uid, StoreStatus.CANNOT_UNDERSTAND, str(exc))
         except OSError as exc:
-            status = STATUS_OUT_OF_RESOURCES if exc.errno in (errno.ENOSPC, errno.EDQUOT) else STATUS_PROCESSING_FAILURE
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            status = StoreStatus.OUT_OF_RESOURCES if full else StoreStatus.PROCESSING_FAILURE
             return self._refuse(tally, sop_uid, status, f"spool write failed: {exc.strerror or exc}")
         try:
             self.listener.instance_stored(instance)
         except Exception as exc:  # the state store failed: do not acknowledge what is not recorded
             log.exception("event=listener_failed association=%s sop=%s", tally.association_id, sop_uid)
-            return self._refuse(tally, sop_uid, STATUS_PROCESSING_FAILURE, f"state update failed: {exc}")
+            return self._refuse(tally, sop_uid, StoreStatus.PROCESSING_FAILURE, f"state update failed: {exc}")
         if instance.outcome is StoreOutcome.DUPLICATE:
             tally.duplicate += 1
         else:
@@ -303,51 +383,34 @@ class Receiver:
             "event=instance_stored association=%s series=%s sop=%s outcome=%s",
             tally.association_id, instance.series_uid, instance.sop_instance_uid, instance.outcome.value,
         )
-        return STATUS_SUCCESS
+        return StoreStatus.SUCCESS
 
     def _refuse(self, tally: _Tally, sop_uid: str, status: int, reason: str) -> Dataset:
         tally.refused += 1
+        if status != StoreStatus.SOP_CLASS_NOT_SUPPORTED:  # a CT instance missing: its series must wait for the resend
+            self.listener.instance_refused(tally.association_id, None)
         log.warning(
             "event=instance_refused association=%s sop=%s status=0x%04X reason=%s",
-            tally.association_id, sop_uid, status, reason,
+            tally.association_id, sop_uid, int(status), reason,
         )
         answer = Dataset()
-        answer.Status = status
+        answer.Status = int(status)
         answer.ErrorComment = reason[:64]
         return answer
 
 
-class _FastSocket(AssociationSocket):
-    """Reads whole PDUs with large `recv_into` calls instead of pynetdicom's 4 KiB `recv` loop."""
-
-    def recv(self, nr_bytes: int) -> bytearray:
-        buffer = bytearray(nr_bytes)
-        view = memoryview(buffer)
-        received = 0
-        while received < nr_bytes:
-            count = self.socket.recv_into(view[received:], min(nr_bytes - received, _RECV_CHUNK))
-            if count == 0:
-                return buffer[:received]
-            received += count
-        return buffer
+def _check_request_uids(request: object, header: Dataset) -> None:
+    """The C-STORE request must name the instance it carries, or the file meta would contradict the data set."""
+    for keyword, affected in (("SOPInstanceUID", "AffectedSOPInstanceUID"), ("SOPClassUID", "AffectedSOPClassUID")):
+        if str(header.get(keyword, "")).strip() != str(getattr(request, affected)).strip():
+            raise DataSetMismatch(f"{affected} differs from the data set's {keyword}")
 
 
-class _RequestHandler(RequestHandler):
-    """Gives each association the fast socket and TCP_NODELAY."""
-
-    def _create_association(self) -> Association:
-        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        assoc = super()._create_association()
-        assoc.dul.socket.__class__ = _FastSocket
-        return assoc
-
-
-class _Server(ThreadedAssociationServer):
-    """pynetdicom's server, owned by the Receiver rather than registered with the AE."""
-
-    daemon_threads = True
-
-    def close_listener(self) -> None:
-        """Stop the accept loop and close the listening socket; open associations carry on."""
-        socketserver.BaseServer.shutdown(self)  # pynetdicom's shutdown expects AE.start_server bookkeeping
-        self.server_close()
+def _from_any(host: str, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)

@@ -23,9 +23,11 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag, Tag
-from pydicom.uid import UID
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
-from node.durable import TEMP_SUFFIX, Bytes, fsync_dir, supports_direct_io, write_atomic
+from node.durable import TEMP_SUFFIX, Bytes, make_dirs, supports_direct_io, write_atomic
+from node.ingest.dataset import DataSetProblem, Problem, check_pixel_data, inflate_head
+from node.ingest.dicom import multi_values
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +39,16 @@ _SUMMARY_TAGS = (
     "ImageType", "SliceThickness", "SeriesDescription", "BodyPartExamined", "ConvolutionKernel",
     "PatientID", "AccessionNumber", "StudyDate", "InstanceNumber",
 )
-_DATA_SET_TAGS = [Tag(keyword) for keyword in (*_SUMMARY_TAGS, "SpecificCharacterSet")]
+_PIXEL_TAGS = ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel", "NumberOfFrames")
+_DATA_SET_TAGS = [Tag(keyword) for keyword in (*_SUMMARY_TAGS, *_PIXEL_TAGS, "SpecificCharacterSet")]
 
 
 class SpoolError(Exception):
     """Input that cannot be spooled; the message says why in one line."""
+
+
+class DataSetMismatch(SpoolError):
+    """A data set that breaks its SOP class's rules (no or inconsistent Pixel Data, UIDs that disagree)."""
 
 
 class StoreOutcome(enum.Enum):
@@ -93,6 +100,12 @@ class SpoolListener(Protocol):
     def instance_stored(self, instance: SpooledInstance) -> None: ...
 
     def association_released(self, association_id: str) -> None: ...
+
+    def association_aborted(self, association_id: str) -> None:
+        """The association ended without a release: what it carried may be incomplete."""
+
+    def instance_refused(self, association_id: str, series_uid: str | None) -> None:
+        """An instance was answered with a failure (series_uid None when its header was not read)."""
 
 
 class Spool:
@@ -174,7 +187,7 @@ class Spool:
                 return StoreOutcome.DUPLICATE
             write_atomic(target, parts, self.direct_io)
             return StoreOutcome.REPLACED
-        _make_dirs_durable(target.parent, self.root)
+        make_dirs(target.parent, self.root)
         write_atomic(target, parts, self.direct_io)
         return StoreOutcome.NEW
 
@@ -191,23 +204,35 @@ def read_header(raw: bytes) -> Dataset:
     return header
 
 
-def read_data_set_header(head: bytes, body: BytesIO, transfer_syntax_uid: str) -> Dataset:
-    """Parse the header of a received data set, given apart from its encoded preamble and file meta `head`.
+def read_data_set_header(head: bytes, body: BytesIO, transfer_syntax_uid: str, max_inflated: int) -> Dataset:
+    """Parse and check the header of a received CT data set, given apart from its encoded file meta `head`.
 
-    Reading the data set where it lies saves joining and copying half a megabyte per image.
+    Reading the data set where it lies saves joining and copying half a megabyte per image. A deflated
+    one is inflated in bounded steps (at most `max_inflated` bytes counted, its header kept); its Pixel
+    Data is checked against Rows, Columns and the transfer syntax without decoding it.
     """
     syntax = UID(transfer_syntax_uid)
-    if syntax.is_deflated:  # rare; pydicom inflates only a whole Part 10 file
-        return read_header(head + body.getvalue())
-    body.seek(0)
     try:
-        header = read_dataset(body, syntax.is_implicit_VR, syntax.is_little_endian, stop_when=_at_pixel_data,
-                              specific_tags=_DATA_SET_TAGS)
-    except _UNREADABLE as exc:
-        raise SpoolError(f"unreadable DICOM header: {exc}") from None
-    header.file_meta = FileMetaDataset()
-    header.file_meta.TransferSyntaxUID = syntax
-    check_header(header)
+        if syntax.is_deflated:
+            with body.getbuffer() as deflated:
+                inflated = inflate_head(deflated, max_inflated)
+            source, total = BytesIO(inflated.head), inflated.total
+            plain = UID(ExplicitVRLittleEndian)
+        else:
+            source, total, plain = body, body.getbuffer().nbytes, syntax
+        source.seek(0)
+        try:
+            header = read_dataset(source, plain.is_implicit_VR, plain.is_little_endian, stop_when=_at_pixel_data,
+                                  specific_tags=_DATA_SET_TAGS)
+        except _UNREADABLE as exc:
+            raise SpoolError(f"unreadable DICOM header: {exc}") from None
+        header.file_meta = FileMetaDataset()
+        header.file_meta.TransferSyntaxUID = syntax
+        check_header(header)
+        with source.getbuffer() as data:
+            check_pixel_data(data, source.tell(), total, header, plain)
+    except DataSetProblem as exc:
+        raise (DataSetMismatch if exc.problem is Problem.MISMATCH else SpoolError)(str(exc)) from None
     return header
 
 
@@ -237,11 +262,11 @@ def summarize(header: Dataset, path: Path, receipt: Receipt, outcome: StoreOutco
         calling_ae=receipt.calling_ae,
         received_at=receipt.received_at,
         modality=_text(header, "Modality"),
-        image_type=tuple(str(v).strip() for v in _values(header.get("ImageType"))),
+        image_type=tuple(str(v).strip() for v in multi_values(header.get("ImageType"))),
         slice_thickness=_float_or_none(header.get("SliceThickness")),
         series_description=_text(header, "SeriesDescription"),
         body_part=_text(header, "BodyPartExamined"),
-        convolution_kernel="\\".join(str(v) for v in _values(header.get("ConvolutionKernel"))),
+        convolution_kernel="\\".join(str(v) for v in multi_values(header.get("ConvolutionKernel"))),
         patient_id=_text(header, "PatientID"),
         accession_number=_text(header, "AccessionNumber"),
         study_date=_text(header, "StudyDate"),
@@ -255,12 +280,6 @@ def _checked_uid(uid: str, keyword: str) -> str:
     if len(uid) > 64 or not _UID.match(uid):
         raise SpoolError(f"{keyword} {uid[:70]!r} is not a valid UID (digits and dots, at most 64 characters): fix the sender")
     return uid
-
-
-def _values(value: object) -> list:
-    if value is None or value == "":
-        return []
-    return list(value) if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [value]
 
 
 def _text(header: Dataset, keyword: str) -> str:
@@ -287,15 +306,3 @@ def _same_content(path: Path, parts: Sequence[Bytes]) -> bool:
         return path.stat().st_size == sum(len(p) for p in parts) and path.read_bytes() == b"".join(parts)
     except FileNotFoundError:
         return False
-
-
-def _make_dirs_durable(folder: Path, root: Path) -> None:
-    """Create missing folders and fsync each parent, so a new series folder survives a crash."""
-    missing = []
-    current = folder
-    while current != root and not current.exists():
-        missing.append(current)
-        current = current.parent
-    for path in reversed(missing):
-        path.mkdir(exist_ok=True)
-        fsync_dir(path.parent)

@@ -30,7 +30,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from node.config import ConfigError, ReceiverConfig
-from node.ingest.receiver import CT_IMAGE_STORAGE
+from node.ingest.dicom import CT_IMAGE_STORAGE
 from node.ingest.spool import Receipt, Spool, SpooledInstance, SpoolError, SpoolListener, StoreOutcome, read_header
 
 log = logging.getLogger(__name__)

@@ -16,13 +16,12 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.multival import MultiValue
 
+from node.ingest.dicom import CT_IMAGE_STORAGE, multi_values
 from node.pipeline.ct import CTVolume, InputError
 
 log = logging.getLogger(__name__)
 
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 SPACING_TOLERANCE = 0.02  # relative to the nominal slice spacing
 MIN_SPACING_TOLERANCE_MM = 0.01
 MAX_TILT_DEGREES = 0.5  # declared GantryDetectorTilt
@@ -129,7 +128,7 @@ def _check_one_ct_series(datasets: list[Dataset]) -> None:
         if "PixelData" not in ds:
             raise InputError(f"instance {ds.get('SOPInstanceUID', '?')} has no pixel data")
         for keyword, count in _GEOMETRY_VALUES.items():
-            if len(_values(ds.get(keyword))) != count:
+            if len(multi_values(ds.get(keyword))) != count:
                 raise InputError(
                     f"instance {ds.get('SOPInstanceUID', '?')} lacks a valid {keyword} ({count} values): "
                     "cannot place it in space"
@@ -227,12 +226,6 @@ def _pixels(ds: Dataset) -> np.ndarray:
 def _sop_class(ds: Dataset) -> str:
     """Some anonymisers blank SOPClassUID; the file meta still names it."""
     return str(ds.get("SOPClassUID", "") or ds.get("file_meta", Dataset()).get("MediaStorageSOPClassUID", ""))
-
-
-def _values(value: object) -> list:
-    if value is None or value == "":
-        return []
-    return list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
 
 
 def _is_integer(value: object) -> bool:

@@ -1,0 +1,293 @@
+"""The pynetdicom adapter: every override of pynetdicom internals the receiver relies on, in one place.
+
+pynetdicom reads a PDU by allocating whatever length its header claims, never times out a socket
+that has not associated, and counts such sockets against `maximum_associations`; a C-STORE data
+set is gathered in memory however large it grows. That lets six bytes cost gigabytes and ten idle
+sockets lock out every sender. The overrides here bound all of it:
+
+- PDU lengths: A-ASSOCIATE-RQ and the other short PDUs at `SMALL_PDU_LIMIT`, P-DATA-TF at the
+  Maximum Length Received the node announces; a longer PDU is aborted before anything is allocated,
+  and PDUs are read into one buffer of their (bounded) size.
+- Time: the whole A-ASSOCIATE-RQ within `association_request_timeout_s` of connecting, each PDU within
+  `pdu_timeout_s` of its first byte, and an associated peer is aborted after `idle_timeout_s` of silence.
+- Slots: a connection counts against `maximum_associations` only once its A-ASSOCIATE-RQ has arrived;
+  until then it is in a separate pool of `max_pending` connections, whose oldest is dropped for a newcomer.
+- DIMSE: a command set is capped at `SMALL_PDU_LIMIT`, a data set at `max_dataset_bytes` (beyond that
+  the rest is read and dropped, so the C-STORE can still be answered), and the peer is not read from
+  while a complete message waits for the handler (TCP flow control holds back a pipelining peer).
+
+Written against pynetdicom's private DUL, DIMSE and server internals, hence the version check below.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import socketserver
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from io import BytesIO
+
+import pynetdicom
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_messages import DIMSEMessage
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+
+PYNETDICOM_VERSION = "3.0.4"
+if pynetdicom.__version__ != PYNETDICOM_VERSION:
+    raise ImportError(
+        f"node.ingest.association was written for pynetdicom {PYNETDICOM_VERSION}, found {pynetdicom.__version__}: "
+        f"install pynetdicom=={PYNETDICOM_VERSION} (as pyproject.toml pins it)"
+    )
+
+log = logging.getLogger("node.ingest.receiver")
+
+SMALL_PDU_LIMIT = 64 << 10  # A-ASSOCIATE-RQ with hundreds of contexts is ~20 KiB; RELEASE/ABORT are 4 bytes
+_PDU_TYPES = frozenset(range(0x01, 0x08))
+_P_DATA_TF = 0x04
+_PENDING_POLL_S = 0.02  # a connection that has not associated is polled this often, not every millisecond
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """What one peer may cost; see the module docstring."""
+
+    max_pdu_size: int
+    max_dataset_bytes: int
+    max_pending: int
+    association_request_timeout_s: float
+    pdu_timeout_s: float
+    idle_timeout_s: float
+
+
+class DataSetBuffer(BytesIO):
+    """A received data set that stops growing at `limit` bytes; `overflowed` tells the handler to refuse it."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.received = 0
+        self.overflowed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        size = len(data)
+        self.received += size
+        if not self.overflowed and self.received > self.limit:
+            self.overflowed = True
+            self.seek(0)
+            self.truncate(0)
+        if self.overflowed:
+            return size
+        return super().write(data)
+
+
+def configure_ae(ae: AE, limits: ConnectionLimits) -> None:
+    """Apply the limits pynetdicom has settings for (timers, announced PDU size)."""
+    ae.maximum_pdu_size = limits.max_pdu_size
+    ae.acse_timeout = limits.association_request_timeout_s  # the wait for A-ASSOCIATE-RQ, and ARTIM
+    ae.network_timeout = limits.idle_timeout_s
+
+
+def associated_acceptors(ae: AE) -> list[Association]:
+    """Acceptor threads whose A-ASSOCIATE-RQ has arrived: what `maximum_associations` is meant to count."""
+    return [a for a in ae.active_associations if a.is_acceptor and a.requestor.primitive is not None]
+
+
+class CountingAE(AE):
+    """An AE whose association limit counts only peers that have asked to associate (see `associated_acceptors`).
+
+    pynetdicom's ACSE rejects when `len(ae.active_associations) > maximum_associations`, counting every
+    accepted socket, so port scanners and half-open sockets used to take the slots of real senders.
+    """
+
+    @property
+    def active_associations(self) -> list[Association]:
+        return [a for a in super().active_associations if not a.is_acceptor or a.requestor.primitive is not None]
+
+
+class BoundedServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with bounded connections, owned by the Receiver rather than the AE."""
+
+    daemon_threads = True
+    limits: ConnectionLimits
+
+    def connections(self) -> list[Association]:
+        """Every acceptor thread of this server, associated or not."""
+        return [t for t in threading.enumerate() if isinstance(t, Association) and getattr(t, "_server", None) is self]
+
+    def pending(self) -> list[Association]:
+        """Connections still waiting for their A-ASSOCIATE-RQ whose socket is open, oldest first."""
+        waiting = [a for a in self.connections() if a.requestor.primitive is None and not a.dul._transport_closed]
+        return sorted(waiting, key=lambda a: a.dul._accepted_at)
+
+    def make_room(self) -> None:
+        """Drop the oldest pending connections so that a new one fits in the pending pool."""
+        pending = self.pending()
+        for assoc in pending[: max(0, len(pending) - self.limits.max_pending + 1)]:
+            address = assoc.requestor.address_info
+            log.warning(
+                "event=connection_dropped peer=%s:%s reason=no A-ASSOCIATE-RQ yet and receiver.max_pending_connections "
+                "reached", address.address, address.port,
+            )
+            assoc.dul.close_transport()
+
+    def close_listener(self) -> None:
+        """Stop the accept loop and close the listening socket; open associations carry on."""
+        socketserver.BaseServer.shutdown(self)  # AssociationServer.shutdown expects AE.start_server bookkeeping
+        self.server_close()
+
+
+class BoundedRequestHandler(RequestHandler):
+    """Gives each accepted connection TCP_NODELAY and the bounded DUL and DIMSE providers."""
+
+    server: BoundedServer
+
+    def _create_association(self) -> Association:
+        self.server.make_room()
+        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        assoc = super()._create_association()
+        dul = assoc.dul
+        dul.__class__ = BoundedDUL
+        dul._limits = self.server.limits
+        dul._accepted_at = time.monotonic()
+        dul._transport_closed = False
+        assoc.dimse.__class__ = BoundedDIMSE
+        return assoc
+
+
+class BoundedDUL(DULServiceProvider):
+    """The DUL with bounded PDU reads, read deadlines, back-pressure and a prompt end for dead connections."""
+
+    _limits: ConnectionLimits
+    _accepted_at: float
+    _transport_closed: bool
+
+    def close_transport(self) -> None:
+        """Shut the socket down from another thread; the reader sees end of file and the state machine ends."""
+        self._transport_closed = True
+        sock = self.socket.socket if self.socket is not None else None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _is_transport_event(self) -> bool:
+        if self.state_machine.current_state == "Sta2" and self.socket is not None and self.socket.socket is not None:
+            try:  # nothing but the peer can move a connection on from Sta2: wait for it instead of spinning
+                select.select([self.socket.socket], [], [], _PENDING_POLL_S)
+            except (OSError, ValueError):
+                pass
+        elif self.state_machine.current_state == "Sta6" and not self.assoc.dimse.msg_queue.empty():
+            return False  # a whole message waits for the handler: read no more until it is taken
+        return super()._is_transport_event()
+
+    def receive_pdu(self, wait: bool = False, timeout: float | None = None):
+        """As pynetdicom's, but the acceptor's wait for A-ASSOCIATE-RQ ends as soon as the connection has."""
+        if not (wait and self.assoc.is_acceptor and self.assoc.requestor.primitive is None):
+            return super().receive_pdu(wait, timeout)
+        deadline = time.monotonic() + (timeout if timeout is not None else self._limits.association_request_timeout_s)
+        while (remaining := deadline - time.monotonic()) > 0:
+            primitive = super().receive_pdu(True, min(remaining, _PENDING_POLL_S * 5))
+            if primitive is not None:
+                return primitive
+            closed = self._transport_closed or self.socket is None or self.socket.socket is None
+            if closed and self.to_user_queue.empty() and self.event_queue.empty():
+                return None
+        return None
+
+    def _read_pdu_data(self) -> None:
+        """Read one PDU: its header, a length check against the limits, then its body in one buffer."""
+        sock = self.socket.socket if self.socket is not None else None
+        if sock is None:
+            self._closed("Evt17")
+            return
+        associating = self.assoc.requestor.primitive is None
+        deadline = (self._accepted_at + self._limits.association_request_timeout_s if associating
+                    else time.monotonic() + self._limits.pdu_timeout_s)
+        header = bytearray(6)
+        if not _recv_into(sock, memoryview(header), deadline):
+            self._closed("Evt17")
+            return
+        pdu_type, _, length = struct.unpack(">BBL", header)
+        limit = self._limits.max_pdu_size if pdu_type == _P_DATA_TF and not associating else SMALL_PDU_LIMIT
+        if pdu_type not in _PDU_TYPES or length > limit:
+            self._refuse(pdu_type, length, limit)
+            return
+        pdu = bytearray(6 + length)
+        pdu[:6] = header
+        if not _recv_into(sock, memoryview(pdu)[6:], deadline):
+            self._closed("Evt17")
+            return
+        try:
+            decoded, event = self._decode_pdu(pdu)
+        except Exception:  # a malformed PDU is the peer's problem: abort, as pynetdicom does
+            self._refuse(pdu_type, length, limit, "undecodable PDU")
+            return
+        self.event_queue.put(event)
+        self._recv_pdu.put(decoded)
+
+    def _refuse(self, pdu_type: int, length: int, limit: int, why: str = "") -> None:
+        """Abort the association (Evt19) and stop reading what the peer sends after the refused header."""
+        address = self.assoc.requestor.address_info
+        reason = why or (f"PDU type 0x{pdu_type:02X} unknown" if pdu_type not in _PDU_TYPES
+                         else f"PDU of {length} bytes over the limit of {limit}")
+        log.warning("event=pdu_refused peer=%s:%s reason=%s", address.address, address.port, reason)
+        try:
+            self.socket.socket.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+        self._closed("Evt19")
+
+    def _closed(self, event: str) -> None:
+        self._transport_closed = True
+        self.event_queue.put(event)
+
+
+def _recv_into(sock: socket.socket, view: memoryview, deadline: float) -> bool:
+    """Fill `view` from `sock` before `deadline`; False on end of file, timeout or a socket error."""
+    received = 0
+    try:
+        while received < len(view):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            sock.settimeout(remaining)
+            count = sock.recv_into(view[received:])
+            if count == 0:
+                return False
+            received += count
+    except OSError:  # includes TimeoutError
+        return False
+    return True
+
+
+class BoundedDIMSE(DIMSEServiceProvider):
+    """DIMSE message assembly into capped buffers (`DataSetBuffer`), with a small cap on the command set."""
+
+    def receive_primitive(self, primitive) -> None:
+        if self.message is None:
+            self.message = DIMSEMessage()
+            self.message.encoded_command_set = DataSetBuffer(SMALL_PDU_LIMIT)
+            self.message.data_set = DataSetBuffer(self.dul._limits.max_dataset_bytes)
+        command = self.message.encoded_command_set
+        try:
+            super().receive_primitive(primitive)
+        except Exception:  # an empty (dropped) command set does not decode
+            if not getattr(command, "overflowed", False):
+                raise
+        if getattr(command, "overflowed", False):
+            log.warning("event=dimse_refused reason=command set over %d bytes", SMALL_PDU_LIMIT)
+            self.message = None
+            self.dul.event_queue.put("Evt19")
+
+
+def dataset_overflow(dataset: BytesIO) -> int | None:
+    """The bytes a C-STORE data set really had, if it was too large to keep; None if it was kept whole."""
+    return dataset.received if isinstance(dataset, DataSetBuffer) and dataset.overflowed else None
