@@ -94,6 +94,8 @@ class RecordingListener:
     def __init__(self) -> None:
         self.instances: list[SpooledInstance] = []
         self.released: list[str] = []
+        self.aborted: list[str] = []
+        self.refused: list[str] = []
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
 
@@ -106,6 +108,14 @@ class RecordingListener:
         with self._changed:
             self.released.append(association_id)
             self._changed.notify_all()
+
+    def association_aborted(self, association_id: str) -> None:
+        with self._changed:
+            self.aborted.append(association_id)
+
+    def instance_refused(self, association_id: str, series_uid: str | None) -> None:
+        with self._changed:
+            self.refused.append(association_id)
 
     def wait_released(self, count: int, timeout_s: float = 20.0) -> list[str]:
         """Wait (bounded) until `count` associations have been reported released."""

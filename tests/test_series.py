@@ -17,6 +17,7 @@ from support import Clock
 from node.config import CompletionConfig, SelectionConfig
 from node.ingest.series import SeriesSummary, SeriesTracker, selection_refusal
 from node.ingest.spool import Receipt, Spool
+from node.state.pending import WaitReason, read_pending
 from node.state.store import JobStatus, State
 
 CHEST = SeriesSummary(modalities=frozenset({"CT"}), image_types=(("ORIGINAL", "PRIMARY", "AXIAL"),),
@@ -49,8 +50,11 @@ def test_defaults_select_low_dose_chest_and_missing_thickness() -> None:
 class Node:
     """A spool, a state database and a tracker on a fake clock, fed like the receiver feeds them."""
 
-    def __init__(self, root: Path, selection: SelectionConfig | None = None, state: type[State] = State) -> None:
+    def __init__(self, root: Path, selection: SelectionConfig | None = None, state: type[State] = State,
+                 completion: CompletionConfig | None = None) -> None:
         self.clock = Clock(5000.0)
+        self.completion = completion or CompletionConfig(release_quiet_s=5, idle_quiet_s=60)
+        self.pending_file = root / "pending.json"
         self.spool = Spool(root / "spool")
         self.state = state(root / "state.sqlite", clock=self.clock)
         self.selection = selection or SelectionConfig(min_slices=3)
@@ -59,8 +63,8 @@ class Node:
         self.sent = 0
 
     def _tracker(self) -> SeriesTracker:
-        periods = CompletionConfig(release_quiet_s=5, idle_quiet_s=60)
-        return SeriesTracker(self.spool, self.state, periods, self.selection, clock=self.clock)
+        return SeriesTracker(self.spool, self.state, self.completion, self.selection, clock=self.clock,
+                             pending_file=self.pending_file)
 
     def restart(self) -> None:
         self.tracker = self._tracker()
@@ -78,6 +82,10 @@ class Node:
         ds.save_as(path, enforce_file_format=True)
         instance = self.spool.store(path, Receipt(association, "SCU", self.clock.now))
         self.tracker.instance_stored(instance)
+
+    def resend_spooled(self, association: str) -> None:
+        for path in self.spool.series_files(self.study_uid, self.series_uid):
+            self.tracker.instance_stored(self.spool.store(path, Receipt(association, "SCU", self.clock.now)))
 
     def complete_after_release(self, association: str) -> list[int]:
         self.tracker.association_released(association)
@@ -109,15 +117,14 @@ def test_series_completes_quiet_period_after_release(node: Node) -> None:
     assert (series.patient_id, series.accession, series.instances) == ("PID0001", "ACC1", 4)
 
 
-def test_series_without_release_completes_after_idle_period(node: Node) -> None:
-    node.send(4, "a1")
-    node.clock.now += 59
+def test_pause_longer_than_the_idle_period_inside_an_open_association_does_not_complete(node: Node) -> None:
+    node.send(60, "a1")
+    node.clock.now += 600  # ten idle periods, association still open
     assert node.tracker.tick() == []
-    node.send(1, "a1")
-    node.clock.now += 59
-    assert node.tracker.tick() == []
-    node.clock.now += 2
-    assert len(node.tracker.tick()) == 1
+    assert [(w.reason, w.instances) for w in node.tracker.waiting()] == [(WaitReason.OPEN_ASSOCIATION, 60)]
+    node.send(76, "a1")
+    assert len(node.complete_after_release("a1")) == 1
+    assert node.state.get_series(node.series_uid).instances == 136 and len(node.jobs()) == 1
 
 
 def test_series_spread_over_two_associations_waits_for_both(node: Node) -> None:
@@ -222,10 +229,68 @@ def test_series_whose_job_could_not_be_recorded_stays_pending(tmp_path: Path, ca
 def test_next_completion_is_the_earliest_due_series(node: Node) -> None:
     assert node.tracker.next_completion_at() is None
     node.send(4, "a1")
-    assert node.tracker.next_completion_at() == node.clock.now + 60  # association open: the idle rule
+    assert node.tracker.next_completion_at() is None  # association open: nothing is due
     node.tracker.association_released("a1")
     released = node.clock.now
     assert node.tracker.next_completion_at() == released + 5
     node.clock.now += 5
     assert len(node.tracker.tick()) == 1
     assert node.tracker.next_completion_at() is None
+
+
+def test_abort_then_late_resend_processes_the_whole_series_once(node: Node) -> None:
+    node.send(60, "a1")
+    node.tracker.association_aborted("a1")
+    node.clock.now += 3600
+    assert node.tracker.tick() == [] and node.tracker.next_completion_at() is None
+    assert [w.reason for w in node.tracker.waiting()] == [WaitReason.ABORTED]
+    node.resend_spooled("a2")  # the sender starts again from the first instance
+    node.send(76, "a2")
+    assert len(node.complete_after_release("a2")) == 1
+    assert node.state.get_series(node.series_uid).instances == 136 and len(node.jobs()) == 1
+
+
+def test_release_after_refusals_waits_for_the_refused_instances(node: Node) -> None:
+    node.send(60, "a1")
+    node.tracker.instance_refused("a1", None)  # 0xA700: disk below the watermark
+    node.tracker.instance_refused("a1", None)
+    assert node.complete_after_release("a1") == []
+    node.clock.now += 3600
+    assert node.tracker.tick() == []
+    assert [w.reason for w in node.tracker.waiting()] == [WaitReason.REFUSED]
+    node.send(76, "a2")  # the sender sends what was refused and the rest
+    assert len(node.complete_after_release("a2")) == 1
+    assert node.state.get_series(node.series_uid).instances == 136
+
+
+def test_an_association_open_when_the_series_was_cut_off_is_no_resend(node: Node) -> None:
+    node.send(30, "a1")
+    node.send(30, "a2")
+    node.tracker.association_aborted("a1")
+    node.send(10, "a2")
+    assert node.complete_after_release("a2") == []
+    assert [w.reason for w in node.tracker.waiting()] == [WaitReason.ABORTED]
+
+
+def test_idle_completes_partial_processes_a_cut_off_series_when_configured(tmp_path: Path) -> None:
+    node = Node(tmp_path, completion=CompletionConfig(release_quiet_s=5, idle_quiet_s=60, idle_completes_partial=True))
+    node.send(60, "a1")
+    node.tracker.association_aborted("a1")
+    node.clock.now += 59
+    assert node.tracker.tick() == []
+    node.clock.now += 2
+    assert len(node.tracker.tick()) == 1
+
+
+def test_a_series_cut_off_by_a_restart_waits_for_the_resend_and_status_says_why(tmp_path: Path) -> None:
+    node = Node(tmp_path)
+    node.send(4, "a1")  # serve stops with the association open
+    node.tracker.record_pending(force=True)
+    node.restart()
+    node.clock.now += 3600
+    assert node.tracker.tick() == []
+    (recorded,) = read_pending(node.pending_file)
+    assert (recorded.series_uid, recorded.reason, recorded.instances) == (node.series_uid, WaitReason.ABORTED, 4)
+    node.resend_spooled("a2")
+    assert len(node.complete_after_release("a2")) == 1
+    assert read_pending(node.pending_file) == []

@@ -15,6 +15,7 @@ from pathlib import Path
 from node.cli.exit_codes import ExitCode
 from node.config import Config, ConfigError, load_config
 from node.logs import configure
+from node.state.pending import pending_path, read_pending
 from node.state.store import StateError, open_state
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = ExitCode.OK, ExitCode.FAILED, ExitCode.USAGE
@@ -91,6 +92,9 @@ def _status(args: argparse.Namespace, config: Config) -> int:
     state = open_state(config.storage.database)
     jobs = state.jobs(args.jobs)
     report = {
+        "pending_series": [{"series": p.series_uid, "instances": p.instances, "reason": str(p.reason),
+                            "why": p.reason.description, "since": _when(p.since)}
+                           for p in read_pending(pending_path(config.storage.state_dir))],
         "jobs": state.job_counts(),
         "deliveries": state.delivery_counts(),
         "recent_errors": [{"kind": k, "id": i, "error": e} for k, i, e in state.recent_errors()],
@@ -103,6 +107,9 @@ def _status(args: argparse.Namespace, config: Config) -> int:
 
 def _status_text(report: dict) -> str:
     lines = ["jobs:       " + _counts(report["jobs"]), "deliveries: " + _counts(report["deliveries"]), ""]
+    lines += ["series being received (as serve last recorded them):"] + [
+        f"  {p['series']}  {p['instances']} instances since {p['since']}: {p['why']}" for p in report["pending_series"]]
+    lines += [""]
     lines += ["recent errors:"] + [f"  {e['kind']} {e['id']}: {e['error']}" for e in report["recent_errors"]]
     lines += ["", f"{'job':>6}  {'status':8} {'tries':>5}  {'updated':19}  series / last error"]
     for job in report["recent_jobs"]:

@@ -1,10 +1,19 @@
 """Series completion and selection: when a spooled series is whole, and whether it is worth a job.
 
-A series is complete after a quiet period: `completion.release_quiet_s` after the last
-association that carried it was released, otherwise `completion.idle_quiet_s` after its last
-instance. An aborted association is never released, so a series cut off mid-send (and one
-recovered after a restart, whose sender may still be resending) waits for the idle period. Each
-complete series is fingerprinted over its instances, so the same content is never queued twice
+Only whole series are completed. A series is complete `completion.release_quiet_s` after the
+last association that carried it was released cleanly. While any association carrying it is open
+it waits, however long that association is silent (the receiver's idle timeout aborts a stuck
+one). A series cut off — its association aborted, or instances of it refused (0xA700 on a full
+disk, a failed write) — waits for its sender to send it again: a later association that carries
+it and is released without refusals makes it whole again. `completion.idle_completes_partial`
+lets the idle period complete a cut-off series anyway. A series recovered from the spool after
+a restart, with no record of how it was cut off, waits `completion.idle_quiet_s`.
+
+Why each series waits is written to <state_dir>/pending.json for `status` and for the next start,
+where a series whose association was open or aborted stays waiting for the resend. Durations use
+the monotonic clock, so a step of the wall clock neither completes a series early nor delays it.
+
+Each complete series is fingerprinted over its instances, so the same content is never queued twice
 while a series that grew or had an instance replaced is queued again. Series that fail a
 selection rule become skipped jobs that name the rule.
 """
@@ -25,12 +34,14 @@ import pydicom
 
 from node.config import CompletionConfig, SelectionConfig
 from node.ingest.spool import Receipt, Spool, SpooledInstance, SpoolError, StoreOutcome, summarize
+from node.state.pending import PendingSeries, WaitReason, read_pending, write_pending
 from node.state.store import JobStatus, SeriesRecord, State
 
 log = logging.getLogger(__name__)
 
 _RECOVERED = Receipt(association_id="recovered", calling_ae="", received_at=0.0)
 _RETRY_AFTER_FAILURE_S = 10.0  # a series whose job could not be recorded is tried again this much later
+_RECORD_EVERY_S = 1.0  # the pending file is rewritten at most this often (and only when it changed)
 
 
 @dataclass(frozen=True)
@@ -114,21 +125,51 @@ def _most_common(values) -> str:
 @dataclass
 class _Pending:
     study_uid: str
-    last_instance_at: float
+    last_instance_at: float  # monotonic
+    first_seen: float = field(default_factory=time.time)  # wall clock, a record for `status`
     open_associations: set[str] = field(default_factory=set)
-    released_at: float | None = None
+    released_at: float | None = None  # monotonic
+    cut_off: WaitReason | None = None  # ABORTED or REFUSED until a clean resend
+    resent_by: set[str] = field(default_factory=set)  # associations begun since it was cut off
+    open_at_cut: set[str] = field(default_factory=set)  # associations already open then: not a resend
     instances: dict[str, SpooledInstance] = field(default_factory=dict)
+    recovered_files: int = 0
     not_before: float = 0.0
 
-    def complete_at(self, periods: CompletionConfig) -> float:
-        """When the series counts as complete if nothing more arrives."""
-        due = self.last_instance_at + periods.idle_quiet_s
-        if not self.open_associations and self.released_at is not None:
-            due = min(due, self.released_at + periods.release_quiet_s)
+    @property
+    def reason(self) -> WaitReason:
+        if self.open_associations:
+            return WaitReason.OPEN_ASSOCIATION
+        return self.cut_off or WaitReason.QUIET
+
+    def complete_at(self, periods: CompletionConfig) -> float | None:
+        """When the series counts as complete if nothing more arrives; None while it must wait for more."""
+        if self.open_associations:
+            return None
+        if self.cut_off is not None:
+            if not periods.idle_completes_partial:
+                return None
+            due = self.last_instance_at + periods.idle_quiet_s
+        elif self.released_at is not None:
+            due = min(self.last_instance_at + periods.idle_quiet_s, self.released_at + periods.release_quiet_s)
+        else:  # recovered after a restart with no record of its associations
+            due = self.last_instance_at + periods.idle_quiet_s
         return max(due, self.not_before)
 
     def complete(self, now: float, periods: CompletionConfig) -> bool:
-        return now >= self.complete_at(periods)
+        due = self.complete_at(periods)
+        return due is not None and now >= due
+
+    def cut(self, reason: WaitReason) -> None:
+        """Cut off (an abort takes precedence over refusals): only a later association can resend it."""
+        if self.cut_off is not WaitReason.ABORTED:
+            self.cut_off = reason
+        self.resent_by.clear()
+        self.open_at_cut = set(self.open_associations)
+
+    def record(self, series_uid: str) -> PendingSeries:
+        count = max(len(self.instances), self.recovered_files)
+        return PendingSeries(series_uid, self.study_uid, count, self.reason, self.first_seen)
 
 
 class PrunedMeanwhile(Exception):
@@ -138,21 +179,25 @@ class PrunedMeanwhile(Exception):
 class SeriesTracker:
     """The spool's listener: tracks series in flight and turns complete ones into jobs.
 
-    Receiver threads call `instance_stored`/`association_released`; the scheduler thread calls
-    `tick`. An association that ends without `association_released` (an abort) stays open here,
-    so its series completes by the idle rule only. Nothing here is durable on purpose: the spool
-    is, and `recover` rebuilds the pending series from it after a restart.
+    Receiver threads call `instance_stored`, `instance_refused`, `association_released` and
+    `association_aborted`; the scheduler thread calls `tick`. The spool is durable and the pending
+    file records why each series waits, so `recover` rebuilds the pending series after a restart.
     """
 
     def __init__(self, spool: Spool, state: State, completion: CompletionConfig, selection: SelectionConfig,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.monotonic, pending_file: Path | None = None) -> None:
         self._spool = spool
         self._state = state
         self._completion = completion
         self._selection = selection
         self._clock = clock
+        self._pending_file = pending_file
         self._lock = threading.Lock()
         self._pending: dict[str, _Pending] = {}
+        self._refusing: set[str] = set()  # open associations that had an instance refused
+        self._recorded: list[PendingSeries] | None = None
+        self._next_record = 0.0
+        self._record_failed = False
 
     def instance_stored(self, instance: SpooledInstance) -> None:
         """Raises PrunedMeanwhile when retention removed the file as it was stored: the sender must not
@@ -166,16 +211,45 @@ class SeriesTracker:
             pending.last_instance_at = self._clock()
             pending.released_at = None
             pending.open_associations.add(instance.association_id)
+            if pending.cut_off is not None and instance.association_id not in pending.open_at_cut:
+                pending.resent_by.add(instance.association_id)
             pending.instances[instance.sop_instance_uid] = instance
 
+    def instance_refused(self, association_id: str, series_uid: str | None) -> None:
+        """The sender was told an instance failed: every series this association carries is cut off."""
+        with self._lock:
+            self._refusing.add(association_id)
+            pending = self._pending.get(series_uid) if series_uid else None
+            if pending is not None:
+                pending.cut(WaitReason.REFUSED)
+
     def association_released(self, association_id: str) -> None:
+        """A clean release completes what it carried, and makes whole a cut-off series it resent."""
         now = self._clock()
         with self._lock:
-            for pending in self._pending.values():
-                if association_id in pending.open_associations:
-                    pending.open_associations.discard(association_id)
-                    if not pending.open_associations:
-                        pending.released_at = now
+            refused = association_id in self._refusing
+            self._refusing.discard(association_id)
+            for pending in self._carried_by(association_id):
+                if refused:
+                    pending.cut(WaitReason.REFUSED)
+                elif association_id in pending.resent_by:
+                    pending.cut_off = None  # sent again in full: whole again
+                if not pending.open_associations:
+                    pending.released_at = now
+
+    def association_aborted(self, association_id: str) -> None:
+        """The sender did not finish: what the association carried waits for the resend."""
+        with self._lock:
+            self._refusing.discard(association_id)
+            for pending in self._carried_by(association_id):
+                pending.cut(WaitReason.ABORTED)
+
+    def _carried_by(self, association_id: str) -> list[_Pending]:
+        """The pending series this association stored instances of; it is no longer open for them."""
+        carried = [p for p in self._pending.values() if association_id in p.open_associations]
+        for pending in carried:
+            pending.open_associations.discard(association_id)
+        return carried
 
     def prune(self, series_uid: str, folder: Path, claim: Callable[[], bool]) -> int | None:
         """Remove a settled series' spooled files; None when it is receiving again or `claim` says no.
@@ -191,19 +265,28 @@ class SeriesTracker:
             return self._spool.remove_series(folder)
 
     def next_completion_at(self) -> float | None:
-        """The earliest time a pending series completes, so the scheduler can wake for it."""
+        """The earliest (monotonic) time a pending series completes, so the scheduler can wake for it."""
         with self._lock:
-            return min((p.complete_at(self._completion) for p in self._pending.values()), default=None)
+            due = [at for p in self._pending.values() if (at := p.complete_at(self._completion)) is not None]
+        return min(due, default=None)
 
     def pending_series(self) -> int:
         with self._lock:
             return len(self._pending)
 
+    def waiting(self) -> list[PendingSeries]:
+        """Every pending series and why it waits, oldest first."""
+        with self._lock:
+            records = [p.record(uid) for uid, p in self._pending.items()]
+        return sorted(records, key=lambda r: (r.since, r.series_uid))
+
     def recover(self) -> int:
         """After a restart: every spooled series whose content has no job yet is pending again.
 
-        Recovered series wait for the idle period: the sender may still be resending them.
+        A series recorded as cut off, or whose association was still open when serve stopped,
+        waits for its sender's resend; any other waits for the idle period.
         """
+        recorded = {r.series_uid: r for r in read_pending(self._pending_file)} if self._pending_file else {}
         now = self._clock()
         recovered = 0
         for study_uid, series_uid in self._spool.series():
@@ -212,10 +295,12 @@ class SeriesTracker:
                 continue
             with self._lock:
                 if series_uid not in self._pending:
-                    self._pending[series_uid] = _Pending(study_uid, now)
+                    self._pending[series_uid] = _recovered(study_uid, now, len(files), recorded.get(series_uid))
                     recovered += 1
         if recovered:
-            log.info("event=series_recovered count=%d", recovered)
+            cut_off = sum(1 for p in self._pending.values() if p.cut_off is not None)
+            log.info("event=series_recovered count=%d waiting_for_resend=%d", recovered, cut_off)
+        self.record_pending(force=True)
         return recovered
 
     def tick(self) -> list[int]:
@@ -225,7 +310,27 @@ class SeriesTracker:
             done = [(uid, p) for uid, p in self._pending.items() if p.complete(now, self._completion)]
             for uid, _ in done:
                 del self._pending[uid]
-        return [job_id for uid, pending in done if (job_id := self._try_finish(uid, pending, now)) is not None]
+        jobs = [job_id for uid, pending in done if (job_id := self._try_finish(uid, pending, now)) is not None]
+        self.record_pending()
+        return jobs
+
+    def record_pending(self, force: bool = False) -> None:
+        """Rewrite the pending file when it changed (at most once a second unless `force`)."""
+        if self._pending_file is None or (not force and self._clock() < self._next_record):
+            return
+        waiting = self.waiting()
+        if waiting == self._recorded and not force:
+            return
+        self._next_record = self._clock() + _RECORD_EVERY_S
+        try:
+            write_pending(self._pending_file, waiting)
+        except OSError as exc:  # a full disk: say it once, keep receiving; the spool is what matters
+            if not self._record_failed:
+                log.error("event=pending_file_failed file=%s error=%s", self._pending_file, exc.strerror or exc)
+            self._record_failed = True
+            return
+        self._record_failed = False
+        self._recorded = waiting
 
     def _try_finish(self, series_uid: str, pending: _Pending, now: float) -> int | None:
         """Finish one series; on an unexpected error keep it pending rather than forget it until a restart."""
@@ -259,6 +364,20 @@ class SeriesTracker:
         log.info("event=series_complete series=%s job=%d instances=%d status=%s%s", series_uid, job.id,
                  len(instances), status, f" reason={reason!r}" if reason else "")
         return job.id
+
+
+def _recovered(study_uid: str, now: float, files: int, recorded: PendingSeries | None) -> _Pending:
+    """A spooled series found at start; cut off if serve last saw it open, aborted or refused."""
+    pending = _Pending(study_uid, now, recovered_files=files)
+    if recorded is not None:
+        pending.first_seen = recorded.since
+        if recorded.reason is WaitReason.OPEN_ASSOCIATION:
+            pending.cut_off = WaitReason.ABORTED  # serve stopped under it: the sender was cut off
+        elif recorded.reason.waits_for_resend:
+            pending.cut_off = recorded.reason
+        else:
+            pending.released_at = now
+    return pending
 
 
 def _instances_for(files: list[Path], known: dict[str, SpooledInstance]) -> list[SpooledInstance]:

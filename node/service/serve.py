@@ -25,6 +25,7 @@ from node.ingest.spool import Spool
 from node.ingest.watch import Watcher
 from node.service.housekeeping import Housekeeper
 from node.service.supervisor import WorkerSupervisor
+from node.state.pending import pending_path
 from node.state.store import State, open_state
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,8 @@ class Service:
         self.config = config
         self.state: State = open_state(config.storage.database)
         self.spool = Spool(config.storage.spool_dir)
-        self.tracker = SeriesTracker(self.spool, self.state, config.completion, config.selection)
+        self.tracker = SeriesTracker(self.spool, self.state, config.completion, config.selection,
+                                     pending_file=pending_path(config.storage.state_dir))
         self.receiver = Receiver(config.receiver, self.spool, self.tracker)
         self.watcher = Watcher(config.receiver, self.spool, self.tracker) if config.receiver.watch_dir else None
         self.supervisor = WorkerSupervisor(config_path, config.worker.count, self.state)
@@ -81,7 +83,7 @@ class Service:
         due = self.tracker.next_completion_at()
         if due is None:
             return SCHEDULER_TICK_S
-        return min(SCHEDULER_TICK_S, max(MIN_WAIT_S, due - time.time()))
+        return min(SCHEDULER_TICK_S, max(MIN_WAIT_S, due - time.monotonic()))
 
     def _schedule(self) -> None:
         """One scheduler round; an unexpected error is logged and the next round tries again.
@@ -120,6 +122,7 @@ class Service:
         if self.watcher is not None:
             self.watcher.stop()
         self.tracker.tick()
+        self.tracker.record_pending(force=True)  # what was cut off by this stop waits for its resend
         self.supervisor.stop(SHUTDOWN_GRACE_S)
         if self._delivery_thread.is_alive():
             self._delivery_thread.join(self.config.delivery.timeout_s + SHUTDOWN_GRACE_S)
