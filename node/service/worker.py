@@ -10,8 +10,11 @@ that dies simply stops renewing its lease, and the job is claimed again when the
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import signal
+import socket
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -25,12 +28,15 @@ from node.errors import InputError
 from node.pipeline.run import PipelineResult, run_pipeline
 from node.pipeline.segmentation import NotReadyError
 from node.service.ids import worker_id
-from node.state.store import Job, JobStore, NewDelivery
+from node.service.owner import DatabaseReplaced, OwnerCheck
+from node.state.store import Job, JobStore, NewDelivery, WorkerReport, disk_full
 from node.weights import missing_models
 
 log = logging.getLogger(__name__)
 
 DICOM_RESULTS = ("seg", "sr", "keyimage")
+_MAX_BACKOFF_S = 60.0
+HEARTBEAT_S = 10.0  # how often an idle worker tells the status page it is alive
 
 Pipeline = Callable[[Path, Path, Config], PipelineResult]
 
@@ -52,22 +58,47 @@ def deliveries_for(result: PipelineResult, config: Config, out_dir: Path) -> lis
 class Worker:
     """One worker loop; `paraspinal-node worker` runs it in its own process."""
 
+    owner_check: Callable[[], bool] | None = None  # run_worker sets it: work only while serve owns the state dir
+    _full_backoff_s = 0.0  # while the disk is full: the wait before the next try
+
     def __init__(self, config: Config, store: JobStore, owner: str, pipeline: Pipeline = run_pipeline,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, index: int = 0) -> None:
         self._config = config
+        self._index = index
         self._store = store
         self._owner = owner
         self._pipeline = pipeline
         self._clock = clock
         self._next_weights_check = 0.0
+        self._next_heartbeat = 0.0
+        self._weights_missing = _missing_weights(config)  # refreshed at every weights check
 
     def run(self, stop: threading.Event) -> None:
         """Work until `stop` is set; a Stop raised mid-job hands the job back before returning."""
         log.info("event=worker_started worker=%s", self._owner)
         while not stop.is_set():
-            if not self.run_once():
-                stop.wait(self._config.worker.poll_s)
+            self._heartbeat()
+            if not self._work_once():
+                stop.wait(self._full_backoff_s or self._config.worker.poll_s)
         log.info("event=worker_stopped worker=%s", self._owner)
+
+    def _work_once(self) -> bool:
+        """run_once while a serve owns the state dir; a full disk pauses it with one line and a growing wait."""
+        if self.owner_check is not None and not self.owner_check():
+            return False
+        try:
+            worked = self.run_once()
+        except (OSError, sqlite3.Error) as exc:
+            if not disk_full(exc):
+                raise
+            if not self._full_backoff_s:
+                log.error("event=worker_paused worker=%s reason=%s", self._owner, f"disk full: {exc}")
+            self._full_backoff_s = min(max(self._full_backoff_s * 2, self._config.worker.poll_s), _MAX_BACKOFF_S)
+            return False
+        if self._full_backoff_s:
+            log.info("event=worker_resumed worker=%s reason=%s", self._owner, "disk space is back")
+            self._full_backoff_s = 0.0
+        return worked
 
     def run_once(self) -> bool:
         """Process at most one job; False when there was nothing to do."""
@@ -105,6 +136,7 @@ class Worker:
     def _complete(self, job: Job, result: PipelineResult, out_dir: Path) -> None:
         deliveries = deliveries_for(result, self._config, out_dir)
         if self._store.complete(job.id, self._owner, result.measurement.to_dict(), deliveries):
+            self._store.record_stage_timings(job.id, job.attempts, result.seconds)
             log.info("event=job_done job=%d series=%s deliveries=%d", job.id, job.series_uid, len(deliveries))
         else:
             log.warning("event=job_lease_lost job=%d series=%s reason=\"another worker took the job\"", job.id,
@@ -122,13 +154,24 @@ class Worker:
         log.warning("event=job_retry job=%d series=%s attempt=%d reason=%r", job.id, job.series_uid,
                     job.attempts, error)
 
+    def _heartbeat(self) -> None:
+        """Between jobs, at most every HEARTBEAT_S: the status page shows this worker, its device and weights."""
+        now = self._clock()
+        if now < self._next_heartbeat:
+            return
+        self._next_heartbeat = now + HEARTBEAT_S
+        segmenter = self._config.segmenter
+        self._store.report_worker(WorkerReport(self._owner, socket.gethostname(), os.getpid(), self._index,
+                                               segmenter.device, segmenter.backend, self._weights_missing))
+
     def _release_held_when_ready(self) -> None:
         """Held jobs run again once the weights are there; a precomputed job simply looks again."""
         now = self._clock()
         if now < self._next_weights_check:
             return
         self._next_weights_check = now + self._config.worker.weights_check_s
-        if not _weights_missing(self._config):
+        self._weights_missing = _missing_weights(self._config)
+        if not self._weights_missing:
             released = self._store.release_held()
             if released:
                 log.info("event=held_jobs_released count=%d reason=\"nothing missing any more, trying again\"", released)
@@ -157,8 +200,8 @@ class _LeaseKeeper:
                 return
 
 
-def _weights_missing(config: Config) -> bool:
-    return config.segmenter.backend != "precomputed" and bool(missing_models(config.segmenter))
+def _missing_weights(config: Config) -> tuple[str, ...]:
+    return () if config.segmenter.backend == "precomputed" else tuple(missing_models(config.segmenter))
 
 
 def _fresh_outbox(job_dir: Path, job: Job) -> Path:
@@ -181,6 +224,7 @@ def install_stop_handler() -> threading.Event:
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a closing terminal must not cost the running job
     return stop
 
 
@@ -191,7 +235,12 @@ def run_worker(config: Config, store: JobStore, index: int = 0) -> int:
     stop = install_stop_handler()
     warm_up()
     try:
-        Worker(config, store, worker_id(index)).run(stop)
+        worker = Worker(config, store, worker_id(index), index=index)
+        worker.owner_check = OwnerCheck(config.storage.state_dir, config.storage.database)
+        worker.run(stop)
     except Stop:
         pass
+    except DatabaseReplaced as exc:
+        log.error("event=worker_exiting worker=%s reason=%s", worker_id(index), str(exc))
+        return 1
     return 0

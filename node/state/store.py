@@ -8,6 +8,7 @@ through the `JobStore` protocol so that a multi-host backend can replace it late
 
 from __future__ import annotations
 
+import errno
 import json
 import sqlite3
 import threading
@@ -24,6 +25,19 @@ STAGE_DELIVER = "deliver"
 
 class StateError(Exception):
     """The state database cannot be used; the message says why and what to do."""
+
+
+class StateFull(StateError, sqlite3.OperationalError):
+    """A write failed because the disk is full: callers log it once and back off (it is still an sqlite3.Error)."""
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether an error means the disk (or quota) is full, from SQLite or from a file write."""
+    if isinstance(exc, StateFull):
+        return True
+    if isinstance(exc, sqlite3.OperationalError):
+        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 class JobStatus(StrEnum):
@@ -112,7 +126,10 @@ class StageTiming:
 class WorkerReport:
     """What a worker process says about itself on each heartbeat."""
 
-    owner: str  # the lease owner name, host:pid:index (node.service.ids.worker_id)
+    owner: str  # the lease owner name
+    host: str
+    pid: int
+    index: int  # the supervisor's slot: a new pid in the same slot is a restart
     device: str
     engine: str
     weights_missing: tuple[str, ...]
@@ -122,9 +139,6 @@ class WorkerReport:
 @dataclass(frozen=True)
 class WorkerRecord:
     report: WorkerReport
-    host: str
-    index: int
-    pid: int
     started_at: float
     heartbeat_at: float
 
@@ -174,6 +188,10 @@ class JobStore(Protocol):
     def retry(self, job_id: int) -> str: ...
 
     def get_job(self, job_id: int) -> Job | None: ...
+
+    def record_stage_timings(self, job_id: int, attempt: int, seconds: dict[str, float]) -> None: ...
+
+    def report_worker(self, report: WorkerReport) -> None: ...
 
 
 _MIGRATIONS: tuple[str, ...] = (
@@ -295,6 +313,7 @@ class State:
 
     def __init__(self, database: Path, clock=time.time) -> None:
         self._clock = clock
+        self._database = database
         self._lock = threading.Lock()
         try:
             self._db = sqlite3.connect(database, timeout=30.0, isolation_level=None, check_same_thread=False)
@@ -323,15 +342,26 @@ class State:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """An immediate write transaction, so concurrent claimers serialise instead of deadlocking."""
+        """An immediate write transaction, so concurrent claimers serialise instead of deadlocking.
+
+        A COMMIT that fails (a full disk) is rolled back too, so the connection stays usable, and a
+        full disk is raised as StateFull with one line naming the fix.
+        """
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.OperationalError as exc:
+                if disk_full(exc) and not isinstance(exc, StateFull):
+                    raise StateFull(f"state database {self._database}: the disk is full: free space on its "
+                                    "filesystem (the node carries on by itself once there is room)") from exc
                 raise
-            self._db.execute("COMMIT")
 
     def _query(self, sql: str, params: tuple | dict = ()) -> list[tuple]:
         with self._lock:
@@ -673,7 +703,6 @@ class State:
 
     def report_worker(self, report: WorkerReport) -> None:
         """A worker's heartbeat: who it is, its device and engine, and which weights it misses."""
-        host, pid, index = report.owner.rsplit(":", 2)
         now = self._clock()
         with self._transaction() as db:
             db.execute(
@@ -682,14 +711,14 @@ class State:
                    ON CONFLICT (owner) DO UPDATE SET device = excluded.device, engine = excluded.engine,
                    weights_missing = excluded.weights_missing, engine_restarts = excluded.engine_restarts,
                    heartbeat_at = excluded.heartbeat_at""",
-                (report.owner, host, int(index), int(pid), report.device, report.engine,
+                (report.owner, report.host, report.index, report.pid, report.device, report.engine,
                  json.dumps(list(report.weights_missing)), report.engine_restarts, now, now))
 
     def workers(self) -> list[WorkerRecord]:
         """Every worker process that ever reported, newest start first."""
-        rows = self._query("""SELECT owner, device, engine, weights_missing, engine_restarts, host, slot, pid,
+        rows = self._query("""SELECT owner, host, pid, slot, device, engine, weights_missing, engine_restarts,
                               started_at, heartbeat_at FROM workers ORDER BY started_at DESC""")
-        return [WorkerRecord(WorkerReport(r[0], r[1], r[2], tuple(json.loads(r[3])), r[4]), *r[5:]) for r in rows]
+        return [WorkerRecord(WorkerReport(*r[:6], tuple(json.loads(r[6])), r[7]), r[8], r[9]) for r in rows]
 
     def running_owners(self) -> dict[str, int]:
         """Lease owner → job for every job running under a live lease."""
