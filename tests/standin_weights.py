@@ -12,6 +12,16 @@ which leaves, inside the crop: HU < 0 → 43, 0 ≤ HU < 600 → 86, HU ≥ 600 
 (298) labels HU ≥ `crop_threshold_hu` (default 0) vertebrae_T5, so the ROI is that region (+20 voxels).
 vertebrae_body (305) labels HU ≥ 600 vertebrae_body (class 1) and the rest intervertebral_discs (class 2).
 The other parts (291, 293, 295) exist because TotalSegmentator checks for them; they say background.
+Each step sits half a HU below its threshold: CT values are integers, so no voxel is ever a tie.
+
+`oriented=True` (parity tests) adds a class that depends on direction: 292 and 297 label
+vertebrae_T2 where HU rises by more than RISE_HU from one voxel to the next along the network's
+first axis (superior in TotalSegmentator's canonical orientation, including the zero padding
+beyond the image), so a wrong transpose, flip or reorientation changes the labels.
+
+`sabotage_checkpoint(..., "trip-exit" | "trip-hang")` keeps the crop model's weights but builds it
+as a network that kills or blocks its process when the CT holds metal (HU ≥ TRIP_HU), so a test
+can crash the model process in the middle of one job and not the next.
 
 `real_architecture=True` writes the 1.5 mm and 3 mm networks at their real size (InstanceNorm, features
 32…320, patch 128³ / 112×112×128) for benchmarks: with InstanceNorm a pass-through would be normalised
@@ -31,6 +41,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from totalsegmentator.map_tasks_config import TASK_CONFIGS, TASK_ID_WEIGHTS_CONFIGS
 from totalsegmentator.map_to_binary import class_map, class_map_5_parts, map_taskid_to_partname_ct
@@ -42,6 +53,9 @@ CT_PROPERTIES = {"max": 3071.0, "min": -1024.0, "mean": -50.387, "median": 30.0,
                  "percentile_00_5": -1004.0, "percentile_99_5": 1588.0}
 OFFSET = 4.0  # keeps the pass-through positive, on LeakyReLU's linear side (x ≥ -2 after clipping)
 SLOPE = 20.0
+RISE_HU = 250.0
+RISE_SLOPE = 1000.0
+TRIP_HU = 1500.0  # below the normalisation's upper clip (percentile_99_5)
 CROP_TRAINER = "nnUNetTrainer_4000epochs_NoMirroring"  # hard-coded for the crop model in python_api
 
 
@@ -51,6 +65,7 @@ class Rule:
 
     base: str | None
     steps: tuple[tuple[float, str], ...] = ()
+    rising: str | None = None  # the class where HU rises by more than RISE_HU along the first axis
 
 
 @dataclass(frozen=True)
@@ -77,6 +92,8 @@ RULES: dict[int, Rule] = {
     297: Rule("vertebrae_T1", ((MID_HU, "autochthon_left"), (HIGH_HU, "autochthon_right"))),
     BODY_TASK["task_id"]: Rule("intervertebral_discs", ((HIGH_HU, "vertebrae_body"),)),
 }
+ORIENTED_RULES: dict[int, Rule] = {292: replace(RULES[292], rising="vertebrae_T2"),
+                                   297: replace(RULES[297], rising="vertebrae_T2")}
 CONSTANT_RULES: dict[int, Rule] = {292: Rule("vertebrae_T1"), 294: Rule("autochthon_left"),
                                    297: Rule("autochthon_left"), BODY_TASK["task_id"]: Rule("vertebrae_body")}
 
@@ -188,7 +205,7 @@ def _network(arch: Arch, rule: Rule, classes: dict[int, str]) -> torch.nn.Module
         for param in net.parameters():
             param.zero_()
         if not arch.norm:
-            _pass_through(net, arch.features[0])
+            _pass_through(net, arch.features[0], rising=rule.rising is not None)
         seg = net.decoder.seg_layers[-1]
         seg.bias.fill_(-100.0)
         slope, bias = 0.0, 0.0
@@ -196,36 +213,49 @@ def _network(arch: Arch, rule: Rule, classes: dict[int, str]) -> torch.nn.Module
         for threshold, name in rule.steps:
             # each step's line rises above the previous one exactly at its threshold
             slope += SLOPE
-            bias -= SLOPE * (_normalised(threshold) + OFFSET)
+            bias -= SLOPE * (_normalised(threshold - 0.5) + OFFSET)
             seg.weight[index[name], 0, 0, 0, 0] = slope
             seg.bias[index[name]] = bias
+        if rule.rising:  # far above every step's line once the rise passes RISE_HU
+            seg.weight[index[rule.rising], 1, 0, 0, 0] = RISE_SLOPE
+            seg.bias[index[rule.rising]] = -RISE_SLOPE * RISE_HU / CT_PROPERTIES["std"]
     return net
 
 
-def _pass_through(net: torch.nn.Module, first_features: int) -> None:
-    """Carry x + OFFSET in channel 0 from the input to the last decoder stage (centre taps only)."""
+def _pass_through(net: torch.nn.Module, first_features: int, rising: bool = False) -> None:
+    """Carry x + OFFSET in channel 0 from the input to the last decoder stage (centre taps only).
+
+    With `rising`, channel 1 carries x[i+1] - x[i] along the first axis the same way.
+    """
     first, second = net.encoder.stages[0][0].convs
+    last_first, last_second = net.decoder.stages[-1].convs
     first.conv.weight[0, 0, 1, 1, 1] = 1.0
     first.conv.bias[0] = OFFSET
-    second.conv.weight[0, 0, 1, 1, 1] = 1.0
-    last_first, last_second = net.decoder.stages[-1].convs
-    last_first.conv.weight[0, first_features, 1, 1, 1] = 1.0  # skip channels follow the upsampled ones
-    last_second.conv.weight[0, 0, 1, 1, 1] = 1.0
+    if rising:
+        first.conv.weight[1, 0, 2, 1, 1] = 1.0
+        first.conv.weight[1, 0, 1, 1, 1] = -1.0
+    for channel in (0, 1) if rising else (0,):
+        second.conv.weight[channel, channel, 1, 1, 1] = 1.0
+        last_first.conv.weight[channel, first_features + channel, 1, 1, 1] = 1.0  # skips follow the upsampled
+        last_second.conv.weight[channel, channel, 1, 1, 1] = 1.0
 
 
 def write_model(weights_dir: Path, task_id: int, real_architecture: bool = False,
-                part_patch: tuple[int, int, int] | None = None, crop_threshold_hu: float = MID_HU) -> Path:
+                part_patch: tuple[int, int, int] | None = None, crop_threshold_hu: float = MID_HU,
+                oriented: bool = False) -> Path:
     """One model folder; returns its <trainer>__nnUNetPlans__3d_fullres directory.
 
     `part_patch` shrinks the real 1.5 mm patch (CPU benches); `crop_threshold_hu` moves the crop
-    model's step, i.e. what the ROI covers.
+    model's step, i.e. what the ROI covers; `oriented` adds the direction-dependent class.
     """
     folder = TASK_ID_WEIGHTS_CONFIGS[task_id]["foldername"]
     arch = _arch(task_id, real_architecture, part_patch)
     if task_id == 298:
         rule = Rule(None, ((crop_threshold_hu, "vertebrae_T5"),))
+    elif arch.norm:
+        rule = CONSTANT_RULES[task_id]
     else:
-        rule = CONSTANT_RULES[task_id] if arch.norm else RULES[task_id]
+        rule = (ORIENTED_RULES if oriented else RULES).get(task_id, RULES[task_id])
     classes = _classes(task_id)
     model_dir = Path(weights_dir) / folder / f"{_trainer(task_id)}__nnUNetPlans__3d_fullres"
     (model_dir / "fold_0").mkdir(parents=True, exist_ok=True)
@@ -248,11 +278,11 @@ TOTAL_TASKS = (291, 292, 293, 294, 295, 298)
 
 def write_standin_weights(weights_dir: Path, *, fast: bool = True, vertebrae_body: bool = True,
                           real_architecture: bool = False, part_patch: tuple[int, int, int] | None = None,
-                          crop_threshold_hu: float = MID_HU) -> Path:
+                          crop_threshold_hu: float = MID_HU, oriented: bool = False) -> Path:
     """All folders the node needs: the 1.5 mm parts and crop model, optionally fast (297) and vertebrae_body."""
     tasks = list(TOTAL_TASKS) + ([297] if fast else []) + ([BODY_TASK["task_id"]] if vertebrae_body else [])
     for task_id in tasks:
-        write_model(weights_dir, task_id, real_architecture, part_patch, crop_threshold_hu)
+        write_model(weights_dir, task_id, real_architecture, part_patch, crop_threshold_hu, oriented)
     return Path(weights_dir)
 
 
@@ -270,10 +300,39 @@ class _Hang:
         return (time.sleep, (600,))
 
 
+class _Tripwire(PlainConvUNet):
+    """The stand-in network, except that an input with metal in it ends the process (`trip`)."""
+
+    def forward(self, x):
+        if bool((x >= _normalised(TRIP_HU)).any()):
+            self.trip()
+        return super().forward(x)
+
+
+class TripExitUNet(_Tripwire):
+    def trip(self) -> None:
+        os._exit(70)
+
+
+class TripHangUNet(_Tripwire):
+    def trip(self) -> None:
+        time.sleep(600)
+
+
 def sabotage_checkpoint(weights_dir: Path, task_id: int, how: str) -> None:
-    """Replace a checkpoint so loading it kills ("exit"), blocks ("hang") or fails ("corrupt") the model process."""
-    path = (Path(weights_dir) / TASK_ID_WEIGHTS_CONFIGS[task_id]["foldername"]
-            / f"{_trainer(task_id)}__nnUNetPlans__3d_fullres" / "fold_0" / "checkpoint_final.pth")
+    """Replace a checkpoint so loading it kills ("exit"), blocks ("hang") or fails ("corrupt") the model process;
+    "trip-exit" / "trip-hang" do that only while it segments a CT with metal in it (see the module docstring)."""
+    model_dir = Path(weights_dir) / TASK_ID_WEIGHTS_CONFIGS[task_id]["foldername"] / f"{_trainer(task_id)}__nnUNetPlans__3d_fullres"
+    path = model_dir / "fold_0" / "checkpoint_final.pth"
+    if how.startswith("trip-"):
+        network = {"trip-exit": TripExitUNet, "trip-hang": TripHangUNet}[how]
+        plans = json.loads((model_dir / "plans.json").read_text())
+        plans["configurations"]["3d_fullres"]["architecture"]["network_class_name"] = f"{__name__}.{network.__name__}"
+        (model_dir / "plans.json").write_text(json.dumps(plans, indent=2))
+        checkpoint = torch.load(path, weights_only=False)
+        checkpoint["init_args"]["plans"] = plans
+        torch.save(checkpoint, path)
+        return
     if how == "corrupt":
         path.write_bytes(b"not a torch checkpoint")
         return

@@ -1,4 +1,4 @@
-"""TotalSegmentatorSegmenter through the real TotalSegmentator → nnU-Net → torch path, on CPU with stand-in weights.
+"""The reference engine (TotalSegmentatorSegmenter) through the real TotalSegmentator → nnU-Net → torch path, on CPU.
 
 The stand-ins are step functions of HU (tests/standin_weights.py): inside the crop, HU < 0 → 43
 (vertebrae_T1 from part 292), 0 ≤ HU < 600 → 86 and HU ≥ 600 → 87 (autochthon left/right from part 294);
@@ -20,13 +20,13 @@ from standin_weights import HIGH_HU, MID_HU, sabotage_checkpoint, write_standin_
 
 from node.config import SegmenterConfig
 from node.pipeline.ct import CTVolume
+from node.pipeline.model_env import prepare_totalseg_home
 from node.pipeline.segment import (
     SegmenterError,
     TotalSegmentatorSegmenter,
     WeightsMissingError,
     make_segmenter,
     nifti_affine,
-    prepare_totalseg_home,
 )
 
 DARK, MID, BRIGHT = -500, 200, 1000
@@ -43,7 +43,7 @@ def phantom_ct() -> CTVolume:
 
 
 def config(weights_dir: Path, **options) -> SegmenterConfig:
-    return SegmenterConfig(weights_dir=weights_dir, device="cpu", **options)
+    return SegmenterConfig(weights_dir=weights_dir, device="cpu", engine="totalsegmentator", **options)
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,7 @@ def test_a_gpu_that_is_not_there_is_refused_not_replaced_by_the_cpu(tmp_path):
     write_standin_weights(tmp_path, fast=False, vertebrae_body=False)
     absent = f"gpu:{torch.cuda.device_count()}"  # one past the last visible GPU
     with pytest.raises(SegmenterError, match=f'segmenter.device is "{absent}" but'):
-        make_segmenter(SegmenterConfig(weights_dir=tmp_path, device=absent)).segment(phantom_ct())
+        make_segmenter(SegmenterConfig(weights_dir=tmp_path, device=absent, engine="totalsegmentator")).segment(phantom_ct())
 
 
 def _usage_posts(home: Path, monkeypatch) -> list:
