@@ -71,7 +71,7 @@ class ResidentEngine:
             self._ensure_running(self._wanted_spec())
             try:
                 return self._run(ct)
-            except SegmenterError:
+            except BaseException:  # failed, or interrupted (worker stopping): never reuse a process mid-job
                 self._stop()  # a fresh process for the next job, and this one's memory back
                 raise
 

@@ -18,7 +18,7 @@ from node.pipeline.ct_load import load_ct
 from node.pipeline.measure import MeasurementResult, measure
 from node.pipeline.report import write_reports
 from node.pipeline.seg_load import load_segmentation
-from node.pipeline.segment import make_segmenter
+from node.pipeline.segment import Segmenter, close_segmenter, make_segmenter
 from node.pipeline.segmentation import Segmentation
 from node.screening import LevelStatus
 
@@ -32,14 +32,19 @@ class PipelineResult:
     seconds: dict[str, float] = field(default_factory=dict)  # load, segment, measure, encode: for the status page
 
 
-def run_pipeline(ct_path: Path, out_dir: Path, config: Config, seg_path: Path | None = None, dicom: bool = True) -> PipelineResult:
-    """Raises InputError for input to refuse, WeightsMissingError when the model is not installed."""
+def run_pipeline(ct_path: Path, out_dir: Path, config: Config, seg_path: Path | None = None, dicom: bool = True,
+                 segmenter: Segmenter | None = None) -> PipelineResult:
+    """Raises InputError for input to refuse, WeightsMissingError when the model is not installed.
+
+    The worker passes its long-lived `segmenter` (the resident engine); without one, a segmenter
+    is made for this run and closed after it.
+    """
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     ct = load_ct(ct_path)
     log.info("event=ct_loaded series=%s slices=%d", ct.series_uid, ct.shape[0])
     started = _lap(seconds, "load", started)
-    seg = load_segmentation(seg_path, ct) if seg_path is not None else segment(ct, config)
+    seg = load_segmentation(seg_path, ct) if seg_path is not None else segment(ct, config, segmenter)
     started = _lap(seconds, "segment", started)
     result = measure(ct, seg, config.measure)
     json_path, csv_path = write_reports(result, out_dir)
@@ -59,8 +64,14 @@ def _lap(seconds: dict[str, float], stage: str, started: float) -> float:
     return now
 
 
-def segment(ct: CTVolume, config: Config) -> Segmentation:
-    return make_segmenter(config.segmenter).segment(ct)
+def segment(ct: CTVolume, config: Config, segmenter: Segmenter | None = None) -> Segmentation:
+    if segmenter is not None:
+        return segmenter.segment(ct)
+    one_off = make_segmenter(config.segmenter)
+    try:
+        return one_off.segment(ct)
+    finally:
+        close_segmenter(one_off)
 
 
 def _encode(ct: CTVolume, seg: Segmentation, result: MeasurementResult, out_dir: Path, config: Config) -> dict[str, Path]:

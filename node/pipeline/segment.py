@@ -29,8 +29,8 @@ from node.pipeline.segmentation import Segmentation, SegmenterError, WeightsMiss
 from node.pipeline.totalseg_child import child_main
 from node.weights import runs_vertebral_bodies
 
-__all__ = ["Segmenter", "SegmenterError", "TotalSegmentatorSegmenter", "WeightsMissingError", "make_segmenter",
-           "nifti_affine"]
+__all__ = ["Segmenter", "SegmenterError", "TotalSegmentatorSegmenter", "WeightsMissingError", "close_segmenter",
+           "make_segmenter", "nifti_affine"]
 
 
 class Segmenter(Protocol):
@@ -106,6 +106,13 @@ def make_segmenter(config: SegmenterConfig) -> Segmenter:
         raise SegmenterError(
             f"segmenter.engine {config.engine!r} is not available here: use one of {', '.join(sorted(_ENGINES))}"
         ) from None
+
+
+def close_segmenter(segmenter: Segmenter) -> None:
+    """End what a segmenter keeps running (the resident engine's model process); others hold nothing."""
+    close = getattr(segmenter, "close", None)
+    if close is not None:
+        close()
 
 
 def _run_child(job_dir: Path, timeout_s: float) -> None:

@@ -9,6 +9,7 @@ that dies simply stops renewing its lease, and the job is claimed again when the
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -26,7 +27,8 @@ from node.delivery.destinations import RESULTS_FOLDER, destination_key
 from node.durable import make_dirs
 from node.errors import InputError
 from node.pipeline.run import PipelineResult, run_pipeline
-from node.pipeline.segmentation import NotReadyError
+from node.pipeline.segment import Segmenter, close_segmenter, make_segmenter
+from node.pipeline.segmentation import NotReadyError, SegmenterError
 from node.service.ids import worker_id
 from node.service.owner import DatabaseReplaced, OwnerCheck
 from node.state.store import Job, JobStore, NewDelivery, WorkerReport, disk_full
@@ -234,8 +236,10 @@ def run_worker(config: Config, store: JobStore, index: int = 0) -> int:
 
     stop = install_stop_handler()
     warm_up()
+    segmenter = start_segmenter(config)
     try:
-        worker = Worker(config, store, worker_id(index), index=index)
+        worker = Worker(config, store, worker_id(index), functools.partial(run_pipeline, segmenter=segmenter),
+                        index=index)
         worker.owner_check = OwnerCheck(config.storage.state_dir, config.storage.database)
         worker.run(stop)
     except Stop:
@@ -243,4 +247,22 @@ def run_worker(config: Config, store: JobStore, index: int = 0) -> int:
     except DatabaseReplaced as exc:
         log.error("event=worker_exiting worker=%s reason=%s", worker_id(index), str(exc))
         return 1
+    finally:
+        close_segmenter(segmenter)  # the model process ends with the worker, and its GPU memory is freed
     return 0
+
+
+def start_segmenter(config: Config) -> Segmenter:
+    """This worker's segmenter for every job; a resident engine loads its models now, not on the first job.
+
+    A start that fails (weights not installed yet, no GPU) is logged; each job then tries again
+    and fails or is held with the reason.
+    """
+    segmenter = make_segmenter(config.segmenter)
+    start = getattr(segmenter, "start", None)
+    if start is not None:
+        try:
+            start()
+        except SegmenterError as exc:
+            log.warning("event=engine_not_started reason=%r", str(exc))
+    return segmenter
