@@ -26,9 +26,9 @@ from dicom_sr.options import EncodeOptions  # noqa: E402
 from dicom_sr.results import gc_paused, warm_up  # noqa: E402
 from dicom_sr.seg import build_seg, segment_map  # noqa: E402
 from dicom_sr.sr import build_sr  # noqa: E402
-from node.config import MeasureConfig  # noqa: E402
+from node.config import MeasureConfig, ResultsConfig  # noqa: E402
 from node.pipeline.ct import CTVolume  # noqa: E402
-from node.pipeline.measure import measure  # noqa: E402
+from node.pipeline.measure import MeasurementResult, measure  # noqa: E402
 from node.pipeline.segmentation import Segmentation  # noqa: E402
 
 
@@ -62,7 +62,7 @@ def timed(label: str, timings: dict[str, tuple[float, float]], function, *args):
     return value
 
 
-def encode_once(ct: CTVolume, seg: Segmentation, result: dict,
+def encode_once(ct: CTVolume, seg: Segmentation, result: MeasurementResult,
                 options: EncodeOptions) -> tuple[dict[str, tuple[float, float]], dict[str, int], int]:
     """One job's encoding, timed per step; also the file sizes and the SEG's frame count."""
     timings: dict[str, tuple[float, float]] = {}
@@ -90,18 +90,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=400)
     parser.add_argument("--jpeg2000", action="store_true", help="compress the SEG with JPEG 2000 lossless")
+    parser.add_argument("--labelmap", action="store_true", help="write a LABELMAP SEG instead of BINARY")
     args = parser.parse_args()
     phantom = ph.make_phantom(shape=(args.slices, 512, 512))
     ct = ct_from_phantom(phantom)
     seg = Segmentation(phantom.labels, phantom.body == ph.BODY, "2.18.0")
-    result = measure(ct, seg, MeasureConfig()).to_dict()
-    options = EncodeOptions(jpeg2000=args.jpeg2000)
+    result = measure(ct, seg, MeasureConfig())
+    options = EncodeOptions(ResultsConfig(jpeg2000=args.jpeg2000, labelmap=args.labelmap))
     cold = encode_once(ct, seg, result, options)
     warm_up()  # as a worker does when it starts
     runs = [cold, encode_once(ct, seg, result, options)]
     (first, sizes, frames), (later, _, _) = runs
     print(f"CT {ct.shape[2]}x{ct.shape[1]}x{ct.shape[0]}, SEG {frames} frames "
-          f"({'JPEG 2000' if args.jpeg2000 else 'uncompressed'})")
+          f"({'LABELMAP' if args.labelmap else 'BINARY'}, {'JPEG 2000' if args.jpeg2000 else 'uncompressed'})")
     print(f"{'':16s} {'first job':>10s} {'later jobs':>11s}   (wall s; cpu s in brackets)")
     for label in first:
         print(f"{label:16s} {_pair(first[label]):>10s} {_pair(later[label]):>11s}")

@@ -1,9 +1,10 @@
 """Coded concepts and display colours shared by the SEG, the SR and the key image.
 
 Standard codes follow ../shared/reference.md (TotalSegmentator's own SNOMED mapping for the
-muscle, CID 7603 for the vertebrae). Concepts DICOM has no code for (25th/75th percentile,
-the lean-muscle HU window, QC findings) use the private scheme PRIVATE_SCHEME, which every
-object that uses it declares in its Coding Scheme Identification Sequence.
+muscle, T11, T12, L1 and the thoracic spine; CID 7603 for T1-T10). Concepts DICOM has no code
+for (25th/75th percentile, the HU windows, the levels a total includes, QC findings) use the
+private scheme PRIVATE_SCHEME, which every object that uses it declares in its Coding Scheme
+Identification Sequence.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import CodedConcept
 
-from node.labels import MEASURED_LEVELS
+from node.labels import MEASURED_LEVELS, THORACIC
 
 PRIVATE_SCHEME = "99PSNODE"
 PRIVATE_SCHEME_ITEM = CodingSchemeIdentificationItem(
@@ -43,11 +44,12 @@ LATERALITY = {
 VERTEBRA = {
     level: _sct(value, f"{level} vertebra")
     for level, value in zip(
-        MEASURED_LEVELS,
-        ("64864005", "53733008", "1626008", "73071006", "56401006",
-         "45296009", "62487009", "11068009", "82687006", "7610001"),
+        (*THORACIC, "L1"),
+        ("64864005", "53733008", "1626008", "73071006", "56401006", "45296009",
+         "62487009", "11068009", "82687006", "7610001", "12989004", "23215003", "66794005"),
     )
 }
+THORACIC_SPINE = _sct("122495006", "Thoracic spine")  # what the T1-T10 totals span; no single vertebra
 
 VOLUME = _sct("118565006", "Volume")
 ATTENUATION = _dcm("112031", "Attenuation Coefficient")
@@ -61,10 +63,12 @@ MEDIAN = _sct("373099004", "Median")
 STANDARD_DEVIATION = _sct("386136009", "Standard Deviation")
 PERCENTILE_25 = _private("P25", "25th percentile")
 PERCENTILE_75 = _private("P75", "75th percentile")
+ALL_VOXELS = _private("ALLHU", "All muscle voxels, no HU window")
 LEAN_WINDOW = _private("LEANHU", "Lean muscle HU window")
-VALUE_INDETERMINATE = _dcm("114011", "Value indeterminate")
+INCLUDED_LEVEL = _private("INCLEVEL", "Vertebral level included")
 
 PROCEDURE_CT_CHEST = CodedConcept("24627-2", "LN", "CT Chest")
+PROCEDURE_CT = _sct("77477000", "CT")  # when the source names neither its procedure nor the chest
 ARTIFICIAL_INTELLIGENCE = _dcm("123110", "Artificial Intelligence")
 ANALYSIS_QUALITY = _dcm("111693", "Analysis Quality Rating")
 QUALITY_ASSESSMENT = _dcm("111050", "Quality Assessment")

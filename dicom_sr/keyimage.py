@@ -2,8 +2,11 @@
 
 Left: a coronal view through the paraspinal muscles (the CT plane at the muscles' mean
 anterior-posterior depth) with each level's muscle projected onto it in the level's colour,
-patient right on the viewer's left, head up. Right: per-level volume, median HU and status,
-the T1–T10 totals and the screening flag.
+patient right on the viewer's left, head up, level names in a strip of their own beside it.
+A series too short for a readable coronal picture (a 20-slice scan is a thin strip) gets an
+axial slice through the middle of the measured muscle instead. Right: per-level volume,
+median HU and status, the T1-T10 totals marked incomplete when they miss levels, and the
+screening flag.
 """
 
 from __future__ import annotations
@@ -16,32 +19,70 @@ import highdicom as hd  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from pydicom.dataset import Dataset  # noqa: E402
 
 from node.labels import MEASURED_LEVELS  # noqa: E402
 from node.pipeline.ct import CTVolume  # noqa: E402
+from node.pipeline.measure import LevelResult, MeasurementResult, MuscleStats  # noqa: E402
+from node.screening import Coverage, LevelStatus, coverage, low_attenuation  # noqa: E402
 
 from . import codes  # noqa: E402
-from .options import EncodeOptions  # noqa: E402
+from .options import MANUFACTURER, EncodeOptions  # noqa: E402
 from .seg import MUSCLE_SEGMENTS, SegmentMap  # noqa: E402
-from .study import character_set, software_versions, source_images  # noqa: E402
+from .study import character_set, copy_patient_and_study, software_versions, source_images  # noqa: E402
 
 WIDTH_PX, HEIGHT_PX, DPI = 1280, 800, 100
+PANEL = (0.01, 0.04, 0.46, 0.86)  # figure fractions (left, bottom, width, height) of the picture and its labels
+LABEL_STRIP_PX = 48  # room for "T10" left of the picture, inside the figure
+MIN_CORONAL_HEIGHT = 0.4  # of the panel: flatter coronal pictures are replaced by an axial slice
 WINDOW_HU = (-160.0, 240.0)  # soft-tissue window: muscle and fat apart
 DERIVED_BANNER = "DERIVED BY SOFTWARE - NOT FOR DIAGNOSIS"
-STATUS_MARK = {"complete": "ok", "partial": "PARTIAL", "absent": "ABSENT"}
+STATUS_MARK = {LevelStatus.COMPLETE: "ok", LevelStatus.PARTIAL: "PARTIAL", LevelStatus.ABSENT: "ABSENT"}
+TOTAL_MARK = {LevelStatus.COMPLETE: "ok", LevelStatus.PARTIAL: "INCOMPLETE", LevelStatus.ABSENT: "ABSENT"}
 
 
-def render_key_image(ct: CTVolume, segments: SegmentMap, result: dict, options: EncodeOptions) -> np.ndarray:
+def render_key_image(ct: CTVolume, segments: SegmentMap, result: MeasurementResult, options: EncodeOptions) -> np.ndarray:
     """RGB uint8 [rows, columns, 3], muscle coloured as the SEG draws it."""
     figure = Figure(figsize=(WIDTH_PX / DPI, HEIGHT_PX / DPI), dpi=DPI, facecolor="black")
     canvas = FigureCanvasAgg(figure)
-    _draw_coronal(figure.add_axes((0.01, 0.04, 0.45, 0.86)), ct, segments.numbers)
-    _draw_table(figure.add_axes((0.49, 0.04, 0.50, 0.86)), result, options)
+    levels = _level_of_voxel(segments.numbers)
+    if not _draw_coronal(figure, ct, levels):
+        _draw_axial(figure, ct, levels)
+    totals = coverage((level.level, level.status) for level in result.levels)
+    _draw_table(figure.add_axes((0.49, 0.04, 0.50, 0.86)), result, totals, options)
     figure.text(0.5, 0.965, DERIVED_BANNER, color="yellow", ha="center", va="center", fontsize=16, weight="bold")
-    figure.text(0.5, 0.925, "Paraspinal muscle T1-T10  |  " + ", ".join(software_versions(result)),
+    figure.text(0.5, 0.925, "Paraspinal muscle T1-T10  |  " + ", ".join(software_versions(result.software)),
                 color="white", ha="center", va="center", fontsize=10)
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def _level_of_voxel(numbers: np.ndarray) -> np.ndarray:
+    """1..10 on a level's muscle (the SEG's owner of a shared slice), 0 elsewhere."""
+    level_of_segment = np.zeros(256, dtype=np.uint8)
+    level_of_segment[1 : MUSCLE_SEGMENTS + 1] = (np.arange(MUSCLE_SEGMENTS) // 2) + 1
+    return level_of_segment[numbers]
+
+
+def _colours() -> np.ndarray:
+    colours = np.zeros((len(MEASURED_LEVELS) + 1, 4))
+    for i, level in enumerate(MEASURED_LEVELS, start=1):
+        colours[i] = (*(v / 255 for v in codes.LEVEL_RGB[level]), 0.55)
+    return colours
+
+
+def _picture_axes(figure: Figure, width_mm: float, height_mm: float, min_height: float = MIN_CORONAL_HEIGHT):
+    """Axes of the picture's true aspect, as large as the panel allows, right of the label strip, top-aligned.
+
+    None when the picture would be lower than `min_height` of the panel.
+    """
+    left, bottom, width, height = (PANEL[0] * WIDTH_PX, PANEL[1] * HEIGHT_PX, PANEL[2] * WIDTH_PX, PANEL[3] * HEIGHT_PX)
+    scale = min((width - LABEL_STRIP_PX) / width_mm, height / height_mm)
+    w_px, h_px = width_mm * scale, height_mm * scale
+    if h_px < min_height * height:
+        return None
+    rect = ((left + LABEL_STRIP_PX) / WIDTH_PX, (bottom + height - h_px) / HEIGHT_PX, w_px / WIDTH_PX, h_px / HEIGHT_PX)
+    return figure.add_axes(rect)
 
 
 def _coronal_axes(ct: CTVolume) -> tuple[int, int]:
@@ -50,27 +91,56 @@ def _coronal_axes(ct: CTVolume) -> tuple[int, int]:
     return lr, 3 - lr
 
 
-def _draw_coronal(axes, ct: CTVolume, numbers: np.ndarray) -> None:
+def _draw_coronal(figure: Figure, ct: CTVolume, level_of_voxel: np.ndarray) -> bool:
     lr, ap = _coronal_axes(ct)
-    level_of_segment = np.zeros(256, dtype=np.uint8)
-    level_of_segment[1 : MUSCLE_SEGMENTS + 1] = (np.arange(MUSCLE_SEGMENTS) // 2) + 1
-    level_of_voxel = level_of_segment[numbers]  # 1..10 on muscle, 0 elsewhere
+    spacing_lr = ct.spacing[1] if lr == 1 else ct.spacing[2]
+    axes = _picture_axes(figure, ct.shape[lr] * spacing_lr, ct.shape[0] * ct.spacing[0])
+    if axes is None:
+        return False
     depth = _muscle_depth(level_of_voxel.max(axis=0), ap)
     plane = np.take(ct.hu, depth, axis=ap).astype(np.float32)  # [k, lr]
     projected = level_of_voxel.max(axis=ap)  # the level seen along anterior-posterior
-    colours = np.zeros((len(MEASURED_LEVELS) + 1, 4))
-    for i, level in enumerate(MEASURED_LEVELS, start=1):
-        colours[i] = (*(v / 255 for v in codes.LEVEL_RGB[level]), 0.55)
-    overlay = colours[projected]
-    plane, overlay = _orient(ct, plane, lr), _orient(ct, overlay, lr)
-    spacing_lr = ct.spacing[1] if lr == 1 else ct.spacing[2]
-    axes.imshow(plane, cmap="gray", vmin=WINDOW_HU[0], vmax=WINDOW_HU[1], aspect=ct.spacing[0] / spacing_lr,
-                interpolation="bilinear")
-    axes.imshow(overlay, aspect=ct.spacing[0] / spacing_lr, interpolation="nearest")
+    plane, projected = _orient(ct, plane, lr), _orient(ct, projected, lr)
+    axes.imshow(plane, cmap="gray", vmin=WINDOW_HU[0], vmax=WINDOW_HU[1], aspect="auto", interpolation="bilinear")
+    axes.imshow(_colours()[projected], aspect="auto", interpolation="nearest")
+    _mark_sides(axes)
+    _label_levels(figure, axes, projected)
+    return True
+
+
+def _draw_axial(figure: Figure, ct: CTVolume, level_of_voxel: np.ndarray) -> None:
+    """One axial slice, patient right on the viewer's left and anterior up, through the measured muscle."""
+    with_muscle = np.flatnonzero(level_of_voxel.any(axis=(1, 2)))
+    k = int(with_muscle[len(with_muscle) // 2]) if with_muscle.size else ct.shape[0] // 2
+    plane, levels = _axial(ct, ct.hu[k].astype(np.float32)), _axial(ct, level_of_voxel[k])
+    transposed = abs(ct.direction[0, 1]) > abs(ct.direction[0, 0])
+    row_mm, col_mm = (ct.spacing[2], ct.spacing[1]) if transposed else (ct.spacing[1], ct.spacing[2])
+    axes = _picture_axes(figure, plane.shape[1] * col_mm, plane.shape[0] * row_mm, min_height=0.0)
+    axes.imshow(plane, cmap="gray", vmin=WINDOW_HU[0], vmax=WINDOW_HU[1], aspect="auto", interpolation="bilinear")
+    axes.imshow(_colours()[levels], aspect="auto", interpolation="nearest")
+    _mark_sides(axes)
+    shown = [MEASURED_LEVELS[i - 1] for i in np.unique(levels) if i > 0]
+    caption = f"Axial slice {k + 1} of {ct.shape[0]}" + (f": {', '.join(shown)}" if shown else ": no muscle measured")
+    axes.text(0.5, -0.02, caption, color="white", transform=axes.transAxes, ha="center", va="top", fontsize=11)
+
+
+def _axial(ct: CTVolume, plane: np.ndarray) -> np.ndarray:
+    """A [r, c] slice with columns running to patient left and rows to posterior."""
+    if abs(ct.direction[0, 1]) > abs(ct.direction[0, 0]):  # rows run left-right: transpose
+        plane, x_sign, y_sign = plane.T, ct.direction[0, 1], ct.direction[1, 0]
+    else:
+        x_sign, y_sign = ct.direction[0, 0], ct.direction[1, 1]
+    if x_sign < 0:
+        plane = plane[:, ::-1]
+    if y_sign < 0:
+        plane = plane[::-1]
+    return plane
+
+
+def _mark_sides(axes) -> None:
     axes.set_axis_off()
     axes.text(0.01, 0.99, "R", color="white", transform=axes.transAxes, va="top", fontsize=12)
     axes.text(0.99, 0.99, "L", color="white", transform=axes.transAxes, va="top", ha="right", fontsize=12)
-    _label_levels(axes, ct, projected)
 
 
 def _muscle_depth(footprint: np.ndarray, ap: int) -> int:
@@ -90,24 +160,26 @@ def _orient(ct: CTVolume, image: np.ndarray, lr: int) -> np.ndarray:
     return image[:, ::-1] if lr_direction < 0 else image
 
 
-def _label_levels(axes, ct: CTVolume, projected: np.ndarray) -> None:
-    """Level names beside each coloured band, at its vertical centre."""
-    n_slices = projected.shape[0]
+def _label_levels(figure: Figure, axes, projected: np.ndarray) -> None:
+    """Level names in the strip left of the picture, at each coloured band's vertical centre."""
+    left, bottom, _, height = axes.get_position().bounds
+    n_rows = projected.shape[0]
     for i, level in enumerate(MEASURED_LEVELS, start=1):
-        slices = np.flatnonzero((projected == i).any(axis=1))
-        if slices.size == 0:
+        rows = np.flatnonzero((projected == i).any(axis=1))
+        if rows.size == 0:
             continue
-        centre = float(slices.mean())
-        row = n_slices - 1 - centre if ct.superior_sign > 0 else centre
-        axes.text(-0.5, row, level + " ", color=np.array(codes.LEVEL_RGB[level]) / 255, ha="right", va="center",
-                  fontsize=9, weight="bold", clip_on=False)
+        y = bottom + height * (1 - (float(rows.mean()) + 0.5) / n_rows)
+        figure.text(left - 4 / WIDTH_PX, y, level, color=np.array(codes.LEVEL_RGB[level]) / 255, ha="right",
+                    va="center", fontsize=10, weight="bold")
 
 
-def _draw_table(axes, result: dict, options: EncodeOptions) -> None:
+def _draw_table(axes, result: MeasurementResult, totals: Coverage, options: EncodeOptions) -> None:
     axes.set_axis_off()
     header = ["Level", "Volume (cm³)", "Median HU", "HU left / right", "Status"]
-    rows = [_row(level["level"], level) for level in result["levels"]]
-    rows.append(_row("T1-T10", {**result["total"], "status": ""}))
+    levels = [level for level in result.levels if level.level in MEASURED_LEVELS]
+    rows = [_level_row(level) for level in levels]
+    rows.append(_row("T1-T10", result.total.combined, result.total.left, result.total.right, totals.status,
+                     TOTAL_MARK[totals.status]))
     table = axes.table(cellText=rows, colLabels=header, loc="upper center", cellLoc="center",
                        colWidths=[0.14, 0.22, 0.2, 0.26, 0.18])
     table.auto_set_font_size(False)
@@ -119,46 +191,52 @@ def _draw_table(axes, result: dict, options: EncodeOptions) -> None:
         cell.get_text().set_color("white")
         if row == 0 or row == len(rows):
             cell.get_text().set_weight("bold")
-        if column == 0 and 0 < row <= len(MEASURED_LEVELS):
-            cell.get_text().set_color(np.array(codes.LEVEL_RGB[MEASURED_LEVELS[row - 1]]) / 255)
-    _draw_flag(axes, result, options)
+        if column == 0 and 0 < row <= len(levels):
+            cell.get_text().set_color(np.array(codes.LEVEL_RGB[levels[row - 1].level]) / 255)
+        if row == len(rows) and column == 4 and totals.status is not LevelStatus.COMPLETE:
+            cell.get_text().set_color("orange")
+    _draw_flag(axes, result, totals, options)
 
 
-def _row(name: str, entry: dict) -> list[str]:
-    combined = entry["combined"]
-    sides = f"{_hu(entry['left']['median_hu'])} / {_hu(entry['right']['median_hu'])}"
-    return [name, f"{combined['volume_cm3']:.1f}", _hu(combined["median_hu"]), sides, STATUS_MARK.get(entry["status"], "")]
+def _level_row(level: LevelResult) -> list[str]:
+    return _row(level.level, level.combined, level.left, level.right, level.status, STATUS_MARK[level.status])
+
+
+def _row(name: str, combined: MuscleStats, left: MuscleStats, right: MuscleStats, status: LevelStatus, mark: str) -> list[str]:
+    """An absent row shows dashes: nothing was measured, which is not 0 cm³."""
+    volume = "-" if status is LevelStatus.ABSENT else f"{combined.volume_cm3:.1f}"
+    return [name, volume, _hu(combined.median_hu), f"{_hu(left.median_hu)} / {_hu(right.median_hu)}", mark]
 
 
 def _hu(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
 
 
-def screening_flag(result: dict, threshold_hu: float) -> bool:
-    """Raised when the T1–T10 median attenuation is below the configured threshold."""
-    median = result["total"]["combined"]["median_hu"]
-    return median is not None and median < threshold_hu
+def screening_flag(result: MeasurementResult, threshold_hu: float) -> bool:
+    """Raised when the T1-T10 median attenuation is below the configured threshold."""
+    return bool(low_attenuation(result.total.combined.median_hu, threshold_hu))
 
 
-def _draw_flag(axes, result: dict, options: EncodeOptions) -> None:
-    median = result["total"]["combined"]["median_hu"]
-    if screening_flag(result, options.low_attenuation_hu):
-        text, colour = (f"LOW MUSCLE ATTENUATION: T1-T10 median {median:.0f} HU < {options.low_attenuation_hu:g} HU",
-                        "red")
-    elif median is None:
+def _draw_flag(axes, result: MeasurementResult, totals: Coverage, options: EncodeOptions) -> None:
+    median, threshold = result.total.combined.median_hu, options.low_attenuation_hu
+    incomplete = totals.status is not LevelStatus.COMPLETE
+    scope = f"T1-T10 (INCOMPLETE: {totals.describe()})" if incomplete else "T1-T10"
+    if median is None:
         text, colour = "No T1-T10 muscle measured: no screening result", "orange"
+    elif screening_flag(result, threshold):
+        text, colour = f"LOW MUSCLE ATTENUATION: {scope} median {median:.0f} HU < {threshold:g} HU", "red"
     else:
-        text, colour = f"T1-T10 median {median:.0f} HU (flag below {options.low_attenuation_hu:g} HU)", "white"
-    axes.text(0.5, 0.08, text, color=colour, ha="center", va="center", fontsize=13, weight="bold",
-              transform=axes.transAxes, bbox={"facecolor": "black", "edgecolor": colour, "pad": 6})
-    statuses = [level["level"] for level in result["levels"] if level["status"] != "complete"]
-    if statuses:
-        axes.text(0.5, 0.015, "Not complete: " + ", ".join(statuses), color="orange", ha="center", va="center",
-                  fontsize=10, transform=axes.transAxes)
+        text, colour = f"{scope} median {median:.0f} HU (flag below {threshold:g} HU)", "orange" if incomplete else "white"
+    axes.text(0.5, 0.08, text, color=colour, ha="center", va="center", fontsize=12, weight="bold",
+              transform=axes.transAxes, bbox={"facecolor": "black", "edgecolor": colour, "pad": 6}, wrap=True)
+    if incomplete and totals.included:
+        axes.text(0.5, 0.015, f"T1-T10 totals include {totals.describe()} only", color="orange", ha="center",
+                  va="center", fontsize=10, transform=axes.transAxes)
 
 
-def build_key_image(ct: CTVolume, segments: SegmentMap, result: dict, options: EncodeOptions) -> hd.sc.SCImage:
+def build_key_image(ct: CTVolume, segments: SegmentMap, result: MeasurementResult, options: EncodeOptions) -> hd.sc.SCImage:
     sources = source_images(ct)
+    settings = options.results
     image = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=sources[0],
         pixel_array=render_key_image(ct, segments, result, options),
@@ -166,18 +244,28 @@ def build_key_image(ct: CTVolume, segments: SegmentMap, result: dict, options: E
         bits_allocated=8,
         coordinate_system="PATIENT",
         series_instance_uid=hd.UID(),
-        series_number=options.key_image_series_number,
+        series_number=settings.key_image_series_number,
         sop_instance_uid=hd.UID(),
         instance_number=1,
-        manufacturer=options.manufacturer,
+        manufacturer=MANUFACTURER,
         patient_orientation=("L", "F"),
-        series_description=options.key_image_series_description,
+        series_description=settings.key_image_series_description,
         institution_name=options.institution_name,
-        software_versions=software_versions(result),
+        software_versions=software_versions(result.software),
         specific_character_set=character_set(sources[0], options.texts()),
     )
+    copy_patient_and_study(ct.datasets[0], image)
     image.BurnedInAnnotation = "YES"
-    image.BodyPartExamined = "CHEST"  # what the image shows; a paired part (e.g. PARTIALBODY's kin) would need Laterality
+    if ct.datasets[0].get("BodyPartExamined"):
+        image.BodyPartExamined = ct.datasets[0].BodyPartExamined
     image.ImageComments = "Derived by paraspinal-node from the CT series; not for diagnosis"
     image.DerivationDescription = "Rendered summary of the paraspinal muscle measurement"
+    image.SourceImageSequence = [_reference(ds) for ds in sources]
     return image
+
+
+def _reference(source: Dataset) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = source.SOPClassUID
+    item.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    return item

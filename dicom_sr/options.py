@@ -1,31 +1,31 @@
-"""How the result objects are encoded: series numbering, descriptions and pixel encoding."""
+"""What the encoder takes from the node's configuration, as the configuration types themselves."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from node.config import Config, MeasureConfig, ResultsConfig
+
+MANUFACTURER = "paraspinal-node"
 
 
 @dataclass(frozen=True)
 class EncodeOptions:
-    """Defaults keep the node's series out of the way of scanner series (which rarely exceed 9000).
+    """`[results]` as configured, and the screening threshold the key image prints."""
 
-    `jpeg2000` compresses the SEG losslessly (about 30× smaller); `labelmap` writes a LABELMAP
-    SEG, far smaller still but unreadable for Slicer and Debian's dciodvfy, hence off.
-    """
+    results: ResultsConfig = field(default_factory=ResultsConfig)
+    low_attenuation_hu: float = MeasureConfig.low_attenuation_hu
 
-    seg_series_number: int = 9101
-    sr_series_number: int = 9102
-    key_image_series_number: int = 9103
-    seg_series_description: str = "Paraspinal muscle segmentation T1-T10"
-    sr_series_description: str = "Paraspinal muscle measurements T1-T10"
-    key_image_series_description: str = "Paraspinal muscle summary (derived, not for diagnosis)"
-    low_attenuation_hu: float = 10.0
-    jpeg2000: bool = False
-    labelmap: bool = False
-    manufacturer: str = "paraspinal-node"
-    institution_name: str | None = None
+    @classmethod
+    def from_config(cls, config: Config) -> EncodeOptions:
+        return cls(config.results, config.measure.low_attenuation_hu)
+
+    @property
+    def institution_name(self) -> str | None:
+        return self.results.institution_name or None
 
     def texts(self) -> tuple[str, ...]:
         """Free text this node writes, which decides whether ASCII suffices."""
-        return (self.seg_series_description, self.sr_series_description, self.key_image_series_description,
-                self.manufacturer, self.institution_name or "")
+        results = self.results
+        return (results.seg_series_description, results.sr_series_description, results.key_image_series_description,
+                MANUFACTURER, results.institution_name)

@@ -17,6 +17,7 @@ from pydicom.dataset import Dataset
 
 from node.durable import make_dirs, write_atomic
 from node.pipeline.ct import CTVolume, InputError
+from node.pipeline.measure import MeasurementResult
 from node.pipeline.segmentation import Segmentation
 
 from .keyimage import build_key_image
@@ -69,7 +70,7 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def build_results(ct: CTVolume, seg: Segmentation, result: dict, options: EncodeOptions) -> ResultObjects:
+def build_results(ct: CTVolume, seg: Segmentation, result: MeasurementResult, options: EncodeOptions) -> ResultObjects:
     """All three objects in memory; the SR references the SEG built here."""
     _check_referable(ct)
     segments = segment_map(seg, result)
@@ -90,7 +91,8 @@ def _check_referable(ct: CTVolume) -> None:
                          "give the series its UIDs back, or use measurements.json/.csv")
 
 
-def write_results(ct: CTVolume, seg: Segmentation, result: dict, out_dir: Path, options: EncodeOptions) -> ResultFiles:
+def write_results(ct: CTVolume, seg: Segmentation, result: MeasurementResult, out_dir: Path,
+                  options: EncodeOptions) -> ResultFiles:
     """DIR/seg.dcm, DIR/sr.dcm and DIR/keyimage.dcm, each renamed into place only when complete."""
     out_dir = Path(out_dir)
     files = ResultFiles(seg=out_dir / "seg.dcm", sr=out_dir / "sr.dcm", key_image=out_dir / "keyimage.dcm")

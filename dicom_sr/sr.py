@@ -1,16 +1,33 @@
 """The TID 1500 Measurement Report (Comprehensive 3D SR) carrying every number of the measurement.
 
-Groups, in this order: one volumetric group per level and side referencing SEG segment i
-(i = 1..20, through the source series, not by embedding every image), one group per level
-for both sides, and the T1–T10 totals for left, right and both sides. Every group carries
-the same measurements in the same order (MEASUREMENTS); a statistic of an empty mask is a
-NUM without value, qualified "Value indeterminate".
+Groups, in this order, first for all muscle voxels and then again for the lean HU window:
+one volumetric group per level and side referencing SEG segment i (i = 1..20, through the
+source series, not by embedding every image), one group per level for both sides, and the
+T1-T10 totals for left, right and both sides.
+
+How a reader that knows only codes finds a group (checked with dcmqi's tid1500reader, which
+3D Slicer uses, and with highdicom's TID 1500 API):
+- Finding = Deep muscle of back; Finding Site = the level's vertebra (CID 7603) with the side
+  as its Laterality (Left, Right, Bilateral). tid1500reader writes exactly one Finding Site
+  with its Laterality per group, and a second Finding Site or a nested modifier would be lost,
+  so the site is where the level goes. highdicom's `finding_site=` filter finds it too.
+- The T1-T10 groups' site is the thoracic spine, which no single level's group uses; they
+  name the levels they include as "Vertebral level included" evaluations (one per level), and
+  their Analysis Quality Rating is complete only when every level is.
+- Measurement Method (all voxels, or the lean window) is at group level, the only place
+  tid1500reader keeps it, so each group holds one Volume and one Median.
+
+Absent means absent: a level outside the field of view keeps its groups with the Analysis
+Quality Rating "Absent" and no measurement at all. Not leaving the group out, so that the
+absence is stated rather than guessed; not writing empty or indeterminate NUMs, which
+highdicom cannot parse and dcmqi shows as "" without units. A statistic of an empty mask of a
+measured level (no lean voxels, say) is likewise left out; its measured Volume 0 stays.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import Enum
 
 import highdicom as hd
 from highdicom.sr import (
@@ -30,82 +47,109 @@ from highdicom.sr import (
 )
 from pydicom.dataset import Dataset
 
-from node import __version__
 from node.labels import MEASURED_LEVELS
 from node.pipeline.ct import CTVolume
+from node.pipeline.measure import HUStats, LevelResult, MeasurementResult, MuscleStats, Sides
+from node.screening import Coverage, LevelStatus, coverage
 
 from . import codes
-from .options import EncodeOptions
+from .options import MANUFACTURER, EncodeOptions
 from .seg import SIDES, muscle_segment_number
-from .study import character_set, software_versions, source_images
+from .study import character_set, copy_patient_and_study, procedure_reported, software_versions, source_images
+
+ALL_SIDES = (*SIDES, "combined")
 
 
 @dataclass(frozen=True)
 class MeasurementSpec:
-    """One row of every group: where its value sits in a side's statistics dict."""
+    """One measurement of a group: its codes and the statistic it reports."""
 
     name: CodedConcept
     unit: CodedConcept
     derivation: CodedConcept | None
-    lean: bool
-    key: str
+    key: str  # the HUStats / MuscleStats field
 
-    def value(self, stats: dict) -> float | None:
-        return (stats["lean"] if self.lean else stats)[self.key]
-
-
-def _rows(lean: bool) -> list[MeasurementSpec]:
-    hu = [(codes.MEAN, "mean_hu"), (codes.MEDIAN, "median_hu"), (codes.STANDARD_DEVIATION, "sd_hu"),
-          (codes.PERCENTILE_25, "p25_hu"), (codes.PERCENTILE_75, "p75_hu")]
-    return [MeasurementSpec(codes.VOLUME, codes.CUBIC_CENTIMETER, None, lean, "volume_cm3")] + [
-        MeasurementSpec(codes.ATTENUATION, codes.HOUNSFIELD_UNIT, derivation, lean, key) for derivation, key in hu
-    ]
+    def value(self, stats: HUStats) -> float | None:
+        return getattr(stats, self.key)
 
 
-MEASUREMENTS: tuple[MeasurementSpec, ...] = (
-    *_rows(lean=False),
-    *_rows(lean=True),
-    MeasurementSpec(codes.FAT_FRACTION, codes.NO_UNITS, None, False, "fat_fraction"),
+_HU_ROWS = (
+    MeasurementSpec(codes.VOLUME, codes.CUBIC_CENTIMETER, None, "volume_cm3"),
+    *(MeasurementSpec(codes.ATTENUATION, codes.HOUNSFIELD_UNIT, derivation, key) for derivation, key in (
+        (codes.MEAN, "mean_hu"), (codes.MEDIAN, "median_hu"), (codes.STANDARD_DEVIATION, "sd_hu"),
+        (codes.PERCENTILE_25, "p25_hu"), (codes.PERCENTILE_75, "p75_hu"))),
 )
 
 
-def build_sr(ct: CTVolume, seg: Dataset, result: dict, options: EncodeOptions) -> Comprehensive3DSR:
+class Window(Enum):
+    """Which muscle voxels a group's statistics cover; its Measurement Method."""
+
+    ALL = "all"
+    LEAN = "lean"
+
+    @property
+    def method(self) -> CodedConcept:
+        return codes.ALL_VOXELS if self is Window.ALL else codes.LEAN_WINDOW
+
+    def stats(self, muscle: MuscleStats) -> HUStats:
+        return muscle if self is Window.ALL else muscle.lean
+
+
+MEASUREMENTS: dict[Window, tuple[MeasurementSpec, ...]] = {
+    Window.ALL: (*_HU_ROWS, MeasurementSpec(codes.FAT_FRACTION, codes.NO_UNITS, None, "fat_fraction")),
+    Window.LEAN: _HU_ROWS,
+}
+
+
+def tracking_label(level: str | None, side: str, window: Window = Window.ALL) -> str:
+    """Free text for people: "T3 paraspinal muscle left", "T1-T10 paraspinal muscle combined lean"."""
+    return f"{level or 'T1-T10'} paraspinal muscle {side}" + ("" if window is Window.ALL else " lean")
+
+
+def side_stats(sides: Sides | LevelResult, side: str) -> MuscleStats:
+    return {"left": sides.left, "right": sides.right, "combined": sides.combined}[side]
+
+
+def build_sr(ct: CTVolume, seg: Dataset, result: MeasurementResult, options: EncodeOptions) -> Comprehensive3DSR:
     """`seg` is the SEG from build_seg: the volumetric groups reference its segments 1..20."""
     sources = source_images(ct)
     algorithm = _algorithm(result)
-    series_uid = sources[0].SeriesInstanceUID
-    groups: list = [
-        _volumetric_group(result, level, side, seg, series_uid, algorithm) for level in MEASURED_LEVELS for side in SIDES
-    ]
-    groups += [_plain_group(result, level, "combined", algorithm) for level in MEASURED_LEVELS]
-    groups += [_plain_group(result, None, side, algorithm) for side in ("left", "right", "combined")]
+    totals = coverage((level.level, level.status) for level in result.levels)
+    levels = [level for level in result.levels if level.level in MEASURED_LEVELS]
+    groups: list = []
+    for window in Window:
+        groups += [_volumetric_group(level, side, window, seg, str(sources[0].SeriesInstanceUID), algorithm)
+                   for level in levels for side in SIDES]
+        groups += [_level_group(level, window, algorithm) for level in levels]
+        groups += [_total_group(result, totals, side, window, algorithm) for side in ALL_SIDES]
     report = MeasurementReport(
-        observation_context=_observation_context(options),
-        procedure_reported=codes.PROCEDURE_CT_CHEST,
+        observation_context=_observation_context(),
+        procedure_reported=procedure_reported(ct.datasets[0]),
         imaging_measurements=groups,
     )
+    settings = options.results
     document = Comprehensive3DSR(
         evidence=[*sources, seg],
         content=report[0],
         series_instance_uid=hd.UID(),
-        series_number=options.sr_series_number,
+        series_number=settings.sr_series_number,
         sop_instance_uid=hd.UID(),
         instance_number=1,
-        manufacturer=options.manufacturer,
+        manufacturer=MANUFACTURER,
         is_complete=True,
-        series_description=options.sr_series_description,
+        series_description=settings.sr_series_description,
         institution_name=options.institution_name,
-        software_versions=software_versions(result),
+        software_versions=software_versions(result.software),
         coding_schemes=[codes.PRIVATE_SCHEME_ITEM],
         specific_character_set=character_set(sources[0], (*options.texts(), *_result_texts(result))),
     )
-    _empty_indeterminate_values(document.ContentSequence)
+    copy_patient_and_study(ct.datasets[0], document)
     return document
 
 
-def _observation_context(options: EncodeOptions) -> ObservationContext:
+def _observation_context() -> ObservationContext:
     device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=hd.UID(), name="paraspinal-node", manufacturer_name=options.manufacturer, model_name="paraspinal-node",
+        uid=hd.UID(), name="paraspinal-node", manufacturer_name=MANUFACTURER, model_name="paraspinal-node",
     )
     return ObservationContext(
         observer_device_context=hd.sr.ObserverContext(observer_type=hd.sr.CodedConcept("121007", "DCM", "Device"),
@@ -113,119 +157,93 @@ def _observation_context(options: EncodeOptions) -> ObservationContext:
     )
 
 
-def _algorithm(result: dict) -> AlgorithmIdentification:
+def _algorithm(result: MeasurementResult) -> AlgorithmIdentification:
     """The method and every parameter, so a reader can recompute the numbers.
 
-    Three parameter items (numbers, segmentation, reference) rather than one per parameter:
-    the algorithm is repeated in all 33 groups and each SR content item costs encoding time.
+    One parameter item: tid1500reader keeps only the first, and the algorithm is repeated in
+    every group, where each content item costs encoding time.
     """
-    method = result.get("method", {})
-    totalseg = result.get("software", {}).get("totalsegmentator") or "unknown"
-    numbers = "; ".join(f"{key}={value}" for key, value in method.get("parameters", {}).items())
-    parameters = [
-        numbers,
-        f"segmentation=TotalSegmentator {totalseg} task total; vertebral_body_source="
-        f"{method.get('vertebral_body_source')}; SEG draws a slice shared by two slabs in the upper level only, "
-        "these numbers count it in both",
-        f"reference={method.get('reference', '')}",
-    ]
+    method, software = result.method, result.software
+    numbers = "; ".join(f"{key}={value}" for key, value in method.parameters.items())
+    text = (f"{numbers}; segmentation=TotalSegmentator {software.totalsegmentator or 'unknown'} task total; "
+            f"vertebral_body_source={method.vertebral_body_source}; a slice shared by two slabs counts in both "
+            f"levels and lies in both SEG segments; reference={method.reference}")
     return AlgorithmIdentification(
-        name=f"paraspinal-node {method.get('name', 'seed')} method",
-        version=result.get("software", {}).get("paraspinal_node") or __version__,
-        parameters=parameters,
+        name=f"paraspinal-node {method.name} method",
+        version=software.paraspinal_node,
+        parameters=[text],
         family=codes.ARTIFICIAL_INTELLIGENCE,
     )
 
 
-def _result_texts(result: dict) -> list[str]:
-    return [str(value) for value in result.get("method", {}).get("parameters", {}).values()] + [
-        str(result.get("method", {}).get("reference", ""))
-    ]
+def _result_texts(result: MeasurementResult) -> list[str]:
+    return [str(value) for value in result.method.parameters.values()] + [result.method.reference]
 
 
-def _volumetric_group(result: dict, level: str, side: str, seg: Dataset, series_uid: str,
+def _volumetric_group(level: LevelResult, side: str, window: Window, seg: Dataset, series_uid: str,
                       algorithm: AlgorithmIdentification) -> VolumetricROIMeasurementsAndQualitativeEvaluations:
-    entry = _level(result, level)
     segment = ReferencedSegment(
         sop_class_uid=seg.SOPClassUID,
         sop_instance_uid=seg.SOPInstanceUID,
-        segment_number=muscle_segment_number(level, side),
+        segment_number=muscle_segment_number(level.level, side),
         source_series=SourceSeriesForSegmentation(series_uid),
     )
     return VolumetricROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(identifier=tracking_label(level, side), uid=hd.UID()),
+        tracking_identifier=TrackingIdentifier(identifier=tracking_label(level.level, side, window), uid=hd.UID()),
         referenced_segment=segment,
         finding_type=codes.DEEP_MUSCLE_OF_BACK,
-        finding_sites=[_site(side)],
+        finding_sites=[_site(codes.VERTEBRA[level.level], side)],
+        method=window.method,
         algorithm_id=algorithm,
-        measurements=_measurements(entry[side]),
-        qualitative_evaluations=[_status(entry["status"])],
+        measurements=_measurements(side_stats(level, side), window, level.status),
+        qualitative_evaluations=[_rating(level.status)],
     )
 
 
-def _plain_group(result: dict, level: str | None, side: str,
-                 algorithm: AlgorithmIdentification) -> MeasurementsAndQualitativeEvaluations:
-    """Both-sides and T1–T10 values are unions of segments, so no single segment is referenced."""
-    if level is None:
-        stats, evaluations = result["total"][side], _qc(result)
-    else:
-        entry = _level(result, level)
-        stats, evaluations = entry[side], [_status(entry["status"])]
+def _level_group(level: LevelResult, window: Window, algorithm: AlgorithmIdentification) -> MeasurementsAndQualitativeEvaluations:
+    """Both sides are the union of two segments, so no single segment is referenced."""
     return MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(identifier=tracking_label(level, side), uid=hd.UID()),
+        tracking_identifier=TrackingIdentifier(identifier=tracking_label(level.level, "combined", window), uid=hd.UID()),
         finding_type=codes.DEEP_MUSCLE_OF_BACK,
-        finding_sites=[_site(side)],
+        finding_sites=[_site(codes.VERTEBRA[level.level], "combined")],
+        method=window.method,
         algorithm_id=algorithm,
-        measurements=_measurements(stats),
-        qualitative_evaluations=evaluations or None,
+        measurements=_measurements(level.combined, window, level.status),
+        qualitative_evaluations=[_rating(level.status)],
     )
 
 
-def tracking_label(level: str | None, side: str) -> str:
-    """Readers find a group by this text: "T3 paraspinal muscle left", "T1-T10 paraspinal muscle combined"."""
-    return f"{level or 'T1-T10'} paraspinal muscle {side}"
+def _total_group(result: MeasurementResult, totals: Coverage, side: str, window: Window,
+                 algorithm: AlgorithmIdentification) -> MeasurementsAndQualitativeEvaluations:
+    evaluations = [_rating(totals.status)]
+    evaluations += [QualitativeEvaluation(name=codes.INCLUDED_LEVEL, value=codes.VERTEBRA[level]) for level in totals.included]
+    if side == "combined" and window is Window.ALL:
+        evaluations += [QualitativeEvaluation(name=codes.QUALITY_ASSESSMENT, value=codes.qc_finding(item.code))
+                        for item in result.qc]
+    return MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(identifier=tracking_label(None, side, window), uid=hd.UID()),
+        finding_type=codes.DEEP_MUSCLE_OF_BACK,
+        finding_sites=[_site(codes.THORACIC_SPINE, side)],
+        method=window.method,
+        algorithm_id=algorithm,
+        measurements=_measurements(side_stats(result.total, side), window, totals.status),
+        qualitative_evaluations=evaluations,
+    )
 
 
-def _level(result: dict, level: str) -> dict:
-    return next(entry for entry in result["levels"] if entry["level"] == level)
+def _site(location: CodedConcept, side: str) -> FindingSite:
+    return FindingSite(anatomic_location=location, laterality=codes.LATERALITY[side])
 
 
-def _site(side: str) -> FindingSite:
-    """The muscle with its side; the level is the tracking identifier and the referenced segment."""
-    return FindingSite(anatomic_location=codes.DEEP_MUSCLE_OF_BACK, laterality=codes.LATERALITY[side])
-
-
-def _status(status: str) -> QualitativeEvaluation:
+def _rating(status: LevelStatus) -> QualitativeEvaluation:
     return QualitativeEvaluation(name=codes.ANALYSIS_QUALITY, value=codes.LEVEL_STATUS[status])
 
 
-def _qc(result: dict) -> list[QualitativeEvaluation]:
-    return [QualitativeEvaluation(name=codes.QUALITY_ASSESSMENT, value=codes.qc_finding(item["code"])) for item in result.get("qc", [])]
-
-
-def _measurements(stats: dict) -> list[Measurement]:
-    return [_measurement(spec, spec.value(stats)) for spec in MEASUREMENTS]
-
-
-def _measurement(spec: MeasurementSpec, value: float | None) -> Measurement:
-    """highdicom needs a number; a null gets a placeholder that _empty_indeterminate_values removes."""
-    return Measurement(
-        name=spec.name,
-        value=0.0 if value is None else float(value),
-        unit=spec.unit,
-        qualifier=codes.VALUE_INDETERMINATE if value is None else None,
-        derivation=spec.derivation,
-        method=codes.LEAN_WINDOW if spec.lean else None,
-    )
-
-
-def _empty_indeterminate_values(items: Sequence[Dataset]) -> None:
-    """PS3.3 C.18.1: no value is an empty Measured Value Sequence plus a qualifier saying why.
-
-    A placeholder 0 would read as 0 HU to any reader that ignores qualifiers.
-    """
-    for item in items:
-        qualifier = item.get("NumericValueQualifierCodeSequence")
-        if item.get("ValueType") == "NUM" and qualifier and qualifier[0].CodeValue == codes.VALUE_INDETERMINATE.value:
-            item.MeasuredValueSequence = []
-        _empty_indeterminate_values(item.get("ContentSequence", []))
+def _measurements(muscle: MuscleStats, window: Window, status: LevelStatus) -> list[Measurement] | None:
+    """Only statistics that exist: none for an absent level, none of an empty mask's HU."""
+    if status is LevelStatus.ABSENT:
+        return None
+    stats = window.stats(muscle)
+    found = [(spec, spec.value(stats)) for spec in MEASUREMENTS[window]]
+    return [Measurement(name=spec.name, value=float(value), unit=spec.unit, derivation=spec.derivation)
+            for spec, value in found if value is not None] or None

@@ -6,17 +6,47 @@ import copy
 from collections.abc import Iterable
 
 import numpy as np
+from highdicom.sr import CodedConcept
 from pydicom.charset import python_encoding
 from pydicom.dataset import Dataset
 
-from node import __version__
 from node.pipeline.ct import CTVolume, InputError
+from node.pipeline.measure import Software
+
+from . import codes
 
 UTF8 = "ISO_IR 192"
 # Type 2 attributes highdicom copies by attribute access; anonymisers often drop them.
 TYPE2_DEFAULTS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
                   "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName")
 TEXT_VRS = {"PN", "LO", "SH", "ST", "LT", "UT", "UC"}
+# Patient, Clinical Trial Subject, General Study, Patient Study and Clinical Trial Study modules:
+# every result object carries them as the source has them, so the study reads as one (dcentvfy).
+PATIENT_AND_STUDY = (
+    "PatientName", "PatientID", "IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence", "TypeOfPatientID",
+    "PatientBirthDate", "PatientBirthTime", "PatientSex", "OtherPatientIDsSequence", "OtherPatientNames",
+    "PatientBirthName", "PatientMotherBirthName", "EthnicGroup", "EthnicGroupCodeSequence", "PatientComments",
+    "PatientSpeciesDescription", "PatientSpeciesCodeSequence", "PatientBreedDescription", "PatientBreedCodeSequence",
+    "BreedRegistrationSequence", "ResponsiblePerson", "ResponsiblePersonRole", "ResponsibleOrganization",
+    "PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence",
+    "QualityControlSubject", "StrainDescription", "StrainNomenclature", "StrainAdditionalInformation",
+    "ClinicalTrialSponsorName", "ClinicalTrialProtocolID", "ClinicalTrialProtocolName", "ClinicalTrialSiteID",
+    "ClinicalTrialSiteName", "ClinicalTrialSubjectID", "ClinicalTrialSubjectReadingID",
+    "StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName", "ReferringPhysicianIdentificationSequence",
+    "ConsultingPhysicianName", "ConsultingPhysicianIdentificationSequence", "StudyID", "AccessionNumber",
+    "IssuerOfAccessionNumberSequence", "StudyDescription", "PhysiciansOfRecord",
+    "PhysiciansOfRecordIdentificationSequence", "NameOfPhysiciansReadingStudy",
+    "PhysiciansReadingStudyIdentificationSequence", "RequestingServiceCodeSequence", "ReferencedStudySequence",
+    "ProcedureCodeSequence", "ReasonForPerformedProcedureCodeSequence",
+    "AdmittingDiagnosesDescription", "AdmittingDiagnosesCodeSequence", "PatientAge", "PatientSize",
+    "PatientSizeCodeSequence", "PatientBodyMassIndex", "MeasuredAPDimension", "MeasuredLateralDimension",
+    "PatientWeight", "MedicalAlerts", "Allergies", "Occupation", "SmokingStatus", "AdditionalPatientHistory",
+    "PregnancyStatus", "LastMenstrualDate", "PatientSexNeutered", "ReasonForVisit", "ReasonForVisitCodeSequence",
+    "AdmissionID", "IssuerOfAdmissionIDSequence", "ServiceEpisodeID", "ServiceEpisodeDescription",
+    "IssuerOfServiceEpisodeIDSequence", "PatientState",
+    "ClinicalTrialTimePointID", "ClinicalTrialTimePointDescription", "ConsentForClinicalTrialUseSequence",
+)
+CHEST = ("", "CHEST", "THORAX", "CHEST_TO_PELVIS", "CHEST_ABDOMEN", "CHESTABDOMEN", "CHESTABDPELVIS")
 POSITION_TOLERANCE = 0.5  # of a slice spacing: catches mis-sorted slices, tolerates loader-accepted jitter
 ORIENTATION_TOLERANCE = 1e-3
 
@@ -82,8 +112,29 @@ def _source_texts(source: Dataset) -> list[str]:
     return texts
 
 
-def software_versions(result: dict) -> list[str]:
+def copy_patient_and_study(source: Dataset, target: Dataset) -> None:
+    """Every patient and study attribute of the source, as it is; none the source lacks.
+
+    highdicom copies a subset; a PACS or dcentvfy comparing the study's instances sees the rest.
+    """
+    for keyword in PATIENT_AND_STUDY:
+        if keyword in source:
+            target[keyword] = copy.deepcopy(source[keyword])
+
+
+def procedure_reported(source: Dataset) -> CodedConcept:
+    """The source's own procedure code when it has one; else CT Chest only for a chest (or unnamed) body part."""
+    procedure = source.get("ProcedureCodeSequence")
+    if procedure and procedure[0].get("CodeValue") and procedure[0].get("CodingSchemeDesignator"):
+        item = procedure[0]
+        return CodedConcept(str(item.CodeValue), str(item.CodingSchemeDesignator), str(item.get("CodeMeaning", "")))
+    if str(source.get("BodyPartExamined", "")).upper() in CHEST:
+        return codes.PROCEDURE_CT_CHEST
+    return codes.PROCEDURE_CT
+
+
+def software_versions(software: Software) -> list[str]:
     """Both programs that shaped the numbers, for the Software Versions attribute."""
-    totalseg = result.get("software", {}).get("totalsegmentator")
-    node_version = result.get("software", {}).get("paraspinal_node") or __version__
-    return [f"paraspinal-node {node_version}"] + ([f"TotalSegmentator {totalseg}"] if totalseg else [])
+    totalseg = software.totalsegmentator
+    return [f"paraspinal-node {software.paraspinal_node}"] + ([f"TotalSegmentator {totalseg}"] if totalseg else [])
+

@@ -1,7 +1,8 @@
 """The three result objects as a PACS gets them: valid, in the source study, carrying the numbers.
 
 One phantom series is measured and encoded once per module; dciodvfy (dicom3tools) and dsrdump
-(dcmtk) check the files, and the SR is read back with pydicom to compare with the result dict.
+(dcmtk) check the files, and the SR is read back with pydicom to compare with the measurement.
+tests/test_readers.py reads the same objects with dcmqi and highdicom.
 """
 
 from __future__ import annotations
@@ -18,17 +19,21 @@ from dicom_sr.keyimage import render_key_image, screening_flag
 from dicom_sr.options import EncodeOptions
 from dicom_sr.results import write_results
 from dicom_sr.seg import segment_map
-from dicom_sr.sr import MEASUREMENTS, tracking_label
+from dicom_sr.sr import MEASUREMENTS, Window, side_stats, tracking_label
 from dicom_sr.study import character_set
-from node.config import MeasureConfig
+from node.config import MeasureConfig, ResultsConfig
 from node.labels import MEASURED_LEVELS
 from node.pipeline.ct_load import load_ct
 from node.pipeline.measure import measure
 from node.pipeline.segmentation import Segmentation
 
-OPTIONS = EncodeOptions(seg_series_number=301, sr_series_number=302, key_image_series_number=303,
-                        seg_series_description="SEG test", sr_series_description="SR test",
-                        key_image_series_description="Key test")
+OPTIONS = EncodeOptions(ResultsConfig(seg_series_number=301, sr_series_number=302, key_image_series_number=303,
+                                      seg_series_description="SEG test", sr_series_description="SR test",
+                                      key_image_series_description="Key test"))
+ALL_VOXELS, LEAN_WINDOW = "ALLHU", "LEANHU"  # group-level Measurement Method codes
+STATUS_CODE = {"complete": "255594003", "partial": "255609007", "absent": "121054"}
+VERTEBRA_CODE = dict(zip(MEASURED_LEVELS, ("64864005", "53733008", "1626008", "73071006", "56401006", "45296009",
+                                           "62487009", "11068009", "82687006", "7610001")))  # CID 7603
 
 
 def measured(folder, phantom: ph.Phantom, series: ph.DicomSeries, in_plane: str):
@@ -38,7 +43,7 @@ def measured(folder, phantom: ph.Phantom, series: ph.DicomSeries, in_plane: str)
     labels = np.ascontiguousarray(ph.to_stored(phantom.labels[order], in_plane))
     body = np.ascontiguousarray(ph.to_stored(phantom.body[order], in_plane) == ph.BODY)
     seg = Segmentation(labels, body, "2.18.0")
-    return ct, seg, measure(ct, seg, MeasureConfig()).to_dict()
+    return ct, seg, measure(ct, seg, MeasureConfig())
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +125,8 @@ def test_character_set_switches_to_utf8_only_when_the_source_set_cannot_encode(e
     assert character_set(ascii_source, ["Paraspinal"]) == "ISO_IR 192"
 
 
-def read_groups(path) -> dict[str, list[tuple]]:
-    """Tracking identifier -> [(concept, derivation, method, value or None)] and the group's codes."""
+def read_groups(path) -> dict[str, dict]:
+    """Tracking identifier -> rows [(concept, derivation, value)], the group's codes, method and segment."""
     sr = pydicom.dcmread(path)
     (imaging,) = [item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "126010"]
     groups = {}
@@ -133,31 +138,39 @@ def read_groups(path) -> dict[str, list[tuple]]:
                 continue
             modifiers = {m.ConceptNameCodeSequence[0].CodeValue: m.ConceptCodeSequence[0].CodeValue
                          for m in item.get("ContentSequence", [])}
-            value = float(item.MeasuredValueSequence[0].FloatingPointValue) if item.MeasuredValueSequence else None
-            rows.append((item.ConceptNameCodeSequence[0].CodeValue, modifiers.get("121401"), modifiers.get("370129005"), value))
+            assert "370129005" not in modifiers, "the Measurement Method belongs to the group"
+            rows.append((item.ConceptNameCodeSequence[0].CodeValue, modifiers.get("121401"),
+                         float(item.MeasuredValueSequence[0].FloatingPointValue)))
         codes = [(i.ConceptNameCodeSequence[0].CodeValue, i.ConceptCodeSequence[0].CodeValue)
                  for i in group.ContentSequence if i.ValueType == "CODE"]
         segment = [i for i in group.ContentSequence if i.ValueType == "IMAGE"]
-        groups[name] = {"rows": rows, "codes": codes, "segment": segment[0] if segment else None}
+        groups[name] = {"rows": rows, "codes": codes, "method": dict(codes).get("370129005"),
+                        "segment": segment[0] if segment else None}
     return groups
+
+
+def expected_names(window: Window) -> list[str]:
+    return ([tracking_label(level, side, window) for level in MEASURED_LEVELS for side in ("left", "right")]
+            + [tracking_label(level, "combined", window) for level in MEASURED_LEVELS]
+            + [tracking_label(None, side, window) for side in ("left", "right", "combined")])
 
 
 def test_sr_carries_every_number_of_the_result_in_the_same_rows_everywhere(encoded):
     _, _, result, files = encoded
     groups = read_groups(files.sr)
-    expected_names = ([tracking_label(level, side) for level in MEASURED_LEVELS for side in ("left", "right")]
-                      + [tracking_label(level, "combined") for level in MEASURED_LEVELS]
-                      + [tracking_label(None, side) for side in ("left", "right", "combined")])
-    assert list(groups) == expected_names
-    layouts = {tuple(row[:3] for row in group["rows"]) for group in groups.values()}
-    assert len(layouts) == 1, "every group has the same measurements in the same order"
-    for level in result["levels"]:
+    assert list(groups) == expected_names(Window.ALL) + expected_names(Window.LEAN)
+    for window, method in ((Window.ALL, ALL_VOXELS), (Window.LEAN, LEAN_WINDOW)):
+        names = expected_names(window)
+        assert {groups[name]["method"] for name in names} == {method}
+        layouts = {tuple(row[:2] for row in groups[name]["rows"]) for name in names}
+        assert len(layouts) == 1, "every group of a window has the same measurements in the same order"
+        for level in result.levels:
+            for side in ("left", "right", "combined"):
+                got = [row[2] for row in groups[tracking_label(level.level, side, window)]["rows"]]
+                assert got == [spec.value(window.stats(side_stats(level, side))) for spec in MEASUREMENTS[window]]
         for side in ("left", "right", "combined"):
-            got = [row[3] for row in groups[tracking_label(level["level"], side)]["rows"]]
-            assert got == [spec.value(level[side]) for spec in MEASUREMENTS]
-    for side in ("left", "right", "combined"):
-        assert [row[3] for row in groups[tracking_label(None, side)]["rows"]] == [
-            spec.value(result["total"][side]) for spec in MEASUREMENTS]
+            assert [row[2] for row in groups[tracking_label(None, side, window)]["rows"]] == [
+                spec.value(window.stats(side_stats(result.total, side))) for spec in MEASUREMENTS[window]]
 
 
 def test_sr_groups_reference_their_seg_segment_and_carry_status_and_qc(encoded):
@@ -169,22 +182,32 @@ def test_sr_groups_reference_their_seg_segment_and_carry_status_and_qc(encoded):
         assert reference.ReferencedSOPInstanceUID == seg.SOPInstanceUID
         assert reference.ReferencedSegmentNumber == number
         assert seg.SegmentSequence[number - 1].SegmentLabel == f"{level} paraspinal muscle {side}"
-    status_code = {"complete": "255594003", "partial": "255609007", "absent": "121054"}
-    for level in result["levels"]:
-        assert ("111693", status_code[level["status"]]) in groups[tracking_label(level["level"], "left")]["codes"]
+    for level in result.levels:
+        for side in ("left", "right", "combined"):
+            for window in Window:
+                assert ("111693", STATUS_CODE[level.status]) in groups[tracking_label(level.level, side, window)]["codes"]
     qc = [code for name, code in groups[tracking_label(None, "combined")]["codes"] if name == "111050"]
-    assert qc == [item["code"][:16] for item in result["qc"]]
+    assert qc == [item.code[:16] for item in result.qc]
 
 
-def test_absent_level_has_no_values_but_keeps_its_rows(tmp_path, small_phantom):
-    """A field of view without T1 makes T1 absent: its statistics are empty NUMs with a reason."""
+def test_absent_level_has_no_measurements_and_the_totals_say_what_they_miss(tmp_path, small_phantom):
+    """A field of view without T1 makes T1 absent: its groups keep only the rating "Absent", and the
+    totals are rated partial and name the nine levels they include."""
     cropped = small_phantom.crop(k=slice(0, 60))
     series = ph.write_dicom_series(cropped, tmp_path / "ct")
     ct, seg, result = measured(tmp_path / "ct", cropped, series, "LP")
-    assert result["levels"][0]["status"] == "absent"
+    assert result.levels[0].status == "absent" and result.levels[-1].status == "complete"
+    present = [lv.level for lv in result.levels if lv.status != "absent"]
     files = write_results(ct, seg, result, tmp_path / "out", EncodeOptions())
-    rows = read_groups(files.sr)[tracking_label("T1", "left")]["rows"]
-    assert [row[3] for row in rows] == [0.0] + [None] * 5 + [0.0] + [None] * 5 + [None]
+    groups = read_groups(files.sr)
+    for side in ("left", "right", "combined"):
+        for window in Window:
+            group = groups[tracking_label("T1", side, window)]
+            assert group["rows"] == [] and ("111693", STATUS_CODE["absent"]) in group["codes"]
+            total = groups[tracking_label(None, side, window)]
+            assert ("111693", STATUS_CODE["partial"]) in total["codes"]
+            included = [code for name, code in total["codes"] if name == "INCLEVEL"]
+            assert included == [VERTEBRA_CODE[level] for level in present]
 
 
 def test_key_image_is_a_derived_colour_capture_with_burned_in_text(encoded):
@@ -199,7 +222,7 @@ def test_key_image_is_a_derived_colour_capture_with_burned_in_text(encoded):
 
 def test_screening_flag_follows_the_threshold_and_is_drawn_in_red(encoded):
     ct, seg, result, _ = encoded
-    median = result["total"]["combined"]["median_hu"]
+    median = result.total.combined.median_hu
     assert screening_flag(result, median + 1) and not screening_flag(result, median)
     segments = segment_map(seg, result)
     red = [np.count_nonzero((image[..., 0] > 200) & (image[..., 1] < 40) & (image[..., 2] < 40))

@@ -2,6 +2,8 @@
 
 The mapping uses only the SEG's frame positions and orientation and the phantom's canonical
 grid, so it is independent of the loader's and the builder's slice order and in-plane layout.
+Each muscle segment holds its level's whole slab, so segments of levels sharing a slice overlap
+(BINARY); a LABELMAP SEG gives the shared slice to the upper level.
 """
 
 from __future__ import annotations
@@ -14,34 +16,39 @@ import pytest
 
 from dicom_sr.options import EncodeOptions
 from dicom_sr.seg import MUSCLE_SEGMENTS, build_seg, muscle_segment_number, segment_map
-from node.config import MeasureConfig
+from node.config import MeasureConfig, ResultsConfig
 from node.labels import AUTOCHTHON_LEFT, AUTOCHTHON_RIGHT, MEASURED_LEVELS, VERTEBRA_LABEL
 from node.pipeline.ct_load import load_ct
 from node.pipeline.measure import measure
 from node.pipeline.segmentation import Segmentation
 
 
-def loaded_case(phantom: ph.Phantom, series: ph.DicomSeries, layout: ph.DicomLayout):
-    """CT as the node loads it, masks brought onto its grid, and the measurement."""
+def loaded_case(phantom: ph.Phantom, series: ph.DicomSeries, layout: ph.DicomLayout, bodies: bool = True):
+    """CT as the node loads it, masks brought onto its grid, and the measurement.
+
+    Without vertebral bodies the whole vertebrae define the slabs, and adjacent slabs share slices."""
     ct = load_ct(series.folder)
     canonical = {uid: k for k, uid in enumerate(series.sop_instance_uids)}
     order = [canonical[str(ds.SOPInstanceUID)] for ds in ct.datasets]
     labels = ph.to_stored(phantom.labels[order], layout.in_plane)
-    body = ph.to_stored(phantom.body[order], layout.in_plane) == ph.BODY
-    seg = Segmentation(np.ascontiguousarray(labels), np.ascontiguousarray(body), "2.18.0")
-    return ct, seg, measure(ct, seg, MeasureConfig()).to_dict(), order
+    body = np.ascontiguousarray(ph.to_stored(phantom.body[order], layout.in_plane) == ph.BODY) if bodies else None
+    seg = Segmentation(np.ascontiguousarray(labels), body, "2.18.0")
+    return ct, seg, measure(ct, seg, MeasureConfig()), order
 
 
-def expected_canonical(phantom: ph.Phantom, result: dict, order: list[int]) -> dict[int, np.ndarray]:
-    """Segment number -> canonical mask: muscle on its level's slab, a shared slice to the upper level."""
+def expected_canonical(phantom: ph.Phantom, result, order: list[int], overlap: bool = True) -> dict[int, np.ndarray]:
+    """Segment number -> canonical mask: muscle on its level's slab; with `overlap` False a shared
+    slice goes to the upper level only."""
     owner = np.full(phantom.shape[0], "", dtype=object)
-    for level in reversed(result["levels"]):
-        if level["slab"]:
-            for loaded_k in range(level["slab"]["first_slice"], level["slab"]["last_slice"] + 1):
-                owner[order[loaded_k]] = level["level"]
+    slabs = {level: np.zeros(phantom.shape[0], bool) for level in MEASURED_LEVELS}
+    for level in reversed(result.levels):
+        if level.slab:
+            for loaded_k in range(level.slab.first_slice, level.slab.last_slice + 1):
+                owner[order[loaded_k]] = level.level
+                slabs[level.level][order[loaded_k]] = True
     masks = {}
     for level in MEASURED_LEVELS:
-        on_slab = (owner == level)[:, None, None]
+        on_slab = (slabs[level] if overlap else owner == level)[:, None, None]
         masks[muscle_segment_number(level, "left")] = on_slab & (phantom.labels == AUTOCHTHON_LEFT)
         masks[muscle_segment_number(level, "right")] = on_slab & (phantom.labels == AUTOCHTHON_RIGHT)
     present = [level for level in MEASURED_LEVELS if (phantom.labels == VERTEBRA_LABEL[level]).any()]
@@ -95,30 +102,29 @@ def test_seg_maps_back_onto_input_masks_for_every_geometry(layout_name, phantom,
     assert_same_masks(read_back_canonical(path, phantom, series), expected_canonical(phantom, result, order))
 
 
-@pytest.mark.parametrize("options", [EncodeOptions(jpeg2000=True), EncodeOptions(labelmap=True)],
-                         ids=["jpeg2000", "labelmap"])
-def test_encoding_options_keep_the_masks(options, phantom, phantom_dicom, tmp_path):
+@pytest.mark.parametrize(("settings", "syntax", "kind"), [
+    (ResultsConfig(), "1.2.840.10008.1.2.1", "BINARY"),
+    (ResultsConfig(jpeg2000=True), "1.2.840.10008.1.2.4.90", "BINARY"),
+    (ResultsConfig(labelmap=True), "1.2.840.10008.1.2.1", "LABELMAP"),
+], ids=["binary", "jpeg2000", "labelmap"])
+def test_shared_slices_lie_in_both_levels_except_in_a_labelmap(settings, syntax, kind, phantom, phantom_dicom, tmp_path):
+    """Whole-vertebra slabs share slices: BINARY segments overlap there, exactly as the SR counts them."""
     layout = ph.LAYOUTS["flipped_feet_first_shuffled"]
     series = phantom_dicom("flipped_feet_first_shuffled")
-    ct, seg, result, order = loaded_case(phantom, series, layout)
+    ct, seg, result, order = loaded_case(phantom, series, layout, bodies=False)
+    segments = segment_map(seg, result)
+    assert {cut.level for cut in segments.shared} >= {"T4", "T7", "T10"}
     path = tmp_path / "seg.dcm"
-    build_seg(ct, segment_map(seg, result), result, options).save_as(path)
+    build_seg(ct, segments, result, EncodeOptions(settings)).save_as(path)
     written = pydicom.dcmread(path, stop_before_pixels=True)
-    assert written.file_meta.TransferSyntaxUID == ("1.2.840.10008.1.2.4.90" if options.jpeg2000 else "1.2.840.10008.1.2.1")
-    assert written.SegmentationType == ("LABELMAP" if options.labelmap else "BINARY")
-    assert_same_masks(read_back_canonical(path, phantom, series), expected_canonical(phantom, result, order))
-
-
-def test_shared_slab_slice_goes_to_the_upper_level_only(phantom, phantom_dicom):
-    series = phantom_dicom("axial")
-    ct, seg, result, order = loaded_case(phantom, series, ph.LAYOUTS["axial"])
-    t3, t4 = result["levels"][2], result["levels"][3]
-    shared = t3["slab"]["first_slice"] if ct.superior_sign > 0 else t3["slab"]["last_slice"]
-    t4["slab"]["first_slice" if ct.superior_sign < 0 else "last_slice"] = shared  # T4 now reaches into T3
-    numbers = segment_map(seg, result).numbers
-    on_shared = numbers[shared][np.isin(seg.labels[shared], (AUTOCHTHON_LEFT, AUTOCHTHON_RIGHT))]
-    assert set(np.unique(on_shared)) <= {muscle_segment_number("T3", "left"), muscle_segment_number("T3", "right")}
-    assert on_shared.size > 0
+    assert (written.file_meta.TransferSyntaxUID, written.SegmentationType) == (syntax, kind)
+    assert written.SegmentsOverlap == ("NO" if settings.labelmap else "YES")
+    got = read_back_canonical(path, phantom, series)
+    assert_same_masks(got, expected_canonical(phantom, result, order, overlap=not settings.labelmap))
+    if not settings.labelmap:
+        for level in result.levels:
+            for side in ("left", "right"):
+                assert int(got[muscle_segment_number(level.level, side)].sum()) == getattr(level, side).voxels
 
 
 def test_segments_are_described_with_codes_laterality_algorithms_and_colours(phantom, phantom_dicom):
@@ -135,7 +141,8 @@ def test_segments_are_described_with_codes_laterality_algorithms_and_colours(pha
     assert (vertebra.SegmentLabel, vertebra.SegmentedPropertyTypeCodeSequence[0].CodeValue) == ("T1 vertebra", "64864005")
     assert "SegmentedPropertyTypeModifierCodeSequence" not in vertebra.SegmentedPropertyTypeCodeSequence[0]
     (muscle,) = described[0].SegmentationAlgorithmIdentificationSequence
-    assert (muscle.AlgorithmName, muscle.AlgorithmVersion) == ("paraspinal-node", result["software"]["paraspinal_node"])
+    assert (muscle.AlgorithmName, muscle.AlgorithmVersion) == ("paraspinal-node", result.software.paraspinal_node)
+    assert [s.AnatomicRegionSequence[0].CodeValue for s in described[:4]] == ["64864005", "64864005", "53733008", "53733008"]
     assert muscle.AlgorithmSource == "TotalSegmentator 2.18.0"
     (bone,) = vertebra.SegmentationAlgorithmIdentificationSequence
     assert (bone.AlgorithmName, bone.AlgorithmVersion) == ("TotalSegmentator", "2.18.0")

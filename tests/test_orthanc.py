@@ -30,7 +30,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from support import wait_until
 
-from dicom_sr.sr import MEASUREMENTS, tracking_label
+from dicom_sr.sr import MEASUREMENTS, Window, tracking_label
 from node.labels import CLASS_LABEL, MEASURED_LEVELS
 from node.pipeline.ct_load import load_ct
 
@@ -207,19 +207,25 @@ def wait_for_results(orthanc: Orthanc, study_uid: str, folder: Path) -> Results:
 
 
 def read_sr(path: Path) -> dict[str, dict]:
-    """Tracking label -> {"values": {statistic: value}, "codes": {concept: code}} of each TID 1411 group."""
+    """Tracking label -> {"values": {statistic: value}, "codes": {concept: code}} of each TID 1411/1501 group.
+
+    A measured group holds every statistic of its Measurement Method (all voxels or the lean window)
+    in order; an absent level's groups hold none.
+    """
     sr = pydicom.dcmread(path)
     (imaging,) = [item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "126010"]
     groups = {}
     for group in imaging.ContentSequence:
         label = next(i.TextValue for i in group.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "112039")
-        numbers = [item for item in group.ContentSequence if item.ValueType == "NUM"]
-        assert len(numbers) == len(MEASUREMENTS), label
-        values = {("lean_" if spec.lean else "") + spec.key:
-                  float(item.MeasuredValueSequence[0].FloatingPointValue) if item.MeasuredValueSequence else None
-                  for spec, item in zip(MEASUREMENTS, numbers)}
         codes = {i.ConceptNameCodeSequence[0].CodeValue: i.ConceptCodeSequence[0].CodeValue
                  for i in group.ContentSequence if i.ValueType == "CODE"}
+        window = next(w for w in Window if w.method.value == codes["370129005"])
+        numbers = [item for item in group.ContentSequence if item.ValueType == "NUM"]
+        assert len(numbers) == (0 if codes["111693"] == ABSENT else len(MEASUREMENTS[window])), label
+        assert [item.ConceptNameCodeSequence[0].CodeValue for item in numbers] == [
+            spec.name.value for spec in MEASUREMENTS[window]][: len(numbers)], label
+        values = {spec.key: float(item.MeasuredValueSequence[0].FloatingPointValue)
+                  for spec, item in zip(MEASUREMENTS[window], numbers)}
         groups[label] = {"values": values, "codes": codes}
     return groups
 

@@ -6,7 +6,6 @@ one made by the node are the same computation.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -46,7 +45,7 @@ def run_pipeline(ct_path: Path, out_dir: Path, config: Config, seg_path: Path | 
     started = _lap(seconds, "load", started)
     seg = load_segmentation(seg_path, ct) if seg_path is not None else segment(ct, config, segmenter)
     started = _lap(seconds, "segment", started)
-    result = measure(ct, seg, config.measure)
+    result = measure(ct, seg, config.measure, config.biomarkers)
     json_path, csv_path = write_reports(result, out_dir)
     files = {"measurements_json": json_path, "measurements_csv": csv_path}
     started = _lap(seconds, "measure", started)
@@ -75,10 +74,8 @@ def segment(ct: CTVolume, config: Config, segmenter: Segmenter | None = None) ->
 
 
 def _encode(ct: CTVolume, seg: Segmentation, result: MeasurementResult, out_dir: Path, config: Config) -> dict[str, Path]:
-    from dicom_sr.results import EncodeOptions, write_results
+    from dicom_sr.options import EncodeOptions
+    from dicom_sr.results import write_results
 
-    settings = dataclasses.asdict(config.results)
-    settings["institution_name"] = settings["institution_name"] or None
-    options = EncodeOptions(**settings, low_attenuation_hu=config.measure.low_attenuation_hu)
-    written = write_results(ct, seg, result.to_dict(), out_dir, options)
+    written = write_results(ct, seg, result, out_dir, EncodeOptions.from_config(config))
     return {"seg": written.seg, "sr": written.sr, "keyimage": written.key_image}
