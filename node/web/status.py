@@ -1,0 +1,141 @@
+"""What the status page, /metrics and /readyz show, gathered into typed snapshots.
+
+Everything durable comes from the state database (workers in other processes report there);
+what only the running `serve` knows (is the receiver listening, its association counts, free
+disk) comes through `Live`, which the Service fills in.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from node.config import Config
+from node.state.store import DestinationTotals, JobStatus, State, WorkerRecord
+from node.weights import missing_models
+
+WORKER_STALE_S = 60.0  # a worker silent this long (heartbeat or lease renewal) is shown as gone
+WEIGHTS_FIX = "run `paraspinal-node weights urls`, fetch the zips elsewhere, then `paraspinal-node weights install --from DIR`"
+
+
+@dataclass(frozen=True)
+class ReceiverTotals:
+    """The receiver's counts since `serve` started (all associations, ended or not)."""
+
+    stored: int = 0
+    duplicate: int = 0
+    discarded: int = 0
+    refused: dict[str, int] = field(default_factory=dict)  # reason → instances
+    associations_accepted: int = 0
+    associations_rejected: int = 0
+    associations_open: int = 0
+
+
+@dataclass(frozen=True)
+class Live:
+    """Views into the running parts of `serve`, wired by the Service."""
+
+    receiver_listening: Callable[[], bool]
+    free_disk_mb: Callable[[], int]
+    receiver_totals: Callable[[], ReceiverTotals] = ReceiverTotals
+
+
+@dataclass(frozen=True)
+class Check:
+    """One readiness condition: what it is, whether it holds, and what was seen (or what to do)."""
+
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class WorkerView:
+    record: WorkerRecord
+    alive: bool
+    job_id: int | None  # the job it runs now
+    restarts: int  # earlier processes in the same slot on the same host
+
+
+@dataclass(frozen=True)
+class Overview:
+    receiver_address: str
+    ae_title: str
+    receiver: ReceiverTotals
+    jobs: dict[str, int]
+    oldest_queued_age_s: float | None
+    workers: list[WorkerView]
+    destinations: list[DestinationTotals]
+    checks: list[Check]
+    weights_missing: list[str]
+    recent_errors: list[tuple[str, int, str]]
+    segmenter: str
+    device: str
+
+
+def weights_missing(config: Config) -> list[str]:
+    """Model folders absent from segmenter.weights_dir; none are needed by the precomputed backend."""
+    return [] if config.segmenter.backend == "precomputed" else missing_models(config.segmenter)
+
+
+def readiness(config: Config, state: State, live: Live) -> list[Check]:
+    """Ready: the receiver listens, the database takes writes, the disk is above the watermark, the weights are there."""
+    receiver = config.receiver
+    listening = live.receiver_listening()
+    checks = [Check("receiver", listening, f"{'listening' if listening else 'not listening'} on "
+                                           f"{receiver.bind_address}:{receiver.port}")]
+    try:
+        state.check_writable()
+        checks.append(Check("database", True, "writable"))
+    except sqlite3.Error as exc:
+        checks.append(Check("database", False, f"cannot write {config.storage.database} ({exc}): check the disk and "
+                                               "the permissions of storage.state_dir"))
+    free = live.free_disk_mb()
+    low = free < receiver.min_free_disk_mb
+    checks.append(Check("disk", not low, f"{free} MB free, watermark receiver.min_free_disk_mb = {receiver.min_free_disk_mb} MB"
+                                         + (": free space or the receiver refuses images" if low else "")))
+    missing = weights_missing(config)
+    checks.append(Check("weights", not missing, f"missing {', '.join(missing)}: {WEIGHTS_FIX}" if missing
+                        else "not needed (precomputed segmentations)" if config.segmenter.backend == "precomputed"
+                        else "present"))
+    return checks
+
+
+def worker_views(state: State, now: float) -> list[WorkerView]:
+    """The latest process of each worker slot, alive when it reported or renewed a lease recently."""
+    running = state.running_owners()
+    latest: dict[tuple[str, int], WorkerRecord] = {}
+    starts: dict[tuple[str, int], int] = {}
+    for record in state.workers():
+        slot = (record.report.host, record.report.index)
+        latest.setdefault(slot, record)
+        starts[slot] = starts.get(slot, 0) + 1
+    views = []
+    for slot, record in sorted(latest.items()):
+        job = running.get(record.report.owner)
+        alive = job is not None or now - record.heartbeat_at < WORKER_STALE_S
+        views.append(WorkerView(record, alive, job, starts[slot] - 1))
+    return views
+
+
+def overview(config: Config, state: State, live: Live) -> Overview:
+    now = time.time()
+    oldest = state.oldest_queued_since()
+    counts = state.job_counts()
+    jobs = {str(status): counts.get(str(status), 0) for status in JobStatus}
+    return Overview(
+        receiver_address=f"{config.receiver.bind_address}:{config.receiver.port}",
+        ae_title=config.receiver.ae_title,
+        receiver=live.receiver_totals(),
+        jobs=jobs,
+        oldest_queued_age_s=None if oldest is None else max(0.0, now - oldest),
+        workers=worker_views(state, now),
+        destinations=state.destination_totals(),
+        checks=readiness(config, state, live),
+        weights_missing=weights_missing(config),
+        recent_errors=state.recent_errors(),
+        segmenter=config.segmenter.backend,
+        device=config.segmenter.device,
+    )
