@@ -69,6 +69,7 @@ class Service:
         self._delivery_stop = threading.Event()
         self._delivery_thread = threading.Thread(target=self.delivery.run, args=(self._delivery_stop,),
                                                  name="delivery", daemon=True)
+        self.web = None  # the status page, /metrics and health checks; started after the receiver
 
     def run(self, stop: threading.Event) -> None:
         self.start()
@@ -112,8 +113,30 @@ class Service:
                              "change receiver.port / receiver.bind_address") from None
         self.supervisor.check()
         self._delivery_thread.start()
+        if self.config.web.enabled:
+            self.web = self._start_web()
         log.info("event=node_started ae_title=%s port=%d workers=%d partial_files_removed=%d",
                  self.config.receiver.ae_title, self.receiver.port, self.config.worker.count, removed)
+
+    def _start_web(self):
+        """The web server over this node's state and live parts (imported only when enabled)."""
+        from node.web.auth import SecretError
+        from node.web.server import WebServer
+        from node.web.status import Live
+
+        live = Live(receiver_listening=self._receiver_listening, free_disk_mb=self.spool.free_disk_mb)
+        try:
+            web = WebServer(self.config, self.state, live)
+        except SecretError as exc:
+            raise StartError(str(exc)) from None
+        web.start()
+        return web
+
+    def _receiver_listening(self) -> bool:
+        try:
+            return self.receiver.port > 0
+        except RuntimeError:  # not started, or stopped
+            return False
 
     def shutdown(self) -> None:
         self._delivery_stop.set()  # the send in progress finishes; no new one starts
@@ -126,6 +149,8 @@ class Service:
         self.supervisor.stop(SHUTDOWN_GRACE_S)
         if self._delivery_thread.is_alive():
             self._delivery_thread.join(self.config.delivery.timeout_s + SHUTDOWN_GRACE_S)
+        if self.web is not None:  # up until here, so /readyz says "not listening" while the node drains
+            self.web.stop()
         self.state.close()
         log.info("event=node_stopped pending_series=%d", self.tracker.pending_series())
 
