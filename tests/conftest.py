@@ -32,6 +32,12 @@ def phantom_truth(phantom: ph.Phantom) -> dict:
 
 
 @pytest.fixture(scope="session")
+def phantom_bone_truth(phantom: ph.Phantom) -> list[dict]:
+    """bone_truth(phantom): the "vertebrae" list, T1..T12 and L1, with vertebrae_body."""
+    return ph.bone_truth(phantom)
+
+
+@pytest.fixture(scope="session")
 def truncated_phantom(phantom: ph.Phantom) -> ph.Phantom:
     """The phantom with its field of view cut through the middle of T1's body."""
     return phantom.truncated_through("T1")

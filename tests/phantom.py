@@ -10,7 +10,14 @@ seed method changes the numbers when it is handled wrongly:
 - each vertebra label bleeds up to 1.5 mm into the adjacent discs, which are label 2 of the
   `vertebrae_body` mask, so treating "body > 0" as body grows the slab;
 - left and right muscles differ in size and fat fraction, and fat fraction changes from level
-  to level non-monotonically, so left/right swaps, flips and level shifts all show.
+  to level non-monotonically, so left/right swaps, flips and level shifts all show;
+- trabecular attenuation is shifted per level (T1..T12, L1) by a non-monotonic design, so a level
+  mix-up in the bone numbers shows; L1 is cut by the bottom of the field of view;
+- a liver, cut by the bottom of the field of view, has hypodense vessels and a cyst inside and a
+  1.5 mm rim of its label in the surrounding fat, so that skipping the erosion or the parenchyma
+  window moves its median by more than 1.5 HU; a spleen lies wholly inside the field of view.
+  Liver, spleen and the bone shift draw from their own random stream, so the muscle voxels (and
+  every muscle truth) are those of the phantom without them.
 
 Canonical grid: arrays are indexed [k, r, c]; voxel (k, r, c) lies at patient LPS position
 ``origin + (c*dc, r*dr, k*dk)``: columns run to the patient's left, rows to posterior and
@@ -23,6 +30,8 @@ API (tests import it as ``import phantom``; pytest puts tests/ on sys.path, benc
   ``Phantom.truncated_through("T1")`` give cut fields of view.
 - ``truth(phantom, body_source=...)`` gives the seed method's result shaped like the
   "levels"/"total" part of measurements.json; ``mismatches(result, expected)`` compares them;
+  ``bone_truth(phantom)`` and ``vertebra_mismatches`` do the same for "vertebrae";
+  ``liver_truth(phantom)`` gives the designed liver and spleen parenchyma;
   ``mirror_slabs(expected, n_slices)`` renumbers slabs for a volume whose slice 0 is the top
   (a loader sorting along the slice normal does that when ``layout.normal_z < 0``).
 - ``write_dicom_series(phantom, folder, layout=LAYOUTS["axial"], ...) -> DicomSeries``.
@@ -42,7 +51,16 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from node.labels import AUTOCHTHON_LEFT, AUTOCHTHON_RIGHT, MEASURED_LEVELS, THORACIC, VERTEBRA_LABEL
+from node.labels import (
+    AUTOCHTHON_LEFT,
+    AUTOCHTHON_RIGHT,
+    LIVER,
+    MEASURED_LEVELS,
+    SPINE_LEVELS,
+    SPLEEN,
+    THORACIC,
+    VERTEBRA_LABEL,
+)
 
 BODY = 1
 DISC = 2
@@ -71,6 +89,9 @@ _LUNG = (-870, -830)
 _CANAL = (5, 25)
 _DISC = (70, 90)
 _TRABECULAR = (150, 300)
+# Added to every trabecular value (not the window-edge ones) per level; distinct and non-monotonic.
+TRABECULAR_SHIFT_HU: dict[str, int] = dict(zip(
+    SPINE_LEVELS, (30, 15, 40, 5, 20, -5, 10, -20, -10, -35, -25, -45, -60)))
 _TRABECULAR_ODD = (0, 1, 700, 701, -15, 730)  # edges of the 1..700 window
 _CORTICAL = (750, 1200)
 _ARCH = (400, 900)
@@ -78,6 +99,17 @@ _SPINOUS = (300, 650)
 _LEAN = (30, 60)
 _LEAN_ODD = ((-29, 0.01), (150, 0.005), (151, 0.005))  # edges of the lean window
 _FAT = (-130, -30)
+_LIVER = (50, 64)  # parenchyma, unenhanced
+_LIVER_VESSEL = (18, 30)  # unenhanced blood is hypodense to normal liver
+_LIVER_CYST = (0, 12)
+_SPLEEN = (40, 52)
+_ORGAN_FAT = (-120, -80)
+# `Phantom.organs` codes: what each voxel is by design (the labels hold what a segmenter sees).
+LIVER_PARENCHYMA, LIVER_VESSEL, LIVER_CYST, SPLEEN_PARENCHYMA = 1, 2, 3, 4
+_LIVER_CENTRE, _LIVER_RADII = (-29.0, -18.0), (10.0, 11.0)
+_SPLEEN_CENTRE, _SPLEEN_RADII = (33.0, -3.0), (9.0, 8.0)
+_VESSELS = ((-31.0, -15.0), (-26.0, -21.0), (-31.5, -22.0))  # tubes along z, radius 2 mm
+_LABEL_BLEED_MM = 1.5  # organ labels reach this far into the surrounding fat
 
 
 @dataclass(frozen=True)
@@ -133,6 +165,7 @@ class Phantom:
     study_uid: str = ""
     patient_id: str = "PHANTOM-0"
     fat_fraction: dict[str, dict[str, float]] = field(default_factory=lambda: DESIGNED_FAT_FRACTION)
+    organs: np.ndarray | None = None  # uint8 design codes LIVER_PARENCHYMA..SPLEEN_PARENCHYMA, 0 elsewhere
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -156,7 +189,8 @@ class Phantom:
         k0, r0, c0 = (s.indices(n)[0] for s, n in zip((k, r, c), self.shape))
         origin = tuple(float(v) for v in np.round(self.position(k0, r0, c0), 6))
         return replace(self, hu=self.hu[k, r, c].copy(), labels=self.labels[k, r, c].copy(),
-                       body=self.body[k, r, c].copy(), origin=origin)  # type: ignore[arg-type]
+                       body=self.body[k, r, c].copy(), origin=origin,  # type: ignore[arg-type]
+                       organs=None if self.organs is None else self.organs[k, r, c].copy())
 
     def truncated_through(self, level: str = "T1") -> Phantom:
         """Field of view whose top slice cuts `level`'s vertebral body at its middle slice."""
@@ -194,16 +228,18 @@ def make_phantom(spacing: Sequence[float] | None = None, shape: Sequence[int] | 
     origin = (round(-(nc - 1) * dc / 2, 4), round(_FOV_CENTRE_Y - (nr - 1) * dr / 2, 4), _ORIGIN_Z)
     depth = (nk - 1 - np.arange(nk)) * dk + dk / 2 - (nk * dk - length) / 2
     y_grid, x_grid = np.meshgrid(origin[1] + np.arange(nr) * dr, origin[0] + np.arange(nc) * dc, indexing="ij")
-    painter = _Painter(x_grid, y_grid, levels, length, depth, np.random.default_rng(seed))
+    painter = _Painter(x_grid, y_grid, levels, length, depth, np.random.default_rng(seed),
+                       np.random.default_rng([seed, 104729]))
     hu = np.empty(shape, np.int16)
     labels = np.zeros(shape, np.uint8)
     body = np.zeros(shape, np.uint8)
+    organs = np.zeros(shape, np.uint8)
     for k in range(nk):
-        painter.paint(k, hu[k], labels[k], body[k])
+        painter.paint(k, hu[k], labels[k], body[k], organs[k])
     painter.infiltrate_fat(hu, labels, body)
     study_uid = str(generate_uid(entropy_srcs=["paraspinal-node phantom study", str(seed)]))
     return Phantom(hu=hu, labels=labels, body=body, spacing=spacing, origin=origin,  # type: ignore[arg-type]
-                   seed=seed, study_uid=study_uid, patient_id=f"PHANTOM-{seed}")
+                   seed=seed, study_uid=study_uid, patient_id=f"PHANTOM-{seed}", organs=organs)
 
 
 def _rim(mask: np.ndarray) -> np.ndarray:
@@ -222,8 +258,13 @@ class _Painter:
     """Paints slices on one in-plane grid (x, y in LPS mm per [r, c]); z-invariant masks are made once."""
 
     def __init__(self, x: np.ndarray, y: np.ndarray, levels: list[_Level], length: float,
-                 depth: np.ndarray, rng: np.random.Generator) -> None:
+                 depth: np.ndarray, rng: np.random.Generator, organ_rng: np.random.Generator) -> None:
         self.x, self.y, self.levels, self.length, self.depth, self.rng = x, y, levels, length, depth, rng
+        self.organ_rng = organ_rng  # organs and bone shift: the main stream stays the muscle's
+        by_name = {lv.name: lv for lv in levels}
+        self.liver_top = by_name["T10"].top
+        self.spleen_depths = (by_name["T10"].centre, by_name["T12"].bottom)
+        self.cyst_depth = by_name["T11"].centre
         self.body_slices = {lv.name: np.nonzero((depth >= lv.top) & (depth < lv.bottom))[0] for lv in levels}
         torso = self.ellipse(0.0, _FOV_CENTRE_Y, 54.0, 53.0)
         self.inner = self.ellipse(0.0, _FOV_CENTRE_Y, 46.0, 45.0)
@@ -247,7 +288,7 @@ class _Painter:
         return {"left": self.ellipse(19.0, 24.0, 11.5 * grow, 12.5 * grow),
                 "right": self.ellipse(-19.0, 24.0, 10.5 * grow, 12.0 * grow)}
 
-    def paint(self, k: int, hu: np.ndarray, labels: np.ndarray, body: np.ndarray) -> None:
+    def paint(self, k: int, hu: np.ndarray, labels: np.ndarray, body: np.ndarray, organs: np.ndarray) -> None:
         """Soft tissues first, bone last, so later structures own their voxels."""
         depth = float(self.depth[k])
         hu[:] = _AIR
@@ -255,6 +296,8 @@ class _Painter:
         self.fill(hu, self.inner, _SOFT)
         if depth < self.levels[-2].centre:
             self.fill(hu, self.lungs, _LUNG)
+        self.paint_liver(depth, hu, labels, organs)
+        self.paint_spleen(depth, hu, labels, organs)
         for side, mask in self.muscles(depth).items():
             self.fill_lean(hu, mask)
             labels[mask] = SIDE_LABEL[side]
@@ -266,6 +309,42 @@ class _Painter:
                 self.paint_disc(depth, hu, labels, body, upper, lower)
             if upper.centre - 5.5 <= depth <= upper.next_centre + 3.5:
                 self.paint_spinous(depth, hu, labels, upper)
+
+    def organ_fill(self, hu: np.ndarray, mask: np.ndarray, hu_range: tuple[int, int]) -> None:
+        hu[mask] = self.organ_rng.integers(hu_range[0], hu_range[1] + 1, size=int(mask.sum()))
+
+    def paint_organ(self, hu: np.ndarray, labels: np.ndarray, organs: np.ndarray, centre: tuple[float, float],
+                    radii: tuple[float, float], label: int, code: int, hu_range: tuple[int, int]) -> np.ndarray:
+        """Fat around the organ, its label bleeding 1.5 mm into that fat; returns the organ's own voxels."""
+        (cx, cy), (rx, ry) = centre, radii
+        self.organ_fill(hu, self.ellipse(cx, cy, rx + 3.0, ry + 3.0), _ORGAN_FAT)
+        labels[self.ellipse(cx, cy, rx + _LABEL_BLEED_MM, ry + _LABEL_BLEED_MM)] = label
+        inside = self.ellipse(cx, cy, rx, ry)
+        self.organ_fill(hu, inside, hu_range)
+        organs[inside] = code
+        return inside
+
+    def paint_liver(self, depth: float, hu: np.ndarray, labels: np.ndarray, organs: np.ndarray) -> None:
+        """From T10's top (a dome over its first 8 mm) down past the bottom of the field of view."""
+        if depth < self.liver_top:
+            return
+        scale = math.sqrt(max(0.0, 1.0 - ((self.liver_top + 8.0 - depth) / 8.0) ** 2)) if depth < self.liver_top + 8.0 else 1.0
+        if scale < 0.3:
+            return
+        radii = (_LIVER_RADII[0] * scale, _LIVER_RADII[1] * scale)
+        inside = self.paint_organ(hu, labels, organs, _LIVER_CENTRE, radii, LIVER, LIVER_PARENCHYMA, _LIVER)
+        vessels = inside & np.logical_or.reduce([self.ellipse(x, y, 2.0, 2.0) for x, y in _VESSELS])
+        self.organ_fill(hu, vessels, _LIVER_VESSEL)
+        organs[vessels] = LIVER_VESSEL
+        cyst_r = math.sqrt(max(0.0, 3.5**2 - (depth - self.cyst_depth) ** 2))
+        cyst = inside & self.ellipse(-25.0, -13.0, cyst_r, cyst_r) if cyst_r > 0 else np.zeros_like(inside)
+        self.organ_fill(hu, cyst, _LIVER_CYST)
+        organs[cyst] = LIVER_CYST
+
+    def paint_spleen(self, depth: float, hu: np.ndarray, labels: np.ndarray, organs: np.ndarray) -> None:
+        top, bottom = self.spleen_depths
+        if top <= depth < bottom:
+            self.paint_organ(hu, labels, organs, _SPLEEN_CENTRE, _SPLEEN_RADII, SPLEEN, SPLEEN_PARENCHYMA, _SPLEEN)
 
     def fill_lean(self, hu: np.ndarray, mask: np.ndarray) -> None:
         values = self.rng.integers(_LEAN[0], _LEAN[1] + 1, size=int(mask.sum()))
@@ -287,6 +366,7 @@ class _Painter:
         self.fill(hu, cortical, _CORTICAL)
         values = self.rng.integers(_TRABECULAR[0], _TRABECULAR[1] + 1, size=int(trabecular.sum()))
         odd = self.rng.random(values.size) < 0.025
+        values[~odd] += TRABECULAR_SHIFT_HU.get(lv.name, 0)
         values[odd] = self.rng.choice(_TRABECULAR_ODD, size=int(odd.sum()))
         hu[trabecular] = values
         self.fill(hu, self.arch, _ARCH)
@@ -432,6 +512,65 @@ def _quantile(ordered: list[int], q: float) -> float:
     return ordered[below] + (ordered[above] - ordered[below]) * (position - below)
 
 
+def bone_truth(phantom: Phantom, body_source: str = "vertebrae_body") -> list[dict]:
+    """The "vertebrae" list of measurements.json, naively: per level T1..T12, L1 the statistics of
+    every voxel of vertebrae_body ∩ vertebra ∩ 1..700 HU (the whole vertebra without bodies).
+
+    Status: absent without such voxels; partial when the vertebra is on the first or last slice.
+    """
+    lo, hi = BODY_WINDOW_HU
+    rows = []
+    for level in SPINE_LEVELS:
+        values: list[int] = []
+        vertebra = phantom.labels == VERTEBRA_LABEL[level]
+        for k in range(phantom.shape[0]):
+            hu = phantom.hu[k]
+            mask = vertebra[k] & (hu >= lo) & (hu <= hi)
+            if body_source == "vertebrae_body":
+                mask &= phantom.body[k] == BODY
+            values.extend(hu[mask].tolist())
+        status = "absent" if not values else "partial" if vertebra[0].any() or vertebra[-1].any() else "complete"
+        rows.append({"level": level, "status": status,
+                     "mask": "vertebral_body" if body_source == "vertebrae_body" else "whole_vertebra",
+                     "trabecular": _stats(values, phantom.voxel_volume_mm3, False)})
+    return rows
+
+
+def vertebra_mismatches(result: dict, expected: list[dict], rel: float = 1e-6) -> list[str]:
+    """Differences between measurements.json's "vertebrae" and `bone_truth()`, level by level."""
+    found = {row["level"]: row for row in result.get("vertebrae", [])}
+    problems = []
+    for row in expected:
+        got = found.get(row["level"])
+        problems += [f"{row['level']}: missing from result"] if got is None else _diff(got, row, row["level"], rel)
+    return problems
+
+
+def liver_truth(phantom: Phantom) -> dict:
+    """The designed organs, shaped like measurements.json's "liver".
+
+    Parenchyma figures are over every voxel designed as liver (spleen) parenchyma, vessels and cyst
+    excluded: what an ideal method reports, which a real one may approach but not hit exactly.
+    Covered volumes and status are exact: the label voxels, and partial when a label touches a face.
+    """
+    if phantom.organs is None:
+        raise ValueError("this phantom has no organ design")
+    out: dict = {}
+    for name, label, code in (("liver", LIVER, LIVER_PARENCHYMA), ("spleen", SPLEEN, SPLEEN_PARENCHYMA)):
+        mask = phantom.labels == label
+        faces = [mask[0], mask[-1], mask[:, 0], mask[:, -1], mask[:, :, 0], mask[:, :, -1]]
+        values = sorted(phantom.hu[phantom.organs == code].tolist())
+        status = "absent" if not mask.any() else "partial" if any(face.any() for face in faces) else "complete"
+        out[name] = {"status": status, "covered_volume_cm3": int(mask.sum()) * phantom.voxel_volume_mm3 / 1000.0,
+                     "parenchyma": {"median_hu": _quantile(values, 0.5) if values else None,
+                                    "mean_hu": sum(values) / len(values) if values else None}}
+    liver, spleen = out["liver"], out.pop("spleen")
+    liver["spleen"] = spleen
+    medians = liver["parenchyma"]["median_hu"], spleen["parenchyma"]["median_hu"]
+    liver["liver_minus_spleen_hu"] = None if None in medians else medians[0] - medians[1]
+    return liver
+
+
 def mirror_slabs(expected: dict, n_slices: int) -> dict:
     """The truth renumbered for a volume whose slice 0 is the most superior."""
     levels = []
@@ -549,13 +688,14 @@ def write_dicom_series(phantom: Phantom, folder: Path | str, layout: DicomLayout
                        study_uid: str | None = None, series_uid: str | None = None, series_number: int = 1,
                        series_description: str = "Phantom thorax", patient_name: str = "Phantom^Thorax",
                        patient_id: str | None = None, specific_character_set: str = "ISO_IR 100",
-                       ) -> DicomSeries:
+                       header: dict[str, object] | None = None) -> DicomSeries:
     """CT Image Storage files, explicit VR little endian, one per canonical slice.
 
     storage "unsigned": PixelRepresentation 0, 12 bits stored, intercept -1024 by default;
     "signed": PixelRepresentation 1, 16 bits, intercept 0 by default. The stored values must
     reproduce the HU exactly through slope and intercept. Study UID defaults to the phantom's
-    (shared across writes); series and instance UIDs are fresh unless given.
+    (shared across writes); series and instance UIDs are fresh unless given. `header` sets further
+    attributes by keyword on every slice, e.g. {"ContrastBolusAgent": "Iomeprol"}.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -567,6 +707,8 @@ def write_dicom_series(phantom: Phantom, folder: Path | str, layout: DicomLayout
     numbers, names = _instance_numbers(nk, layout, phantom.seed)
     common = _series_dataset(phantom, layout, study_uid, series_uid, series_number, series_description,
                              patient_name, patient_id or phantom.patient_id, specific_character_set)
+    for keyword, value in (header or {}).items():
+        setattr(common, keyword, value)
     common.RescaleSlope = _ds(rescale_slope)
     common.RescaleIntercept = _ds(intercept)
     common.SliceThickness = _ds(slice_thickness if slice_thickness is not None else phantom.spacing[0])
@@ -709,19 +851,23 @@ def write_nifti_ct(phantom: Phantom, path: Path | str, orientation: str = "RAS")
 
 
 def write_masks(phantom: Phantom, folder: Path | str, form: str = "folder", orientation: str = "RAS",
-                include_body: bool = True, multilabel_name: str = "segmentations.nii.gz") -> Path:
+                include_body: bool = True, multilabel_name: str = "segmentations.nii.gz",
+                organs: bool = True) -> Path:
     """TotalSegmentator-style outputs (uint8 NIfTI); returns the folder or the multilabel file.
 
-    "folder": vertebrae_T1..T12, autochthon_left/right as binary files, plus vertebrae_body and
-    intervertebral_discs (binary, as the vertebrae_body task writes per class).
+    "folder": vertebrae_T1..T12, vertebrae_L1, autochthon_left/right, liver and spleen as binary
+    files, plus vertebrae_body and intervertebral_discs (binary, as the vertebrae_body task writes
+    per class); `organs=False` leaves liver and spleen out.
     "multilabel": one file in `total` numbering, plus vertebrae_body.nii.gz beside it holding
     the vertebrae_body task's multilabel values (1 body, 2 disc) - readers must use == 1.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if form == "folder":
-        classes = {f"vertebrae_{lv}": VERTEBRA_LABEL[lv] for lv in THORACIC} | {
+        classes = {f"vertebrae_{lv}": VERTEBRA_LABEL[lv] for lv in SPINE_LEVELS} | {
             "autochthon_left": AUTOCHTHON_LEFT, "autochthon_right": AUTOCHTHON_RIGHT}
+        if organs:
+            classes |= {"liver": LIVER, "spleen": SPLEEN}
         for name, label in classes.items():
             _save_mask(phantom, phantom.labels == label, folder / f"{name}.nii.gz", orientation)
         if include_body:
@@ -729,7 +875,8 @@ def write_masks(phantom: Phantom, folder: Path | str, form: str = "folder", orie
             _save_mask(phantom, phantom.body == DISC, folder / "intervertebral_discs.nii.gz", orientation)
         return folder
     if form == "multilabel":
-        _save_mask(phantom, phantom.labels, folder / multilabel_name, orientation)
+        labels = phantom.labels if organs else np.where(np.isin(phantom.labels, (LIVER, SPLEEN)), 0, phantom.labels)
+        _save_mask(phantom, labels, folder / multilabel_name, orientation)
         if include_body:
             _save_mask(phantom, phantom.body, folder / "vertebrae_body.nii.gz", orientation)
         return folder / multilabel_name

@@ -25,19 +25,23 @@ def expected_for(truth: dict, layout: ph.DicomLayout, n_slices: int) -> dict:
 
 
 @pytest.mark.parametrize("layout", sorted(ph.LAYOUTS))
-def test_every_dicom_geometry_gives_the_truth(layout, phantom, phantom_truth, phantom_dicom, phantom_masks, tmp_path):
+def test_every_dicom_geometry_gives_the_truth(layout, phantom, phantom_truth, phantom_bone_truth, phantom_dicom,
+                                             phantom_masks, tmp_path):
     series = phantom_dicom(layout)
     result = measure_json(series.folder, phantom_masks("folder", "RAS"), tmp_path)
     expected = expected_for(phantom_truth, ph.LAYOUTS[layout], phantom.shape[0])
     assert ph.mismatches(result, expected) == []
+    assert ph.vertebra_mismatches(result, phantom_bone_truth) == []
     assert result["source"]["series_instance_uid"] == series.series_uid
     assert result["method"]["vertebral_body_source"] == "vertebrae_body"
 
 
 @pytest.mark.parametrize("orientation", ["RAS", "LPS", "PIR"])
-def test_multilabel_masks_in_any_orientation_give_the_truth(orientation, phantom_truth, phantom_dicom, phantom_masks, tmp_path):
+def test_multilabel_masks_in_any_orientation_give_the_truth(orientation, phantom_truth, phantom_bone_truth, phantom_dicom,
+                                                           phantom_masks, tmp_path):
     result = measure_json(phantom_dicom("axial").folder, phantom_masks("multilabel", orientation), tmp_path)
     assert ph.mismatches(result, phantom_truth) == []
+    assert ph.vertebra_mismatches(result, phantom_bone_truth) == []
 
 
 def test_signed_storage_and_nifti_ct_give_the_truth(phantom, phantom_truth, phantom_dicom, phantom_masks, tmp_path):
@@ -46,6 +50,7 @@ def test_signed_storage_and_nifti_ct_give_the_truth(phantom, phantom_truth, phan
     nifti = ph.write_nifti_ct(phantom, tmp_path / "ct.nii.gz", orientation="LAS")
     from_nifti = measure_json(nifti, phantom_masks("multilabel", "RAS"), tmp_path / "nifti")
     assert ph.mismatches(from_nifti, phantom_truth, rel=1e-5, slabs=False) == []
+    assert ph.vertebra_mismatches(from_nifti, ph.bone_truth(phantom), rel=1e-5) == []
 
 
 def test_anisotropic_spacing_gives_the_truth(tmp_path):
@@ -54,6 +59,7 @@ def test_anisotropic_spacing_gives_the_truth(tmp_path):
     masks = ph.write_masks(odd, tmp_path / "masks", "folder", "LPS")
     result = measure_json(series.folder, masks, tmp_path / "out")
     assert ph.mismatches(result, ph.mirror_slabs(ph.truth(odd), odd.shape[0])) == []
+    assert ph.vertebra_mismatches(result, ph.bone_truth(odd)) == []
 
 
 def test_field_of_view_through_t1_is_partial_with_numbers(truncated_phantom, tmp_path):
@@ -62,6 +68,7 @@ def test_field_of_view_through_t1_is_partial_with_numbers(truncated_phantom, tmp
     result = measure_json(series.folder, masks, tmp_path / "out")
     expected = ph.truth(truncated_phantom)
     assert ph.mismatches(result, expected) == []
+    assert ph.vertebra_mismatches(result, ph.bone_truth(truncated_phantom)) == []
     t1 = result["levels"][0]
     assert t1["status"] == "partial" and t1["combined"]["voxels"] > 0
     assert [lv["status"] for lv in result["levels"][1:]] == ["complete"] * 9
@@ -72,6 +79,7 @@ def test_without_vertebrae_body_the_whole_vertebra_is_used(phantom, phantom_dico
     result = measure_json(phantom_dicom("axial").folder, masks, tmp_path)
     assert result["method"]["vertebral_body_source"] == "whole_vertebra"
     assert ph.mismatches(result, ph.truth(phantom, body_source="whole_vertebra")) == []
+    assert ph.vertebra_mismatches(result, ph.bone_truth(phantom, body_source="whole_vertebra")) == []
     assert "slab_overlap" in {f["code"] for f in result["qc"]}
 
 
@@ -81,8 +89,8 @@ def test_csv_has_a_row_per_level_and_the_total(phantom_truth, phantom_dicom, pha
     header = lines[0].split(",")
     assert header[:6] == ["level", "status", "voxels", "volume_cm3", "median_hu", "mean_hu"]
     rows = [line.split(",") for line in lines[1:]]
-    assert [row[0] for row in rows] == [f"T{n}" for n in range(1, 11)] + ["T1-T10"]
-    assert float(rows[-1][header.index("median_hu")]) == phantom_truth["total"]["combined"]["median_hu"]
+    assert [row[0] for row in rows] == [f"T{n}" for n in range(1, 11)] + ["T1-T10", "T11", "T12", "L1"]
+    assert float(rows[10][header.index("median_hu")]) == phantom_truth["total"]["combined"]["median_hu"]
 
 
 def test_refusal_is_one_line_and_a_nonzero_exit(tmp_path):

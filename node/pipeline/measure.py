@@ -12,16 +12,21 @@ muscle voxels with no HU window (the `lean` block adds the −29..150 HU window 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
 
 from node import __version__
-from node.config import MeasureConfig
+from node.config import BiomarkersConfig, MeasureConfig
 from node.labels import AUTOCHTHON_LEFT, AUTOCHTHON_RIGHT, MEASURED_LEVELS, VERTEBRA_LABEL
+from node.pipeline.bone import VertebraResult, bone_flag, measure_vertebrae
+from node.pipeline.contrast import ContrastStatus, contrast_status
 from node.pipeline.ct import CTVolume
+from node.pipeline.flags import Flag
+from node.pipeline.liver import LiverResult, measure_liver
 from node.pipeline.segmentation import Segmentation
+from node.pipeline.stats import HUStats, hu_stats
 from node.screening import LevelStatus
 
 METHOD_NAME = "seed"
@@ -32,19 +37,9 @@ METHOD_REFERENCE = (
 
 
 @dataclass
-class HUStats:
-    voxels: int
-    volume_cm3: float
-    median_hu: float | None
-    mean_hu: float | None
-    sd_hu: float | None
-    p25_hu: float | None
-    p75_hu: float | None
-
-
-@dataclass
 class MuscleStats(HUStats):
     fat_fraction: float | None
+    fat_grade: str | None  # simplified Goutallier grade of fat_fraction (see fat_grade)
     lean: HUStats
 
 
@@ -109,6 +104,10 @@ class MeasurementResult:
     method: Method
     source: dict
     software: Software
+    vertebrae: list[VertebraResult] = field(default_factory=list)  # trabecular bone T1–T12, L1
+    contrast: ContrastStatus | None = None
+    bone_flag: Flag | None = None
+    liver: LiverResult | None = None  # with [biomarkers] liver only
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -117,7 +116,8 @@ class MeasurementResult:
         return next(level for level in self.levels if level.level == name)
 
 
-def measure(ct: CTVolume, seg: Segmentation, params: MeasureConfig) -> MeasurementResult:
+def measure(ct: CTVolume, seg: Segmentation, params: MeasureConfig,
+            biomarkers: BiomarkersConfig | None = None) -> MeasurementResult:
     if seg.labels.shape != ct.hu.shape or (seg.body is not None and seg.body.shape != ct.hu.shape):
         raise ValueError(f"segmentation shape {seg.labels.shape} differs from CT shape {ct.hu.shape}")
     boxes = ndimage.find_objects(seg.labels, max_label=AUTOCHTHON_RIGHT)
@@ -125,6 +125,9 @@ def measure(ct: CTVolume, seg: Segmentation, params: MeasureConfig) -> Measureme
     levels = [_measure_level(ct, seg, params, name, boxes[VERTEBRA_LABEL[name] - 1], muscle) for name in MEASURED_LEVELS]
     slab_slices = _union_of_slabs(levels, ct.shape[0])
     total = _muscle_on_slices(ct, seg, params, slab_slices, muscle)
+    vertebrae = measure_vertebrae(ct, seg, params, boxes)
+    contrast = contrast_status(ct.datasets[0] if ct.datasets else None, params)
+    liver = measure_liver(ct, seg, biomarkers, boxes, contrast) if biomarkers is not None and biomarkers.liver else None
     return MeasurementResult(
         levels=levels,
         total=total,
@@ -140,12 +143,26 @@ def measure(ct: CTVolume, seg: Segmentation, params: MeasureConfig) -> Measureme
                 "lean_hu_max": params.lean_hu_max,
                 "slab": "min..max axial slice index of the level body mask",
                 "statistics": "all muscle voxels, no HU window, no resampling; percentiles linear; SD population",
+                "bone_flag_level": params.bone_flag_level,
+                "bone_low_hu": params.bone_low_hu,
+                **_liver_parameters(biomarkers),
             },
             reference=METHOD_REFERENCE,
         ),
         source={"study_instance_uid": ct.study_uid, "series_instance_uid": ct.series_uid},
         software=Software(paraspinal_node=__version__, totalsegmentator=seg.totalsegmentator_version),
+        vertebrae=vertebrae,
+        contrast=contrast,
+        bone_flag=bone_flag(vertebrae, params, contrast),
+        liver=liver,
     )
+
+
+def _liver_parameters(biomarkers: BiomarkersConfig | None) -> dict[str, float | str]:
+    if biomarkers is None or not biomarkers.liver:
+        return {}
+    return {"organ_erosion_mm": biomarkers.erosion_mm, "organ_window_mad": biomarkers.window_mad,
+            "liver_low_hu": biomarkers.liver_low_hu}
 
 
 @dataclass(frozen=True)
@@ -240,17 +257,15 @@ def _muscle_on_slices(
 def _muscle_stats(values: np.ndarray, voxel_mm3: float, params: MeasureConfig) -> MuscleStats:
     lean = values[(values >= params.lean_hu_min) & (values <= params.lean_hu_max)]
     fat = float(np.count_nonzero(values < params.fat_hu_below) / values.size) if values.size else None
-    return MuscleStats(**dataclasses.asdict(_hu_stats(values, voxel_mm3)), fat_fraction=fat, lean=_hu_stats(lean, voxel_mm3))
+    return MuscleStats(**dataclasses.asdict(hu_stats(values, voxel_mm3)), fat_fraction=fat, fat_grade=fat_grade(fat),
+                       lean=hu_stats(lean, voxel_mm3))
 
 
-def _hu_stats(values: np.ndarray, voxel_mm3: float) -> HUStats:
-    n = int(values.size)
-    volume = n * voxel_mm3 / 1000.0
-    if n == 0:
-        return HUStats(0, 0.0, None, None, None, None, None)
-    p25, median, p75 = np.percentile(values, [25, 50, 75])
-    mean, sd = values.mean(dtype=np.float64), values.std(dtype=np.float64)
-    return HUStats(n, volume, float(median), float(mean), float(sd), float(p25), float(p75))
+def fat_grade(fraction: float | None) -> str | None:
+    """Simplified Goutallier grade (Baur et al. 2021): normal < 10 %, moderate 10–50 %, severe > 50 % fat."""
+    if fraction is None:
+        return None
+    return "normal" if fraction < 0.10 else "moderate" if fraction <= 0.50 else "severe"
 
 
 def _qc_findings(ct: CTVolume, seg: Segmentation, params: MeasureConfig, levels: list[LevelResult]) -> list[QCFinding]:

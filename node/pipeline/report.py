@@ -1,4 +1,9 @@
-"""Write a measurement result as measurements.json and measurements.csv, atomically."""
+"""Write a measurement result as measurements.json and measurements.csv, atomically.
+
+The CSV has one row per structure: T1..T10 (muscle and trabecular bone), T1-T10 (muscle), T11,
+T12 and L1 (bone only), then liver and spleen (their parenchyma in the first statistics columns)
+when the liver is measured. Cells that do not apply are empty.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,14 @@ import json
 from pathlib import Path
 
 from node.durable import make_dirs, write_atomic
+from node.pipeline.bone import VertebraResult
+from node.pipeline.liver import OrganResult
 from node.pipeline.measure import MeasurementResult, MuscleStats
 from node.screening import coverage
 
-STAT_COLUMNS = ("voxels", "volume_cm3", "median_hu", "mean_hu", "sd_hu", "p25_hu", "p75_hu", "fat_fraction")
+STAT_COLUMNS = ("voxels", "volume_cm3", "median_hu", "mean_hu", "sd_hu", "p25_hu", "p75_hu", "fat_fraction", "fat_grade")
 LEAN_COLUMNS = ("voxels", "volume_cm3", "median_hu", "mean_hu", "sd_hu", "p25_hu", "p75_hu")
+BONE_COLUMNS = ("status", "mask", *LEAN_COLUMNS)
 TOTAL_ROW = "T1-T10"
 
 
@@ -23,14 +31,33 @@ def csv_header() -> list[str]:
         prefix = "" if side == "combined" else f"{side}_"
         header += [prefix + name for name in STAT_COLUMNS]
         header += [f"{prefix}lean_{name}" for name in LEAN_COLUMNS]
-    return header
+    return header + [f"bone_{name}" for name in BONE_COLUMNS]
 
 
 def csv_rows(result: MeasurementResult) -> list[list]:
-    rows = [[level.level, level.status, *_side_cells(level.combined, level.left, level.right)] for level in result.levels]
+    bone = {vertebra.level: _bone_cells(vertebra) for vertebra in result.vertebrae}
+    blank_bone = [""] * len(BONE_COLUMNS)
+    rows = [[level.level, level.status, *_side_cells(level.combined, level.left, level.right), *bone.pop(level.level, blank_bone)]
+            for level in result.levels]
     total_status = coverage((level.level, level.status) for level in result.levels).status
-    rows.append([TOTAL_ROW, total_status, *_side_cells(result.total.combined, result.total.left, result.total.right)])
+    rows.append([TOTAL_ROW, total_status, *_side_cells(result.total.combined, result.total.left, result.total.right), *blank_bone])
+    muscle_blank = [""] * (len(csv_header()) - 2 - len(BONE_COLUMNS))
+    rows += [[level, "", *muscle_blank, *cells] for level, cells in bone.items()]
+    if result.liver is not None:
+        rows += [_organ_row("liver", result.liver, len(muscle_blank) + len(BONE_COLUMNS)),
+                 _organ_row("spleen", result.liver.spleen, len(muscle_blank) + len(BONE_COLUMNS))]
     return rows
+
+
+def _bone_cells(vertebra: VertebraResult) -> list:
+    cells = [vertebra.status, vertebra.mask, *(getattr(vertebra.trabecular, name) for name in LEAN_COLUMNS)]
+    return ["" if value is None else value for value in cells]
+
+
+def _organ_row(name: str, organ: OrganResult, width: int) -> list:
+    cells = [getattr(organ.parenchyma, column) for column in LEAN_COLUMNS]
+    cells = ["" if value is None else value for value in cells]
+    return [name, organ.status, *cells, *[""] * (width - len(cells))]
 
 
 def _side_cells(*sides: MuscleStats) -> list:

@@ -1,7 +1,8 @@
 """Read an existing TotalSegmentator output and map it onto the CT grid by physical coordinates.
 
 Two forms are accepted, as TotalSegmentator writes them: a folder of per-class masks
-(`vertebrae_T1.nii.gz`, `autochthon_left.nii.gz`, optional `vertebrae_body.nii.gz`), or one
+(`vertebrae_T1.nii.gz`, `autochthon_left.nii.gz`, optional `vertebrae_body.nii.gz`, and
+`vertebrae_L1.nii.gz`, `liver.nii.gz`, `spleen.nii.gz` when present), or one
 multilabel NIfTI in `total` numbering (with an optional `vertebrae_body.nii.gz` beside it).
 Nearest-neighbour resampling keeps labels exact when the grids share voxel centres, whatever
 the orientation or axis order of the mask files.

@@ -3,6 +3,8 @@
 The flag is raised when the T1–T10 median attenuation of the combined muscle is below
 `measure.low_attenuation_hu` (the seed study's lowest quartile had a median of 4 HU against
 27 HU in the others). A series processed again after it grew is listed with its latest result.
+Bone (trabecular median per vertebra, the low-bone flag) and liver columns follow; the bone and
+liver flags read "low", "not_low" or "not_assessed" as the measurement decided them.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import re
 from datetime import date
 from typing import Any
 
-from node.labels import MEASURED_LEVELS
+from node.labels import MEASURED_LEVELS, SPINE_LEVELS
 from node.state.store import SeriesRecord
 
 _DATE = re.compile(r"^(\d{4})-?(\d{2})-?(\d{2})$")
@@ -35,7 +37,9 @@ def parse_since(text: str) -> str:
 def columns() -> list[str]:
     per_level = [f"{level}_{name}" for level in MEASURED_LEVELS for name in ("median_hu", "volume_cm3", "status")]
     return ["patient_id", "accession", "study_date", "series_instance_uid", "job",
-            *per_level, "t1_t10_median_hu", "t1_t10_volume_cm3", "low_attenuation"]
+            *per_level, "t1_t10_median_hu", "t1_t10_volume_cm3", "low_attenuation",
+            *[f"{level}_bone_hu" for level in SPINE_LEVELS], "contrast", "bone_flag_level", "bone_flag",
+            "liver_status", "liver_median_hu", "spleen_median_hu", "liver_minus_spleen_hu", "liver_flag"]
 
 
 def worklist_row(series: SeriesRecord, job_id: int, result: dict[str, Any], low_attenuation_hu: float) -> dict:
@@ -55,6 +59,26 @@ def worklist_row(series: SeriesRecord, job_id: int, result: dict[str, Any], low_
     row["t1_t10_median_hu"] = median
     row["t1_t10_volume_cm3"] = total.get("volume_cm3")
     row["low_attenuation"] = None if median is None else median < low_attenuation_hu
+    row.update(_bone_and_liver(result))
+    return row
+
+
+def _bone_and_liver(result: dict[str, Any]) -> dict[str, Any]:
+    """Blank for results measured before the node reported bone and liver, and with the liver off."""
+    vertebrae = {vertebra["level"]: vertebra for vertebra in result.get("vertebrae") or []}
+    row: dict[str, Any] = {f"{level}_bone_hu": (vertebrae.get(level, {}).get("trabecular") or {}).get("median_hu")
+                           for level in SPINE_LEVELS}
+    enhanced = (result.get("contrast") or {}).get("enhanced", "missing")
+    row["contrast"] = {True: "enhanced", False: "unenhanced", None: "unknown"}.get(enhanced)
+    flag = result.get("bone_flag") or {}
+    row["bone_flag_level"] = (result.get("method") or {}).get("parameters", {}).get("bone_flag_level")
+    row["bone_flag"] = flag.get("state")
+    liver = result.get("liver") or {}
+    row["liver_status"] = liver.get("status")
+    row["liver_median_hu"] = (liver.get("parenchyma") or {}).get("median_hu")
+    row["spleen_median_hu"] = ((liver.get("spleen") or {}).get("parenchyma") or {}).get("median_hu")
+    row["liver_minus_spleen_hu"] = liver.get("liver_minus_spleen_hu")
+    row["liver_flag"] = (liver.get("flag") or {}).get("state")
     return row
 
 

@@ -1,0 +1,242 @@
+"""Bone, liver, spleen, contrast and the muscle fat grade, against the phantom's design.
+
+Two `measure` runs are shared by most tests: the phantom as an unenhanced series ("Thorax nativ")
+and as a contrast-enhanced one, both with the liver on and the bone flag at T8 (the phantom's
+L1 is cut by the field of view, so an L1 flag could never be assessed on it).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import phantom as ph
+import pytest
+from pydicom.dataset import Dataset
+
+from node.cli.main import main
+from node.config import BiomarkersConfig, ConfigError, MeasureConfig, SegmenterConfig, load_config
+from node.labels import LIVER, SPLEEN, VERTEBRA_LABEL
+from node.pipeline.bone import VertebraResult, bone_flag
+from node.pipeline.contrast import ContrastStatus, contrast_status
+from node.pipeline.ct_load import load_ct
+from node.pipeline.flags import FlagState
+from node.pipeline.liver import erode_mm
+from node.pipeline.measure import fat_grade
+from node.pipeline.seg_load import PrecomputedSegmenter
+from node.pipeline.stats import hu_stats
+from node.screening import LevelStatus
+from node.state.store import SeriesRecord
+from node.state.worklist import columns, worklist_row
+
+HU_TOLERANCE = 1.5
+CONFIG = """[measure]
+bone_flag_level = "T8"
+bone_low_hu = 250
+[biomarkers]
+liver = true
+liver_low_hu = 60
+"""
+
+
+@dataclass(frozen=True)
+class Run:
+    result: dict
+    out: Path
+
+
+def _measure(folder: Path, masks: Path, out: Path, config: Path) -> Run:
+    assert main(["measure", str(folder), "--seg", str(masks), "--out", str(out), "--config", str(config)]) == 0
+    return Run(json.loads((out / "measurements.json").read_text()), out)
+
+
+@pytest.fixture(scope="session")
+def config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("biomarkers-config") / "node.toml"
+    path.write_text(CONFIG)
+    return path
+
+
+@pytest.fixture(scope="session")
+def unenhanced(phantom_dicom, phantom_masks, config_file, tmp_path_factory) -> Run:
+    series = phantom_dicom("flipped_feet_first_shuffled", series_description="Thorax nativ 1.0 B31f")
+    return _measure(series.folder, phantom_masks(), tmp_path_factory.mktemp("unenhanced"), config_file)
+
+
+@pytest.fixture(scope="session")
+def enhanced(phantom_dicom, phantom_masks, config_file, tmp_path_factory) -> Run:
+    series = phantom_dicom("axial", header={"ContrastBolusAgent": "Iomeprol 400", "ContrastBolusRoute": "IV"})
+    return _measure(series.folder, phantom_masks("multilabel", "LPS"), tmp_path_factory.mktemp("enhanced"), config_file)
+
+
+@pytest.fixture(scope="session")
+def liver_truth(phantom: ph.Phantom) -> dict:
+    return ph.liver_truth(phantom)
+
+
+def test_bone_is_the_truth_per_level_and_the_flag_holds_at_t8(unenhanced: Run, phantom_bone_truth) -> None:
+    assert ph.vertebra_mismatches(unenhanced.result, phantom_bone_truth) == []
+    medians = [v["trabecular"]["median_hu"] for v in unenhanced.result["vertebrae"]]
+    assert len(set(medians)) == len(medians), "levels must differ so that a mix-up shows"
+    assert unenhanced.result["contrast"] == {"enhanced": False, "source": "SeriesDescription",
+                                             "detail": "Thorax nativ 1.0 B31f"}
+    t8 = next(v for v in phantom_bone_truth if v["level"] == "T8")["trabecular"]["median_hu"]
+    assert t8 <= 250
+    assert unenhanced.result["bone_flag"] == {"state": "low", "rule": "T8 trabecular median ≤ 250 HU",
+                                              "value_hu": t8, "threshold_hu": 250.0, "reason": None}
+
+
+def test_l1_is_measured_and_partial_where_the_field_of_view_cuts_it(unenhanced: Run) -> None:
+    l1 = unenhanced.result["vertebrae"][-1]
+    assert l1["level"] == "L1" and l1["status"] == "partial" and l1["trabecular"]["voxels"] > 0
+    assert l1["reasons"] == ["vertebra touches the first or last slice"]
+
+
+def test_liver_is_within_1_5_hu_of_its_parenchyma_and_partial(unenhanced: Run, liver_truth: dict) -> None:
+    liver = unenhanced.result["liver"]
+    assert liver["status"] == liver_truth["status"] == "partial"
+    assert "edge of the field of view" in liver["reasons"][0]
+    assert liver["covered_volume_cm3"] == pytest.approx(liver_truth["covered_volume_cm3"], rel=1e-9)
+    for key in ("median_hu", "mean_hu"):
+        assert abs(liver["parenchyma"][key] - liver_truth["parenchyma"][key]) <= HU_TOLERANCE, key
+        assert abs(liver["spleen"]["parenchyma"][key] - liver_truth["spleen"]["parenchyma"][key]) <= HU_TOLERANCE
+    assert liver["spleen"]["status"] == "complete"
+    assert abs(liver["liver_minus_spleen_hu"] - liver_truth["liver_minus_spleen_hu"]) <= HU_TOLERANCE
+    assert liver["flag"]["state"] == "low" and liver["flag"]["threshold_hu"] == 60.0
+
+
+def test_the_parenchyma_rule_is_what_brings_the_liver_within_tolerance(phantom: ph.Phantom, liver_truth: dict) -> None:
+    """A plain median of the liver mask misses the truth: the phantom's vessels and rim are real traps."""
+    plain = float(np.median(phantom.hu[phantom.labels == LIVER]))
+    assert abs(plain - liver_truth["parenchyma"]["median_hu"]) > HU_TOLERANCE
+
+
+def test_with_contrast_in_the_header_values_are_reported_and_no_flag_is_raised(enhanced: Run, unenhanced: Run,
+                                                                              phantom_bone_truth) -> None:
+    result = enhanced.result
+    assert result["contrast"] == {"enhanced": True, "source": "ContrastBolusAgent", "detail": "Iomeprol 400 (IV)"}
+    for flag in (result["bone_flag"], result["liver"]["flag"]):
+        assert flag["state"] == "not_assessed" and "contrast-enhanced" in flag["reason"]
+        assert flag["value_hu"] is not None
+    assert ph.vertebra_mismatches(result, phantom_bone_truth) == []
+    parenchyma, same = result["liver"]["parenchyma"], unenhanced.result["liver"]["parenchyma"]
+    assert (parenchyma["voxels"], parenchyma["median_hu"]) == (same["voxels"], same["median_hu"])
+
+
+def test_without_contrast_evidence_flags_are_not_assessed(phantom_dicom, phantom_masks, tmp_path) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text('[measure]\nbone_flag_level = "T8"\n')
+    result = _measure(phantom_dicom("axial").folder, phantom_masks(), tmp_path / "out", config).result
+    assert result["contrast"]["enhanced"] is None
+    assert result["bone_flag"]["state"] == "not_assessed" and "unknown" in result["bone_flag"]["reason"]
+    assert result["liver"] is None, "the liver is off by default"
+
+
+def test_csv_has_bone_columns_t11_to_l1_and_the_organs(unenhanced: Run, phantom_bone_truth) -> None:
+    with (unenhanced.out / "measurements.csv").open() as handle:
+        rows = {row["level"]: row for row in csv.DictReader(handle)}
+    assert list(rows) == [f"T{n}" for n in range(1, 11)] + ["T1-T10", "T11", "T12", "L1", "liver", "spleen"]
+    for truth in phantom_bone_truth:
+        assert float(rows[truth["level"]]["bone_median_hu"]) == truth["trabecular"]["median_hu"]
+        assert rows[truth["level"]]["bone_status"] == truth["status"]
+    assert rows["T1-T10"]["bone_median_hu"] == "" and rows["T11"]["median_hu"] == ""
+    liver = unenhanced.result["liver"]
+    assert float(rows["liver"]["median_hu"]) == liver["parenchyma"]["median_hu"] and rows["liver"]["status"] == "partial"
+    assert float(rows["spleen"]["median_hu"]) == liver["spleen"]["parenchyma"]["median_hu"]
+
+
+def test_fat_grade_sits_beside_the_fat_fraction(unenhanced: Run, phantom_truth: dict) -> None:
+    def grade(fraction: float) -> str:
+        return "normal" if fraction < 0.10 else "moderate" if fraction <= 0.50 else "severe"
+
+    found = set()
+    for got, want in zip(unenhanced.result["levels"], phantom_truth["levels"]):
+        for side in ("left", "right", "combined"):
+            assert got[side]["fat_grade"] == grade(want[side]["fat_fraction"])
+            found.add(got[side]["fat_grade"])
+    assert found == {"normal", "moderate"}
+    assert [fat_grade(f) for f in (None, 0.0999, 0.10, 0.50, 0.5001)] == [None, "normal", "moderate", "moderate", "severe"]
+
+
+def test_worklist_rows_carry_bone_contrast_and_liver(unenhanced: Run, phantom_bone_truth) -> None:
+    series = SeriesRecord("1.2", "1.1", "PID", "ACC", "20240102", "CT", "Thorax nativ", 124, "f", "/x")
+    row = worklist_row(series, 7, unenhanced.result, 10.0)
+    assert set(row) == set(columns())
+    assert [row[f"{v['level']}_bone_hu"] for v in phantom_bone_truth] == [v["trabecular"]["median_hu"] for v in phantom_bone_truth]
+    liver = unenhanced.result["liver"]
+    assert (row["contrast"], row["bone_flag_level"], row["bone_flag"]) == ("unenhanced", "T8", "low")
+    assert (row["liver_status"], row["liver_median_hu"], row["liver_flag"]) == ("partial", liver["parenchyma"]["median_hu"], "low")
+    old = worklist_row(series, 7, {"levels": [], "total": {}}, 10.0)
+    assert old["bone_flag"] is None and old["contrast"] is None and old["L1_bone_hu"] is None
+
+
+def test_precomputed_backend_reads_l1_liver_and_spleen(phantom: ph.Phantom, phantom_dicom, tmp_path) -> None:
+    series = phantom_dicom("axial")
+    ph.write_masks(phantom, tmp_path / series.series_uid)
+    seg = PrecomputedSegmenter(SegmenterConfig(backend="precomputed", precomputed_dir=tmp_path)).segment(load_ct(series.folder))
+    for label in (VERTEBRA_LABEL["L1"], LIVER, SPLEEN):
+        assert (phantom.labels == label).any()
+        assert np.array_equal(seg.labels == label, phantom.labels == label), label
+
+
+def test_erosion_is_in_millimetres_per_axis_and_spares_the_field_of_view_edge() -> None:
+    mask = np.zeros((20, 40, 40), bool)
+    mask[4:16, 5:35, 5:35] = True
+    eroded = erode_mm(mask, (2.5, 0.9, 0.9), 5.0)
+    ks, rs, cs = (np.flatnonzero(eroded.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1)))
+    assert (ks[0], ks[-1]) == (6, 13), "2 slices of 2.5 mm off each end"
+    assert (rs[0], rs[-1], cs[0], cs[-1]) == (10, 29, 10, 29), "5 voxels of 0.9 mm off each side"
+    cut = erode_mm(mask[4:], (2.5, 0.9, 0.9), 5.0, open_faces=((False, True), (True, True), (True, True)))
+    assert cut[0].any(), "the first slice is the field of view's edge, not the organ's"
+
+
+@pytest.mark.parametrize(("attributes", "enhanced", "source"), [
+    ({"ContrastBolusAgent": "OMNIPAQUE 350"}, True, "ContrastBolusAgent"),
+    ({"ContrastBolusAgent": "NONE"}, False, "ContrastBolusAgent"),
+    ({"ContrastBolusAgent": "Barium", "ContrastBolusRoute": "ORAL"}, False, "ContrastBolusRoute"),
+    ({"ContrastBolusAgent": "", "SeriesDescription": "Thorax C+ 1.0"}, True, "SeriesDescription"),
+    ({"ImageType": ["DERIVED", "PRIMARY", "AXIAL", "MAT_REMOVED"]}, True, "ImageType"),
+    ({"SeriesDescription": "Chest non-contrast"}, False, "SeriesDescription"),
+    ({"SeriesDescription": "LDCT lung screening"}, False, "SeriesDescription"),
+    ({"SeriesDescription": "Thorax 1.0 B60f"}, None, "none"),
+])
+def test_contrast_rules(attributes: dict, enhanced: bool | None, source: str) -> None:
+    header = Dataset()
+    for keyword, value in attributes.items():
+        setattr(header, keyword, value)
+    found = contrast_status(header, MeasureConfig())
+    assert (found.enhanced, found.source) == (enhanced, source)
+
+
+def test_assume_unenhanced_is_a_site_choice_and_nifti_has_no_header() -> None:
+    assert contrast_status(Dataset(), MeasureConfig(assume_unenhanced=True)).source == "configuration"
+    assert contrast_status(None, MeasureConfig()).enhanced is None
+
+
+def _vertebra(level: str, median: float, status: LevelStatus = LevelStatus.COMPLETE, mask: str = "vertebral_body") -> VertebraResult:
+    return VertebraResult(level, status, [] if status is LevelStatus.COMPLETE else ["cut"], mask,
+                          hu_stats(np.array([median]), 1.0))
+
+
+def test_bone_flag_is_inclusive_and_needs_a_complete_body_mask_on_unenhanced_ct() -> None:
+    unenhanced = ContrastStatus(False, "SeriesDescription", "nativ")
+    params = MeasureConfig(bone_flag_level="L1", bone_low_hu=110.0)
+    assert bone_flag([_vertebra("L1", 110.0)], params, unenhanced).state is FlagState.LOW
+    assert bone_flag([_vertebra("L1", 110.5)], params, unenhanced).state is FlagState.NOT_LOW
+    partial = bone_flag([_vertebra("L1", 90.0, LevelStatus.PARTIAL)], params, unenhanced)
+    assert partial.state is FlagState.NOT_ASSESSED and partial.reason == "L1 is partial (cut)"
+    whole = bone_flag([_vertebra("L1", 90.0, mask="whole_vertebra")], params, unenhanced)
+    assert whole.state is FlagState.NOT_ASSESSED and "whole-vertebra" in whole.reason
+
+
+def test_biomarker_options_are_checked(tmp_path: Path) -> None:
+    config = tmp_path / "node.toml"
+    for text in ('[measure]\nbone_flag_level = "L3"\n', "[biomarkers]\nwindow_mad = 0\n",
+                 '[measure]\ncontrast_description_enhanced = "("\n'):
+        config.write_text(text)
+        with pytest.raises(ConfigError):
+            load_config(config, environ={})
+    assert BiomarkersConfig().liver is False
