@@ -67,6 +67,23 @@ ALL_VOXELS = _private("ALLHU", "All muscle voxels, no HU window")
 LEAN_WINDOW = _private("LEANHU", "Lean muscle HU window")
 INCLUDED_LEVEL = _private("INCLEVEL", "Vertebral level included")
 
+# Bone and organs measured from the same CT (TotalSegmentator's SNOMED mapping for the structures).
+VERTEBRAL_BODY = _sct("3572006", "Vertebral body")
+LIVER = _sct("10200004", "Liver")
+SPLEEN = _sct("78961009", "Spleen")
+PARENCHYMA = _sct("91772007", "Parenchyma")
+TRABECULAR_MASK = _private("TRABHU", "Vertebral body within the body HU window")
+WHOLE_VERTEBRA_MASK = _private("WHOLEVHU", "Whole vertebra within the body HU window")
+PARENCHYMA_MASK = _private("PARENHU", "Eroded organ within its robust HU window")
+COVERED_VOLUME = _private("COVVOL", "Organ volume in the field of view")
+LIVER_MINUS_SPLEEN = _private("LMINUSS", "Liver minus spleen attenuation")
+SCREENING_FLAG = _private("SCRFLAG", "Screening flag")
+FLAG_STATE = {
+    "low": _private("LOW", "Low attenuation"),
+    "not_low": _private("NOTLOW", "Not low attenuation"),
+    "not_assessed": _private("NOTASSESSED", "Not assessed"),
+}
+
 PROCEDURE_CT_CHEST = CodedConcept("24627-2", "LN", "CT Chest")
 PROCEDURE_CT = _sct("77477000", "CT")  # when the source names neither its procedure nor the chest
 ARTIFICIAL_INTELLIGENCE = _dcm("123110", "Artificial Intelligence")

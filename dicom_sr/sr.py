@@ -17,6 +17,13 @@ How a reader that knows only codes finds a group (checked with dcmqi's tid1500re
 - Measurement Method (all voxels, or the lean window) is at group level, the only place
   tid1500reader keeps it, so each group holds one Volume and one Median.
 
+After the muscle come the bone and organ groups: one per vertebra T1..T12, L1 (Finding =
+Vertebral body, Finding Site = the vertebra, Measurement Method = the trabecular mask, or the
+whole-vertebra mask without vertebral bodies), then the liver and spleen parenchyma (Finding =
+Parenchyma, Finding Site = the organ) when the liver is measured. Each has its status as an
+Analysis Quality Rating; the low-bone flag sits in the flag level's group and the liver flag in
+the liver's, as a "Screening flag" evaluation (low, not low, not assessed).
+
 Absent means absent: a level outside the field of view keeps its groups with the Analysis
 Quality Rating "Absent" and no measurement at all. Not leaving the group out, so that the
 absence is stated rather than guessed; not writing empty or indeterminate NUMs, which
@@ -48,7 +55,10 @@ from highdicom.sr import (
 from pydicom.dataset import Dataset
 
 from node.labels import MEASURED_LEVELS
+from node.pipeline.bone import BODY_MASK, VertebraResult
 from node.pipeline.ct import CTVolume
+from node.pipeline.flags import Flag
+from node.pipeline.liver import LiverResult, OrganResult
 from node.pipeline.measure import HUStats, LevelResult, MeasurementResult, MuscleStats, Sides
 from node.screening import Coverage, LevelStatus, coverage
 
@@ -122,6 +132,7 @@ def build_sr(ct: CTVolume, seg: Dataset, result: MeasurementResult, options: Enc
                    for level in levels for side in SIDES]
         groups += [_level_group(level, window, algorithm) for level in levels]
         groups += [_total_group(result, totals, side, window, algorithm) for side in ALL_SIDES]
+    groups += _bone_and_organ_groups(result, algorithm)
     report = MeasurementReport(
         observation_context=_observation_context(),
         procedure_reported=procedure_reported(ct.datasets[0]),
@@ -245,5 +256,62 @@ def _measurements(muscle: MuscleStats, window: Window, status: LevelStatus) -> l
         return None
     stats = window.stats(muscle)
     found = [(spec, spec.value(stats)) for spec in MEASUREMENTS[window]]
+    return [Measurement(name=spec.name, value=float(value), unit=spec.unit, derivation=spec.derivation)
+            for spec, value in found if value is not None] or None
+
+
+def _bone_and_organ_groups(result: MeasurementResult, algorithm: AlgorithmIdentification) -> list:
+    flag_level = result.method.parameters.get("bone_flag_level")
+    groups = [_bone_group(vertebra, result.bone_flag if vertebra.level == flag_level else None, algorithm)
+              for vertebra in result.vertebrae]
+    if result.liver is not None:
+        groups += [_organ_group("liver", codes.LIVER, result.liver, algorithm, result.liver),
+                   _organ_group("spleen", codes.SPLEEN, result.liver.spleen, algorithm, None)]
+    return groups
+
+
+def _bone_group(vertebra: VertebraResult, flag: Flag | None, algorithm: AlgorithmIdentification) -> MeasurementsAndQualitativeEvaluations:
+    evaluations = [_rating(vertebra.status)] + ([_flag(flag)] if flag is not None else [])
+    return MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(identifier=f"{vertebra.level} vertebral body trabecular bone", uid=hd.UID()),
+        finding_type=codes.VERTEBRAL_BODY,
+        finding_sites=[FindingSite(anatomic_location=codes.VERTEBRA[vertebra.level])],
+        method=codes.TRABECULAR_MASK if vertebra.mask == BODY_MASK else codes.WHOLE_VERTEBRA_MASK,
+        algorithm_id=algorithm,
+        measurements=_stat_measurements(vertebra.trabecular, vertebra.status),
+        qualitative_evaluations=evaluations,
+    )
+
+
+def _organ_group(name: str, site: CodedConcept, organ: OrganResult, algorithm: AlgorithmIdentification,
+                 liver: LiverResult | None) -> MeasurementsAndQualitativeEvaluations:
+    """The liver's group also holds the liver-minus-spleen difference and the liver flag."""
+    measurements = _stat_measurements(organ.parenchyma, organ.status) or []
+    if organ.status is not LevelStatus.ABSENT:
+        measurements.append(Measurement(name=codes.COVERED_VOLUME, value=organ.covered_volume_cm3, unit=codes.CUBIC_CENTIMETER))
+    if liver is not None and liver.liver_minus_spleen_hu is not None:
+        measurements.append(Measurement(name=codes.LIVER_MINUS_SPLEEN, value=liver.liver_minus_spleen_hu,
+                                        unit=codes.HOUNSFIELD_UNIT))
+    evaluations = [_rating(organ.status)] + ([_flag(liver.flag)] if liver is not None else [])
+    return MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(identifier=f"{name} parenchyma", uid=hd.UID()),
+        finding_type=codes.PARENCHYMA,
+        finding_sites=[FindingSite(anatomic_location=site)],
+        method=codes.PARENCHYMA_MASK,
+        algorithm_id=algorithm,
+        measurements=measurements or None,
+        qualitative_evaluations=evaluations,
+    )
+
+
+def _flag(flag: Flag) -> QualitativeEvaluation:
+    return QualitativeEvaluation(name=codes.SCREENING_FLAG, value=codes.FLAG_STATE[flag.state])
+
+
+def _stat_measurements(stats: HUStats, status: LevelStatus) -> list[Measurement] | None:
+    """Volume and HU statistics that exist; none for an absent structure."""
+    if status is LevelStatus.ABSENT:
+        return None
+    found = [(spec, spec.value(stats)) for spec in _HU_ROWS]
     return [Measurement(name=spec.name, value=float(value), unit=spec.unit, derivation=spec.derivation)
             for spec, value in found if value is not None] or None

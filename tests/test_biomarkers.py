@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import phantom as ph
+import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
@@ -48,8 +49,8 @@ class Run:
     out: Path
 
 
-def _measure(folder: Path, masks: Path, out: Path, config: Path) -> Run:
-    assert main(["measure", str(folder), "--seg", str(masks), "--out", str(out), "--config", str(config)]) == 0
+def _measure(folder: Path, masks: Path, out: Path, config: Path, *extra: str) -> Run:
+    assert main(["measure", str(folder), "--seg", str(masks), "--out", str(out), "--config", str(config), *extra]) == 0
     return Run(json.loads((out / "measurements.json").read_text()), out)
 
 
@@ -63,7 +64,7 @@ def config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def unenhanced(phantom_dicom, phantom_masks, config_file, tmp_path_factory) -> Run:
     series = phantom_dicom("flipped_feet_first_shuffled", series_description="Thorax nativ 1.0 B31f")
-    return _measure(series.folder, phantom_masks(), tmp_path_factory.mktemp("unenhanced"), config_file)
+    return _measure(series.folder, phantom_masks(), tmp_path_factory.mktemp("unenhanced"), config_file, "--dicom")
 
 
 @pytest.fixture(scope="session")
@@ -171,6 +172,44 @@ def test_worklist_rows_carry_bone_contrast_and_liver(unenhanced: Run, phantom_bo
     assert (row["liver_status"], row["liver_median_hu"], row["liver_flag"]) == ("partial", liver["parenchyma"]["median_hu"], "low")
     old = worklist_row(series, 7, {"levels": [], "total": {}}, 10.0)
     assert old["bone_flag"] is None and old["contrast"] is None and old["L1_bone_hu"] is None
+
+
+def _sr_groups(path: Path) -> dict[str, dict]:
+    """Each SR measurement group by tracking identifier: its numbers, codes and evaluations by concept meaning."""
+    groups = {}
+    for container in pydicom.dcmread(path).ContentSequence:
+        for group in getattr(container, "ContentSequence", []):
+            items: dict[str, list] = {}
+            for item in getattr(group, "ContentSequence", []):
+                name = item.ConceptNameCodeSequence[0].CodeMeaning
+                if item.ValueType == "NUM":
+                    derivation = [m.ConceptCodeSequence[0].CodeMeaning for m in getattr(item, "ContentSequence", [])]
+                    items.setdefault(" ".join([name, *derivation]), []).append(float(item.MeasuredValueSequence[0].NumericValue))
+                elif item.ValueType == "CODE":
+                    items.setdefault(name, []).append(item.ConceptCodeSequence[0].CodeMeaning)
+                elif item.ValueType == "TEXT":
+                    items.setdefault(name, []).append(item.TextValue)
+            if "Tracking Identifier" in items:
+                groups[items["Tracking Identifier"][0]] = items
+    return groups
+
+
+def test_sr_has_a_rated_group_per_vertebra_and_for_liver_and_spleen(unenhanced: Run, phantom_bone_truth) -> None:
+    groups = _sr_groups(unenhanced.out / "sr.dcm")
+    for truth in phantom_bone_truth:
+        group = groups[f"{truth['level']} vertebral body trabecular bone"]
+        assert group["Finding"] == ["Vertebral body"] and group["Finding Site"] == [f"{truth['level']} vertebra"]
+        assert group["Attenuation Coefficient Median"] == [truth["trabecular"]["median_hu"]]
+        assert group["Analysis Quality Rating"] == [truth["status"].capitalize()]
+    assert groups["T8 vertebral body trabecular bone"]["Screening flag"] == ["Low attenuation"]
+    assert "Screening flag" not in groups["T7 vertebral body trabecular bone"]
+    liver, spleen = groups["liver parenchyma"], groups["spleen parenchyma"]
+    result = unenhanced.result["liver"]
+    assert liver["Finding Site"] == ["Liver"] and liver["Analysis Quality Rating"] == ["Partial"]
+    assert liver["Attenuation Coefficient Median"] == [result["parenchyma"]["median_hu"]]
+    assert liver["Liver minus spleen attenuation"] == [result["liver_minus_spleen_hu"]]
+    assert liver["Screening flag"] == ["Low attenuation"]
+    assert spleen["Finding Site"] == ["Spleen"] and spleen["Analysis Quality Rating"] == ["Complete"]
 
 
 def test_precomputed_backend_reads_l1_liver_and_spleen(phantom: ph.Phantom, phantom_dicom, tmp_path) -> None:

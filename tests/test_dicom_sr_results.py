@@ -22,7 +22,7 @@ from dicom_sr.seg import segment_map
 from dicom_sr.sr import MEASUREMENTS, Window, side_stats, tracking_label
 from dicom_sr.study import character_set
 from node.config import MeasureConfig, ResultsConfig
-from node.labels import MEASURED_LEVELS
+from node.labels import MEASURED_LEVELS, SPINE_LEVELS
 from node.pipeline.ct_load import load_ct
 from node.pipeline.measure import measure
 from node.pipeline.segmentation import Segmentation
@@ -158,7 +158,9 @@ def expected_names(window: Window) -> list[str]:
 def test_sr_carries_every_number_of_the_result_in_the_same_rows_everywhere(encoded):
     _, _, result, files = encoded
     groups = read_groups(files.sr)
-    assert list(groups) == expected_names(Window.ALL) + expected_names(Window.LEAN)
+    muscle = expected_names(Window.ALL) + expected_names(Window.LEAN)
+    assert list(groups)[: len(muscle)] == muscle
+    assert list(groups)[len(muscle):] == [f"{level} vertebral body trabecular bone" for level in SPINE_LEVELS]
     for window, method in ((Window.ALL, ALL_VOXELS), (Window.LEAN, LEAN_WINDOW)):
         names = expected_names(window)
         assert {groups[name]["method"] for name in names} == {method}
