@@ -173,8 +173,24 @@ def test_backoff_is_capped_and_stops_at_the_horizon(config: Config, state: State
     job_id = finished_job(state, files[:1], "PACS@127.0.0.1:1")
     delivery = state.deliveries(job_id)[0]
     assert next_attempt_at(delivery, clock.now, config) == clock.now + 10
-    assert next_attempt_at(replace(delivery, attempts=6), clock.now, config) == clock.now + 40
-    assert next_attempt_at(delivery, clock.now + 100, config) is None
+    assert next_attempt_at(replace(delivery, attempts=3), clock.now, config) == clock.now + 40  # 80 s, capped
+    assert next_attempt_at(replace(delivery, attempts=4), clock.now, config) is None  # 10 + 20 + 40 + 40 s waited
+
+
+def test_a_clock_step_neither_fails_nor_delays_a_pending_delivery(config: Config, state: State, clock: Clock,
+                                                                  destination: Destination, files: list[Path]) -> None:
+    destination.stop()
+    job_id = finished_job(state, files[:1], f"PACS@127.0.0.1:{destination.port}")
+    loop = DeliveryLoop(config, state, clock=clock)
+    loop.run_once()
+    clock.now += 10 * config.delivery.horizon_s  # the wall clock jumps forward past the horizon
+    loop.run_once()
+    (delivery,) = state.deliveries(job_id)
+    assert delivery.status is DeliveryStatus.PENDING and delivery.attempts == 2
+    clock.now -= 100 * config.delivery.horizon_s  # and far back: the retry must not wait for the clock
+    destination.start()
+    assert loop.run_once() == 1
+    assert state.deliveries(job_id)[0].status is DeliveryStatus.SENT
 
 
 def test_results_folder_gets_json_and_csv(config: Config, state: State, clock: Clock, tmp_path: Path) -> None:
@@ -213,11 +229,11 @@ class LockedOnce(State):
 
     locked = True
 
-    def due_deliveries(self, limit: int = 100) -> list:
+    def due_deliveries(self, limit: int = 100, max_wait_s: float | None = None) -> list:
         if self.locked:
             self.locked = False
             raise sqlite3.OperationalError("database is locked")
-        return super().due_deliveries(limit)
+        return super().due_deliveries(limit, max_wait_s)
 
 
 def test_loop_survives_a_locked_database(config: Config, clock: Clock, destination: Destination,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 from node.cli.exit_codes import ExitCode
 from node.config import Config, ConfigError, load_config
 from node.logs import configure
+from node.service.owner import PRIVATE_UMASK
 from node.state.pending import pending_path, read_pending
 from node.state.store import StateError, open_state
 
@@ -22,7 +24,10 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = ExitCode.OK, ExitCode.FAILED, ExitCode.USAGE
 
 
 def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
-    _add(subparsers, "serve", "run the node: receiver, watch folder, scheduler, sender, workers", _serve)
+    serve = _add(subparsers, "serve", "run the node: receiver, watch folder, scheduler, sender, workers", _serve)
+    serve.add_argument("--init", action="store_true",
+                       help="start with a new state.sqlite although the spool or outbox holds files "
+                            "(everything spooled is processed and sent again)")
     worker = _add(subparsers, "worker", "run job workers (one per GPU in a multi-GPU install)", _worker)
     worker.add_argument("--count", type=int, default=1, help="worker processes to run (default 1)")
     worker.add_argument("--index", type=int, default=None, help=argparse.SUPPRESS)
@@ -62,9 +67,10 @@ def _guarded(handler, args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace, config: Config) -> int:
     from node.service.serve import StartError, serve
 
+    os.umask(PRIVATE_UMASK)
     configure(config.logging)
     try:
-        return serve(config, args.config)
+        return serve(config, args.config, args.init)
     except StartError as exc:
         print(f"paraspinal-node serve: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -73,6 +79,7 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
 def _worker(args: argparse.Namespace, config: Config) -> int:
     from node.service.worker import run_worker
 
+    os.umask(PRIVATE_UMASK)
     configure(config.logging)
     store = open_state(config.storage.database)
     if args.index is not None or args.count == 1:

@@ -2,9 +2,11 @@
 
 Each delivery row is one file for one destination, so a partly successful association never
 resends what was acknowledged. A file counts as delivered only on C-STORE status 0x0000; any
-other answer, warnings included, is logged and retried with exponential backoff until
-`delivery.horizon_s` has passed since the delivery was queued, and then it fails for good.
-Rows live in the state database, so pending deliveries continue after a restart.
+other answer, warnings included, is logged and retried with exponential backoff until the waits
+between its attempts add up to `delivery.horizon_s`, and then it fails for good. The horizon is
+counted in those waits, not by the wall clock: a clock set forward (or a node that was down) does
+not fail pending deliveries, and one scheduled further ahead than any backoff (the clock was set
+back) is tried at once. Rows live in the state database, so pending deliveries continue after a restart.
 """
 
 from __future__ import annotations
@@ -28,12 +30,16 @@ Sender = Callable[[DestinationConfig, list[Path], str, float], list[SendOutcome]
 
 
 def next_attempt_at(delivery: Delivery, now: float, config: Config) -> float | None:
-    """When to try again after `delivery.attempts + 1` failures; None once past the horizon."""
-    settings = config.delivery
-    if now - delivery.created_at >= settings.horizon_s:
+    """When to try again after `delivery.attempts + 1` failures; None once the waits so far reach the horizon."""
+    waited = sum(_delay(attempt, config) for attempt in range(delivery.attempts))
+    if waited >= config.delivery.horizon_s:
         return None
-    delay = min(settings.retry_base_s * 2 ** delivery.attempts, settings.retry_max_interval_s)
-    return now + delay
+    return now + _delay(delivery.attempts, config)
+
+
+def _delay(attempt: int, config: Config) -> float:
+    settings = config.delivery
+    return min(settings.retry_base_s * 2 ** min(attempt, 64), settings.retry_max_interval_s)
 
 
 def parse_destination(key: str) -> DestinationConfig:
@@ -80,7 +86,7 @@ class DeliveryLoop:
 
     def run_once(self) -> int:
         """Attempt every due delivery once; returns how many were attempted."""
-        due = self._state.due_deliveries()
+        due = self._state.due_deliveries(max_wait_s=self._config.delivery.retry_max_interval_s)
         by_destination: dict[str, list[Delivery]] = defaultdict(list)
         for delivery in due:
             by_destination[delivery.destination].append(delivery)

@@ -6,6 +6,10 @@ accepting associations and let the stores in flight finish (each is durable befo
 acknowledged); stop the watch folder; wait for the workers and the send in progress; then
 close the database. Series still waiting for their quiet period are not lost: they are
 in the spool and `SeriesTracker.recover` picks them up at the next start.
+
+SIGHUP is logged and ignored: there is nothing to reload (the config is read at start; change it
+and restart), and logs go to stderr, so there is no log file to reopen. A terminal closing or a
+`systemctl kill -s HUP` must not take the node down without its orderly shutdown.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from node.ingest.series import SeriesTracker
 from node.ingest.spool import Spool
 from node.ingest.watch import Watcher
 from node.service.housekeeping import Housekeeper
+from node.service.owner import OwnerError, StateDirOwner, check_state_present, make_private
 from node.service.supervisor import WorkerSupervisor
 from node.state.pending import pending_path
 from node.state.store import State, open_state
@@ -47,17 +52,31 @@ def stop_on_signals() -> threading.Event:
         log.info("event=shutdown_requested signal=%s", signal.Signals(signum).name)
         stop.set()
 
+    def ignore(signum: int, frame: FrameType | None) -> None:
+        log.warning("event=signal_ignored signal=SIGHUP reason=%s",
+                    "nothing to reload: change the config and restart the service")
+
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGHUP, ignore)
     return stop
 
 
 class Service:
     """Owns the long-running parts of the node and starts/stops them in order."""
 
-    def __init__(self, config: Config, config_path: Path | None) -> None:
+    def __init__(self, config: Config, config_path: Path | None, init: bool = False) -> None:
         self.config = config
-        self.state: State = open_state(config.storage.database)
+        self.owner = StateDirOwner(config.storage.state_dir)
+        try:
+            self.owner.acquire()
+            storage = config.storage
+            check_state_present(storage.database, storage.spool_dir, storage.outbox_dir, init)
+            self.state: State = open_state(storage.database)
+        except OwnerError as exc:
+            self.owner.release()
+            raise StartError(str(exc)) from None
+        make_private(*(storage.database.with_name(storage.database.name + suffix) for suffix in ("", "-wal", "-shm")))
         self.spool = Spool(config.storage.spool_dir)
         self.tracker = SeriesTracker(self.spool, self.state, config.completion, config.selection,
                                      pending_file=pending_path(config.storage.state_dir))
@@ -152,10 +171,11 @@ class Service:
         if self.web is not None:  # up until here, so /readyz says "not listening" while the node drains
             self.web.stop()
         self.state.close()
+        self.owner.release()
         log.info("event=node_stopped pending_series=%d", self.tracker.pending_series())
 
 
-def serve(config: Config, config_path: Path | None) -> int:
+def serve(config: Config, config_path: Path | None, init: bool = False) -> int:
     stop = stop_on_signals()
-    Service(config, config_path).run(stop)
+    Service(config, config_path, init).run(stop)
     return 0

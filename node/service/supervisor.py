@@ -2,8 +2,8 @@
 
 Workers run as separate processes so that a crash or a leak in the segmentation never takes the
 receiver down, and so that nnU-Net (which starts its own processes with "spawn") has a normal
-`__main__`. A worker that dies is restarted with a growing delay (1 s up to 60 s) and its jobs
-are requeued at once instead of waiting for their leases to run out.
+`__main__`. A worker that dies, or cannot be started at all, is restarted with a growing delay
+(1 s up to 60 s) and its jobs are requeued at once instead of waiting for their leases to run out.
 """
 
 from __future__ import annotations
@@ -50,8 +50,7 @@ class WorkerSupervisor:
             if slot.process is not None and slot.process.poll() is not None:
                 self._reap(slot, now)
             if slot.process is None and now >= slot.restart_at:
-                slot.process = self._spawn(slot.index)
-                slot.started_at = now
+                self._start(slot, now)
 
     def terminate(self) -> None:
         """SIGTERM every worker: each hands its running job back to the queue and exits."""
@@ -73,6 +72,21 @@ class WorkerSupervisor:
                 slot.process.wait()
                 self._store.requeue_owner(worker_id(slot.index, slot.process.pid))
 
+    def _start(self, slot: _Slot, now: float) -> None:
+        """Spawn one worker; a failed spawn (no memory, no executable) is logged once per try and retried later."""
+        try:
+            slot.process = self._spawn(slot.index)
+        except OSError as exc:
+            log.error("event=worker_spawn_failed index=%d retry_in_s=%.0f reason=%s", slot.index,
+                      slot.restart_delay_s, exc.strerror or str(exc))
+            self._back_off(slot, now)
+            return
+        slot.started_at = now
+
+    def _back_off(self, slot: _Slot, now: float) -> None:
+        slot.restart_at = now + slot.restart_delay_s
+        slot.restart_delay_s = min(slot.restart_delay_s * 2, _MAX_RESTART_DELAY_S)
+
     def _reap(self, slot: _Slot, now: float) -> None:
         code = slot.process.returncode
         requeued = self._store.requeue_owner(worker_id(slot.index, slot.process.pid))
@@ -81,8 +95,7 @@ class WorkerSupervisor:
         slot.process = None
         if now - slot.started_at > _MAX_RESTART_DELAY_S:
             slot.restart_delay_s = 1.0  # it had been running fine: not a crash loop
-        slot.restart_at = now + slot.restart_delay_s
-        slot.restart_delay_s = min(slot.restart_delay_s * 2, _MAX_RESTART_DELAY_S)
+        self._back_off(slot, now)
 
     def _spawn(self, index: int) -> subprocess.Popen:
         command = [sys.executable, "-m", "node.cli.main", "worker", "--index", str(index)]

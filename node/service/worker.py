@@ -79,7 +79,6 @@ class Worker:
         """Work until `stop` is set; a Stop raised mid-job hands the job back before returning."""
         log.info("event=worker_started worker=%s", self._owner)
         while not stop.is_set():
-            self._heartbeat()
             if not self._work_once():
                 stop.wait(self._full_backoff_s or self._config.worker.poll_s)
         log.info("event=worker_stopped worker=%s", self._owner)
@@ -89,6 +88,7 @@ class Worker:
         if self.owner_check is not None and not self.owner_check():
             return False
         try:
+            self._heartbeat()
             worked = self.run_once()
         except (OSError, sqlite3.Error) as exc:
             if not disk_full(exc):

@@ -597,10 +597,15 @@ class State:
 
     # deliveries ---------------------------------------------------------------------------
 
-    def due_deliveries(self, limit: int = 100) -> list[Delivery]:
+    def due_deliveries(self, limit: int = 100, max_wait_s: float | None = None) -> list[Delivery]:
+        """Pending deliveries whose time has come; also those scheduled more than `max_wait_s` ahead,
+        which no backoff can schedule: the wall clock was set back, and they must not wait for it."""
+        now = self._clock()
+        ahead = now + max_wait_s if max_wait_s is not None else float("inf")
         rows = self._query(
-            f"""SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE status = 'pending' AND next_attempt_at <= ?
-                ORDER BY next_attempt_at, id LIMIT ?""", (self._clock(), limit))
+            f"""SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE status = 'pending'
+                AND (next_attempt_at <= ? OR next_attempt_at > ?) ORDER BY next_attempt_at, id LIMIT ?""",
+            (now, ahead, limit))
         return [_delivery(r) for r in rows]
 
     def mark_sent(self, delivery_id: int) -> None:
