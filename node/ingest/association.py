@@ -21,6 +21,7 @@ Written against pynetdicom's private DUL, DIMSE and server internals, hence the 
 
 from __future__ import annotations
 
+import functools
 import logging
 import select
 import socket
@@ -32,12 +33,13 @@ from dataclasses import dataclass
 from io import BytesIO
 
 import pynetdicom
-from pynetdicom import AE
+from pynetdicom import AE, evt
+from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dul import DULServiceProvider
-from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 PYNETDICOM_VERSION = "3.0.4"
 if pynetdicom.__version__ != PYNETDICOM_VERSION:
@@ -115,6 +117,7 @@ class BoundedServer(ThreadedAssociationServer):
     """pynetdicom's threaded server with bounded connections, owned by the Receiver rather than the AE."""
 
     daemon_threads = True
+    request_queue_size = 128  # listen backlog: a burst of port probes must not overflow it (SYN retries take 1 s)
     limits: ConnectionLimits
 
     def connections(self) -> list[Association]:
@@ -149,14 +152,35 @@ class BoundedRequestHandler(RequestHandler):
     server: BoundedServer
 
     def _create_association(self) -> Association:
+        """pynetdicom's acceptor set-up, except that the supported contexts are shared, not deep-copied:
+        copying ~150 contexts took ~0.1 s of CPU per connection, so a port scan cost seconds of it.
+        Negotiation only reads them."""
         self.server.make_room()
         self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        assoc = super()._create_association()
+        assoc = Association(self.ae, MODE_ACCEPTOR)
+        assoc._server = self.server
+        assoc.name = f"AcceptorThread@{time.strftime('%Y%m%d%H%M%S')}"
+        assoc.set_socket(AssociationSocket(assoc, client_socket=self.request))
+        acceptor = assoc.acceptor
+        acceptor.maximum_length = self.ae.maximum_pdu_size
+        acceptor.ae_title = self.server.ae_title
+        acceptor.address_info = self.local
+        acceptor.implementation_class_uid = self.ae.implementation_class_uid
+        acceptor.implementation_version_name = self.ae.implementation_version_name
+        acceptor.supported_contexts = self.server.contexts
+        assoc.requestor.address_info = self.remote
+        for event, handlers in self.server._handlers.items():
+            if event.is_intervention and handlers:
+                assoc.bind(event, *handlers)
+            elif isinstance(event, evt.NotificationEvent):
+                for handler, args in handlers:
+                    assoc.bind(event, handler, args)
         dul = assoc.dul
         dul.__class__ = BoundedDUL
         dul._limits = self.server.limits
         dul._accepted_at = time.monotonic()
         dul._transport_closed = False
+        dul._eof_reported = False
         assoc.dimse.__class__ = BoundedDIMSE
         return assoc
 
@@ -167,6 +191,7 @@ class BoundedDUL(DULServiceProvider):
     _limits: ConnectionLimits
     _accepted_at: float
     _transport_closed: bool
+    _eof_reported: bool
 
     def close_transport(self) -> None:
         """Shut the socket down from another thread; the reader sees end of file and the state machine ends."""
@@ -179,11 +204,15 @@ class BoundedDUL(DULServiceProvider):
                 pass
 
     def _is_transport_event(self) -> bool:
+        if self.state_machine.current_state == "Sta1":
+            return False  # the connection is over: a read would raise Evt17 again, invalid in Sta1
         if self.state_machine.current_state == "Sta2" and self.socket is not None and self.socket.socket is not None:
             try:  # nothing but the peer can move a connection on from Sta2: wait for it instead of spinning
                 select.select([self.socket.socket], [], [], _PENDING_POLL_S)
             except (OSError, ValueError):
                 pass
+        elif self.state_machine.current_state == "Sta3":
+            return False  # the peer must wait for A-ASSOCIATE-AC/RJ; reading on races the answer (Evt7 in Sta13)
         elif self.state_machine.current_state == "Sta6" and not self.assoc.dimse.msg_queue.empty():
             return False  # a whole message waits for the handler: read no more until it is taken
         return super()._is_transport_event()
@@ -197,15 +226,15 @@ class BoundedDUL(DULServiceProvider):
             primitive = super().receive_pdu(True, min(remaining, _PENDING_POLL_S * 5))
             if primitive is not None:
                 return primitive
-            closed = self._transport_closed or self.socket is None or self.socket.socket is None
-            if closed and self.to_user_queue.empty() and self.event_queue.empty():
+            over = self.state_machine.current_state == "Sta1" or not self.is_alive()
+            if self._transport_closed and over and self.to_user_queue.empty():
                 return None
         return None
 
     def _read_pdu_data(self) -> None:
         """Read one PDU: its header, a length check against the limits, then its body in one buffer."""
         sock = self.socket.socket if self.socket is not None else None
-        if sock is None:
+        if sock is None or self._eof_reported:
             self._closed("Evt17")
             return
         associating = self.assoc.requestor.primitive is None
@@ -246,7 +275,12 @@ class BoundedDUL(DULServiceProvider):
         self._closed("Evt19")
 
     def _closed(self, event: str) -> None:
+        """Queue the event that ends the connection; the end of the transport (Evt17) only once."""
         self._transport_closed = True
+        if event == "Evt17":
+            if self._eof_reported:
+                return
+            self._eof_reported = True
         self.event_queue.put(event)
 
 
@@ -276,6 +310,7 @@ class BoundedDIMSE(DIMSEServiceProvider):
             self.message = DIMSEMessage()
             self.message.encoded_command_set = DataSetBuffer(SMALL_PDU_LIMIT)
             self.message.data_set = DataSetBuffer(self.dul._limits.max_dataset_bytes)
+            self.message.message_to_primitive = functools.partial(_lenient_primitive, self.message)
         command = self.message.encoded_command_set
         try:
             super().receive_primitive(primitive)
@@ -286,6 +321,29 @@ class BoundedDIMSE(DIMSEServiceProvider):
             log.warning("event=dimse_refused reason=command set over %d bytes", SMALL_PDU_LIMIT)
             self.message = None
             self.dul.event_queue.put("Evt19")
+
+
+def _lenient_primitive(message: DIMSEMessage):
+    """A C-STORE-RQ whose Affected SOP Instance UID pynetdicom refuses to decode (over 64 characters, say)
+    is passed on with the placeholder UID "0", the value kept in `invalid_instance_uid`, so that the
+    handler can answer it 0xC000 with a reason instead of pynetdicom aborting the whole association.
+    (The handler's answer clears the placeholder from the response: the UID is optional there.)"""
+    try:
+        return type(message).message_to_primitive(message)
+    except ValueError:
+        if type(message).__name__ != "C_STORE_RQ" or "AffectedSOPInstanceUID" not in message.command_set:
+            raise
+    raw = str(message.command_set.AffectedSOPInstanceUID)
+    del message.command_set.AffectedSOPInstanceUID
+    primitive = type(message).message_to_primitive(message)
+    primitive.AffectedSOPInstanceUID = "0"  # pynetdicom serves only requests that have one
+    primitive.invalid_instance_uid = raw
+    return primitive
+
+
+def invalid_instance_uid(request: object) -> str | None:
+    """The undecodable Affected SOP Instance UID of a C-STORE request (see `_lenient_primitive`), if any."""
+    return getattr(request, "invalid_instance_uid", None)
 
 
 def dataset_overflow(dataset: BytesIO) -> int | None:

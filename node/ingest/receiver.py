@@ -55,6 +55,7 @@ from node.ingest.association import (
     CountingAE,
     configure_ae,
     dataset_overflow,
+    invalid_instance_uid,
 )
 from node.ingest.dicom import CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE
 from node.ingest.spool import (
@@ -344,6 +345,12 @@ class Receiver:
             tally.discarded += 1
             log.debug("event=instance_discarded association=%s sop=%s sop_class=%s", tally.association_id, sop_uid, sop_class)
             return StoreStatus.SUCCESS
+        bad_uid = invalid_instance_uid(event.request)
+        if bad_uid is not None:
+            answer = self._refuse(tally, bad_uid, StoreStatus.CANNOT_UNDERSTAND,
+                                  f"AffectedSOPInstanceUID invalid ({len(bad_uid)} chars): fix the sender")
+            answer.AffectedSOPInstanceUID = ""  # not the adapter's placeholder: the response may omit it
+            return answer
         oversize = dataset_overflow(event.request.DataSet)
         if oversize is not None:
             return self._refuse(tally, sop_uid, StoreStatus.OUT_OF_RESOURCES,
