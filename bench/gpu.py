@@ -1,4 +1,11 @@
-"""GPU cost of the node's TotalSegmentator call (issue 6), with stand-in weights of the real architecture.
+"""GPU cost of the node's segmentation, both engines, with stand-in weights of the real architecture.
+
+The resident engine (issue 14): the model process's start (models loaded once), then per job its
+stages as the engine times them (resampling, each model: nnU-Net preprocessing + sliding window +
+export), the networks' forward passes, the node's overhead outside them (target: at most 25 % of
+the model's time) and the model process's peak GPU memory (target: at most 12 GB).
+
+The TotalSegmentator path (issue 6), `--engines totalsegmentator`:
 
 Writes the stand-in weights and a phantom CT on the machine itself, then times the call as the node
 makes it: roi_subset T1–T12 + autochthon, with and without vertebrae_body, and in fast mode. Each
@@ -13,7 +20,8 @@ run is split into stages by timing TotalSegmentator's and nnU-Net's own function
 and reports peak GPU memory (torch.cuda.max_memory_allocated). Finally it times the node's own path
 (TotalSegmentatorSegmenter.segment: model process start, files in and out) once per scenario.
 
-    .venv/bin/python bench/gpu.py                                   # 512x512x400 on the GPU
+    .venv/bin/python bench/gpu.py                                   # 512x512x400 on the GPU, both engines
+    .venv/bin/python bench/gpu.py --engines resident --scenarios roi_subset+vertebrae_body --repeat 3
     .venv/bin/python bench/gpu.py --device cpu --size 64 --slices 48 --patch 32 --repeat 1   # smoke test
 """
 
@@ -36,12 +44,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from node.config import SegmenterConfig
 from node.pipeline.ct import CTVolume
-from node.pipeline.segment import (
-    TotalSegmentatorSegmenter,
-    configure_totalsegmentator,
-    nifti_affine,
-    run_totalsegmentator,
-)
+from node.pipeline.engine import ResidentEngine
+from node.pipeline.model_env import configure_totalsegmentator
+from node.pipeline.segment import TotalSegmentatorSegmenter, nifti_affine
+from node.pipeline.totalseg_child import run_totalsegmentator
 
 SCENARIOS = {  # name: (fast, vertebrae_body)
     "roi_subset": (False, False),
@@ -141,6 +147,41 @@ def run(args: argparse.Namespace, work: Path) -> None:
     ct = CTVolume(hu=phantom.hu, spacing=phantom.spacing, origin=np.array(phantom.origin), direction=np.eye(3))
     print(f"phantom CT {ct.shape} at {tuple(round(s, 3) for s in ct.spacing)} mm: {time.perf_counter() - started:.1f} s")
 
+    if "resident" in args.engines:
+        time_resident(args, weights_dir, ct)
+    if "totalsegmentator" in args.engines:
+        time_totalsegmentator(args, weights_dir, ct, work)
+
+
+def time_resident(args: argparse.Namespace, weights_dir: Path, ct: CTVolume) -> None:
+    for name in args.scenarios:
+        fast, body = SCENARIOS[name]
+        config = SegmenterConfig(weights_dir=weights_dir, device=args.device, fast=fast,
+                                 vertebral_bodies="on" if body else "off")
+        engine = ResidentEngine(config, time_forward=True)
+        try:
+            started = time.perf_counter()
+            engine.start()
+            print(f"{name}, resident engine start (process + every model loaded): {time.perf_counter() - started:.1f} s")
+            for attempt in range(1, args.repeat + 1):
+                started = time.perf_counter()
+                seg = engine.segment(ct)
+                wall = time.perf_counter() - started
+                print(f"{name}, resident job {attempt}/{args.repeat}: {wall:.2f} s per CT")
+                for stage, seconds in sorted(engine.last_stages.items()):
+                    print(f"    {stage:<45} {seconds:7.2f} s")
+                forward = engine.last_forward_s or 0.0
+                print(f"    {'other (crop, reorient, merge, shared memory)':<45} {wall - sum(engine.last_stages.values()):7.2f} s")
+                print(f"    {'forward passes':<45} {forward:7.2f} s")
+                print(f"    {'outside them':<45} {wall - forward:7.2f} s ({(wall - forward) / max(forward, 1e-9):.0%} of the model's time)")
+                peak = engine.last_peak_gpu_bytes
+                print(f"    peak GPU memory: {'n/a (CPU)' if peak is None else f'{peak / 2**30:.2f} GiB'}; "
+                      f"labels {sorted(int(v) for v in np.unique(seg.labels))}")
+        finally:
+            engine.close()
+
+
+def time_totalsegmentator(args: argparse.Namespace, weights_dir: Path, ct: CTVolume, work: Path) -> None:
     configure_totalsegmentator(weights_dir, work / "totalseg_home")
     import nibabel as nib
 
@@ -172,6 +213,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=2, help="in-process runs per scenario (first warms up)")
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
     parser.add_argument("--weights-dir", type=Path)
+    parser.add_argument("--engines", nargs="+", default=["resident", "totalsegmentator"],
+                        choices=["resident", "totalsegmentator"])
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:

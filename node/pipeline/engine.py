@@ -38,7 +38,7 @@ class ResidentEngine:
     """Segmenter whose model process outlives the job; thread-safe, one job at a time.
 
     `time_forward` makes the process time the networks' forward passes (benchmarks); the last
-    job's figures are then in `last_forward_s` and `last_stages`.
+    job's figures are then in `last_forward_s` and `last_stages` (and, on a GPU, `last_peak_gpu_bytes`).
     """
 
     def __init__(self, config: SegmenterConfig, time_forward: bool = False) -> None:
@@ -46,6 +46,7 @@ class ResidentEngine:
         self.time_forward = time_forward
         self.last_forward_s: float | None = None
         self.last_stages: dict[str, float] = {}
+        self.last_peak_gpu_bytes: int | None = None
         self._lock = threading.Lock()
         self._process: multiprocessing.process.BaseProcess | None = None
         self._conn: multiprocessing.connection.Connection | None = None
@@ -133,7 +134,7 @@ class ResidentEngine:
             for memory in (ct_memory, out_memory):
                 memory.close()
                 memory.unlink()
-        self.last_forward_s, self.last_stages = reply.forward_s, reply.stages
+        self.last_forward_s, self.last_stages, self.last_peak_gpu_bytes = reply.forward_s, reply.stages, reply.peak_gpu_bytes
         return Segmentation(labels=labels, body=body, totalsegmentator_version=self._version)
 
     def _receive(self, timeout_s: float, option: str, doing: str) -> Ready | Done | Failed:

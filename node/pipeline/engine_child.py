@@ -67,6 +67,7 @@ class Done:
     has_body: bool
     forward_s: float | None
     stages: dict[str, float] = field(default_factory=dict)
+    peak_gpu_bytes: int | None = None  # torch's peak allocation during the job, on a GPU
 
 
 @dataclass(frozen=True)
@@ -167,9 +168,12 @@ class _Engine:
 
     def run(self, job: EngineJob) -> Done:
         import nibabel as nib
+        import torch
 
         self.stages.seconds = {}
         forward_before = self.clock.seconds if self.clock else 0.0
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         ct_memory, out_memory = _attach(job.ct_name), _attach(job.out_name)
         try:
             hu = np.ndarray(job.shape, dtype=np.dtype(job.dtype), buffer=ct_memory.buf)
@@ -185,7 +189,8 @@ class _Engine:
             ct_memory.close()
             out_memory.close()
         forward_s = self.clock.seconds - forward_before if self.clock else None
-        return Done(job.job_id, self.spec.vertebral_bodies, forward_s, dict(self.stages.seconds))
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        return Done(job.job_id, self.spec.vertebral_bodies, forward_s, dict(self.stages.seconds), peak)
 
 
 def _attach(name: str) -> SharedMemory:

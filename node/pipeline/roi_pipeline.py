@@ -117,8 +117,8 @@ class RoiPipeline:
         img_in = nib.Nifti1Image(img_in_orig.get_fdata(), img_in_orig.affine)  # copy img_in_orig
         bbox = None
         if crop is not None:
-            if crop.get_fdata().sum() == 0:  # "Crop is empty. Returning empty segmentation."
-                return np.zeros(img_in.shape, dtype=np.uint8)
+            # An empty crop returns early only when writing a file; in memory (file_out None) 2.18 goes on,
+            # and crop_to_mask keeps the whole image ("Could not crop because no foreground detected").
             img_in, bbox = crop_to_mask(img_in, crop, addon=CROP_ADDON_MM, dtype=np.int32)
         img_in = as_closest_canonical(img_in)
         img_in_shape = img_in.shape
