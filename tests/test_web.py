@@ -43,6 +43,7 @@ class Series:
     files: list[Path]
     series_uid: str
     precomputed: Path
+    scout: list[Path]  # a series the selection rules skip (its description says scout)
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,9 @@ def series(tmp_path_factory: pytest.TempPathFactory) -> Series:
     body = ph.make_phantom(spacing=(5.0, 3.0, 3.0))
     written = ph.write_dicom_series(body, root / "ct", patient_name=PATIENT_NAME)
     ph.write_masks(body, root / "precomputed" / written.series_uid)
-    return Series(written.paths, written.series_uid, root / "precomputed")
+    scout = ph.write_dicom_series(ph.make_phantom(spacing=(5.0, 6.0, 6.0)), root / "scout", study_uid=written.study_uid,
+                                  series_description="Scout", patient_name=PATIENT_NAME)
+    return Series(written.paths, written.series_uid, root / "precomputed", scout.paths)
 
 
 class Node:
@@ -102,6 +105,7 @@ port = {self.web_port}
 {web}
 """)
         self._processes: list[subprocess.Popen] = []
+        self.done_job = 0
 
     def start(self) -> None:
         received = self.root / "received"
@@ -153,6 +157,12 @@ port = {self.web_port}
         return 0.0
 
 
+def _first_job(node: Node, status: str) -> int:
+    """The newest job with `status`, as the job list links it."""
+    page = node.get(f"/jobs?status={status}").text
+    return int(page.split('<td><a href="/jobs/', 1)[1].split('"', 1)[0])
+
+
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, *args, **kwargs):  # the test reads the 303 itself
         return None
@@ -169,8 +179,10 @@ def processed(tmp_path_factory: pytest.TempPathFactory, series: Series) -> Itera
     try:
         assert node.get("/healthz").status == 200
         assert node.metric("paraspinal_series_completed_total") == 0
-        node.send(series.files)
+        node.send(series.files + series.scout)
         wait_until(lambda: node.metric("paraspinal_deliveries", {"status": "sent"}) == 3, "results delivered", WAIT_S)
+        wait_until(lambda: node.metric("paraspinal_jobs", {"status": "skipped"}) == 1, "scout skipped", WAIT_S)
+        node.done_job = _first_job(node, "done")
         yield node
     finally:
         node.stop()
@@ -186,7 +198,8 @@ def test_healthz_readyz_and_metrics_answer(processed: Node) -> None:
 
 def test_metrics_count_the_processed_phantom(processed: Node) -> None:
     metric = processed.metric
-    assert metric("paraspinal_series_completed_total") == 1
+    assert metric("paraspinal_series_completed_total") == 2
+    assert metric("paraspinal_series_skipped_total", {"rule": "series_description_exclude"}) == 1
     assert metric("paraspinal_jobs", {"status": "done"}) == 1
     assert metric("paraspinal_jobs", {"status": "queued"}) == 0
     for stage in ("load", "segment", "measure", "encode"):
@@ -205,24 +218,26 @@ def test_metrics_count_the_processed_phantom(processed: Node) -> None:
 
 
 def test_pages_show_the_job_and_no_patient_name(processed: Node, series: Series) -> None:
-    pages = {path: processed.get(path) for path in ("/", "/jobs", "/jobs?status=done&q=Phantom", "/jobs/1",
+    job = processed.done_job
+    pages = {path: processed.get(path) for path in ("/", "/jobs", "/jobs?status=done&q=Phantom", f"/jobs/{job}",
                                                      "/worklist", "/worklist?flagged=1", "/worklist.csv", "/metrics",
                                                      "/readyz", "/healthz")}
     assert {path: answer.status for path, answer in pages.items()} == dict.fromkeys(pages, 200)
     for path, answer in pages.items():
         for part in NAME_PARTS:
             assert part not in answer.text, f"{path} shows the patient name"
-    assert series.series_uid in pages["/jobs/1"].text and "deliver" in pages["/jobs/1"].text
-    assert 'href="/jobs/1"' in pages["/jobs?status=done&q=Phantom"].text
+    job_page = pages[f"/jobs/{job}"].text
+    assert series.series_uid in job_page and "deliver" in job_page and "Retry" not in job_page  # none without web.auth
+    assert "matches selection.series_description_exclude" in processed.get("/jobs?status=skipped").text
+    assert f'href="/jobs/{job}"' in pages["/jobs?status=done&q=Phantom"].text
     csv = pages["/worklist.csv"]
     assert csv.headers["content-type"].startswith("text/csv")
     assert series.series_uid in csv.text and csv.text.startswith("patient_id,")
-    assert "Retry" not in pages["/jobs/1"].text  # without web.auth there is no retry button
-    assert processed.get("/jobs/1/retry", method="POST").status == 403
+    assert processed.get(f"/jobs/{job}/retry", method="POST").status == 403
 
 
 def test_key_image_thumbnail_is_a_png(processed: Node) -> None:
-    answer = processed.get("/jobs/1/keyimage.png")
+    answer = processed.get(f"/jobs/{processed.done_job}/keyimage.png")
     assert answer.status == 200 and answer.headers["content-type"] == "image/png"
     image = Image.open(io.BytesIO(answer.body))
     assert image.format == "PNG" and image.width == 320 and image.height > 100
@@ -264,7 +279,7 @@ def test_a_real_browser_shows_the_overview_and_the_worklist_row(processed: Node,
         with Image.open(shot) as image:
             assert image.size == (1400, 1000)
             assert len(image.convert("L").getcolors(256) or range(257)) > 16  # a rendered page, not a blank one
-    assert '<img src="/jobs/1/keyimage.png"' in dom.stdout
+    assert f'<img src="/jobs/{processed.done_job}/keyimage.png"' in dom.stdout
 
 
 def _basic(password: str) -> str:

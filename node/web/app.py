@@ -143,7 +143,9 @@ class Site:
     def worklist(self, request: Request) -> Response:
         entries, error = self._worklist_entries(request)
         page = _page_number(request)
-        shown = entries[(page - 1) * PAGE_SIZE:page * PAGE_SIZE]
+        shown = [WorklistEntry(row, series, self._name(row["job"], series),
+                               key_image_path(self.config.storage, row["job"]) is not None)
+                 for row, series in entries[(page - 1) * PAGE_SIZE:page * PAGE_SIZE]]
         summary = [c for c in columns() if c not in IDENTITY_COLUMNS and c != FLAG_COLUMN and not c[:1].isupper()]
         return self._page("worklist.html", request, entries=shown, total=len(entries), page=page,
                           pages=_pages(len(entries)), error=error, summary=summary, flag=FLAG_COLUMN,
@@ -157,12 +159,12 @@ class Site:
         entries, error = self._worklist_entries(request)
         if error:
             return PlainTextResponse(error + "\n", status_code=400)
-        body = render([entry.row for entry in reversed(entries)], "csv")
+        body = render([row for row, _series in reversed(entries)], "csv")
         name = f"worklist-{time.strftime('%Y%m%d')}.csv"
         return Response(body, media_type="text/csv; charset=utf-8",
                         headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
-    def _worklist_entries(self, request: Request) -> tuple[list[WorklistEntry], str]:
+    def _worklist_entries(self, request: Request) -> tuple[list[tuple[dict[str, Any], SeriesRecord]], str]:
         """Newest study first, within the date filter; an unreadable date is named, not ignored."""
         try:
             since = _date(request.query_params.get("from", ""))
@@ -177,8 +179,7 @@ class Site:
                 continue
             if flagged and not row.get(FLAG_COLUMN):
                 continue
-            entries.append(WorklistEntry(row, series, self._name(job_id, series),
-                                         key_image_path(self.config.storage, job_id) is not None))
+            entries.append((row, series))
         return entries, ""
 
     # patient names (only with web.show_patient_names) ---------------------------------------------

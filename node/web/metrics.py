@@ -197,7 +197,9 @@ class NodeCollector(Collector):
         engine = CounterMetricFamily("paraspinal_engine_restarts", "Segmentation engine restarts reported by the "
                                      "workers alive now")
         engine.add_metric([], sum(v.record.report.engine_restarts for v in views if v.alive))
-        yield from (alive, restarts, engine)
+        weights = GaugeMetricFamily("paraspinal_weights_missing", "Required model folders a live worker misses")
+        weights.add_metric([], len(weights_missing(views)))
+        yield from (alive, restarts, engine, weights)
 
     def _resources(self) -> Iterator[Metric]:
         free = GaugeMetricFamily("paraspinal_disk_free_bytes", "Free space on the spool's filesystem")
@@ -205,9 +207,7 @@ class NodeCollector(Collector):
         watermark = GaugeMetricFamily("paraspinal_disk_free_watermark_bytes",
                                       "Below this free space the receiver refuses images (receiver.min_free_disk_mb)")
         watermark.add_metric([], self._config.receiver.min_free_disk_mb * 2.0**20)
-        weights = GaugeMetricFamily("paraspinal_weights_missing", "Required model folders not installed")
-        weights.add_metric([], len(weights_missing(self._config)))
-        yield from (free, watermark, weights)
+        yield from (free, watermark)
         if self._gpu is not None:
             gpus = self._gpu.read()
             used = GaugeMetricFamily("paraspinal_gpu_memory_used_bytes", "GPU memory in use (all processes)",

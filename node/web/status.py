@@ -1,8 +1,9 @@
 """What the status page, /metrics and /readyz show, gathered into typed snapshots.
 
-Everything durable comes from the state database (workers in other processes report there);
-what only the running `serve` knows (is the receiver listening, its association counts, free
-disk) comes through `Live`, which the Service fills in.
+Everything durable comes from the state database (workers in other processes report there,
+including which model weights they miss: checking here would import TotalSegmentator into
+`serve`); what only the running `serve` knows (is the receiver listening, its association
+counts, free disk) comes through `Live`, which the Service fills in.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from dataclasses import dataclass, field
 
 from node.config import Config
 from node.state.store import DestinationTotals, JobStatus, State, WorkerRecord
-from node.weights import missing_models
 
 WORKER_STALE_S = 60.0  # a worker silent this long (heartbeat or lease renewal) is shown as gone
 WEIGHTS_FIX = "run `paraspinal-node weights urls`, fetch the zips elsewhere, then `paraspinal-node weights install --from DIR`"
@@ -69,15 +69,25 @@ class Overview:
     workers: list[WorkerView]
     destinations: list[DestinationTotals]
     checks: list[Check]
-    weights_missing: list[str]
     recent_errors: list[tuple[str, int, str]]
     segmenter: str
     device: str
 
 
-def weights_missing(config: Config) -> list[str]:
-    """Model folders absent from segmenter.weights_dir; none are needed by the precomputed backend."""
-    return [] if config.segmenter.backend == "precomputed" else missing_models(config.segmenter)
+def weights_missing(workers: list[WorkerView]) -> list[str]:
+    """Model folders a live worker reports absent from its segmenter.weights_dir."""
+    return sorted({name for view in workers if view.alive for name in view.record.report.weights_missing})
+
+
+def _weights_check(config: Config, workers: list[WorkerView]) -> Check:
+    if not any(view.alive for view in workers):
+        return Check("weights", False, "unknown: no worker has reported in the last minute: check worker.count, or "
+                                       "start `paraspinal-node worker`")
+    missing = weights_missing(workers)
+    if missing:
+        return Check("weights", False, f"missing {', '.join(missing)}: {WEIGHTS_FIX}")
+    return Check("weights", True, "not needed (precomputed segmentations)" if config.segmenter.backend == "precomputed"
+                 else "present")
 
 
 def readiness(config: Config, state: State, live: Live) -> list[Check]:
@@ -96,10 +106,7 @@ def readiness(config: Config, state: State, live: Live) -> list[Check]:
     low = free < receiver.min_free_disk_mb
     checks.append(Check("disk", not low, f"{free} MB free, watermark receiver.min_free_disk_mb = {receiver.min_free_disk_mb} MB"
                                          + (": free space or the receiver refuses images" if low else "")))
-    missing = weights_missing(config)
-    checks.append(Check("weights", not missing, f"missing {', '.join(missing)}: {WEIGHTS_FIX}" if missing
-                        else "not needed (precomputed segmentations)" if config.segmenter.backend == "precomputed"
-                        else "present"))
+    checks.append(_weights_check(config, worker_views(state, time.time())))
     return checks
 
 
@@ -125,16 +132,16 @@ def overview(config: Config, state: State, live: Live) -> Overview:
     oldest = state.oldest_queued_since()
     counts = state.job_counts()
     jobs = {str(status): counts.get(str(status), 0) for status in JobStatus}
+    workers = worker_views(state, now)
     return Overview(
         receiver_address=f"{config.receiver.bind_address}:{config.receiver.port}",
         ae_title=config.receiver.ae_title,
         receiver=live.receiver_totals(),
         jobs=jobs,
         oldest_queued_age_s=None if oldest is None else max(0.0, now - oldest),
-        workers=worker_views(state, now),
+        workers=workers,
         destinations=state.destination_totals(),
         checks=readiness(config, state, live),
-        weights_missing=weights_missing(config),
         recent_errors=state.recent_errors(),
         segmenter=config.segmenter.backend,
         device=config.segmenter.device,
