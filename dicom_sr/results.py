@@ -20,6 +20,7 @@ from node.pipeline.ct import CTVolume, InputError
 from node.pipeline.measure import MeasurementResult
 from node.pipeline.segmentation import Segmentation
 
+from .biomarker_seg import append_bone_and_organ_segments
 from .keyimage import build_key_image
 from .options import EncodeOptions
 from .seg import build_seg, segment_map
@@ -75,6 +76,7 @@ def build_results(ct: CTVolume, seg: Segmentation, result: MeasurementResult, op
     _check_referable(ct)
     segments = segment_map(seg, result)
     seg_object = build_seg(ct, segments, result, options)
+    append_bone_and_organ_segments(seg_object, ct, seg, result, options)
     return ResultObjects(
         seg=seg_object,
         sr=build_sr(ct, seg_object, result, options),

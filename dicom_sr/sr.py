@@ -63,6 +63,7 @@ from node.pipeline.measure import HUStats, LevelResult, MeasurementResult, Muscl
 from node.screening import Coverage, LevelStatus, coverage
 
 from . import codes
+from .biomarker_seg import parenchyma_label, trabecular_label
 from .options import MANUFACTURER, EncodeOptions
 from .seg import SIDES, muscle_segment_number
 from .study import character_set, copy_patient_and_study, procedure_reported, software_versions, source_images
@@ -132,7 +133,7 @@ def build_sr(ct: CTVolume, seg: Dataset, result: MeasurementResult, options: Enc
                    for level in levels for side in SIDES]
         groups += [_level_group(level, window, algorithm) for level in levels]
         groups += [_total_group(result, totals, side, window, algorithm) for side in ALL_SIDES]
-    groups += _bone_and_organ_groups(result, algorithm)
+    groups += _bone_and_organ_groups(result, algorithm, seg, str(sources[0].SeriesInstanceUID))
     report = MeasurementReport(
         observation_context=_observation_context(),
         procedure_reported=procedure_reported(ct.datasets[0]),
@@ -260,20 +261,40 @@ def _measurements(muscle: MuscleStats, window: Window, status: LevelStatus) -> l
             for spec, value in found if value is not None] or None
 
 
-def _bone_and_organ_groups(result: MeasurementResult, algorithm: AlgorithmIdentification) -> list:
+def _bone_and_organ_groups(result: MeasurementResult, algorithm: AlgorithmIdentification, seg: Dataset,
+                           series_uid: str) -> list:
+    """Volumetric groups referencing their SEG segment (found by label) where the SEG holds one."""
+    numbers = {str(item.SegmentLabel): int(item.SegmentNumber) for item in seg.SegmentSequence}
+
+    def reference(label: str) -> ReferencedSegment | None:
+        if label not in numbers:
+            return None
+        return ReferencedSegment(sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID,
+                                 segment_number=numbers[label], source_series=SourceSeriesForSegmentation(series_uid))
+
     flag_level = result.method.parameters.get("bone_flag_level")
-    groups = [_bone_group(vertebra, result.bone_flag if vertebra.level == flag_level else None, algorithm)
+    groups = [_bone_group(vertebra, result.bone_flag if vertebra.level == flag_level else None, algorithm,
+                          reference(trabecular_label(vertebra.level)))
               for vertebra in result.vertebrae]
     if result.liver is not None:
-        groups += [_organ_group("liver", codes.LIVER, result.liver, algorithm, result.liver),
-                   _organ_group("spleen", codes.SPLEEN, result.liver.spleen, algorithm, None)]
+        groups += [_organ_group("liver", codes.LIVER, result.liver, algorithm, result.liver, reference(parenchyma_label("liver"))),
+                   _organ_group("spleen", codes.SPLEEN, result.liver.spleen, algorithm, None,
+                                reference(parenchyma_label("spleen")))]
     return groups
 
 
-def _bone_group(vertebra: VertebraResult, flag: Flag | None, algorithm: AlgorithmIdentification) -> MeasurementsAndQualitativeEvaluations:
+def _group(segment: ReferencedSegment | None, **content):
+    if segment is None:
+        return MeasurementsAndQualitativeEvaluations(**content)
+    return VolumetricROIMeasurementsAndQualitativeEvaluations(referenced_segment=segment, **content)
+
+
+def _bone_group(vertebra: VertebraResult, flag: Flag | None, algorithm: AlgorithmIdentification,
+                segment: ReferencedSegment | None):
     evaluations = [_rating(vertebra.status)] + ([_flag(flag)] if flag is not None else [])
-    return MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(identifier=f"{vertebra.level} vertebral body trabecular bone", uid=hd.UID()),
+    return _group(
+        segment,
+        tracking_identifier=TrackingIdentifier(identifier=trabecular_label(vertebra.level), uid=hd.UID()),
         finding_type=codes.VERTEBRAL_BODY,
         finding_sites=[FindingSite(anatomic_location=codes.VERTEBRA[vertebra.level])],
         method=codes.TRABECULAR_MASK if vertebra.mask == BODY_MASK else codes.WHOLE_VERTEBRA_MASK,
@@ -284,7 +305,7 @@ def _bone_group(vertebra: VertebraResult, flag: Flag | None, algorithm: Algorith
 
 
 def _organ_group(name: str, site: CodedConcept, organ: OrganResult, algorithm: AlgorithmIdentification,
-                 liver: LiverResult | None) -> MeasurementsAndQualitativeEvaluations:
+                 liver: LiverResult | None, segment: ReferencedSegment | None):
     """The liver's group also holds the liver-minus-spleen difference and the liver flag."""
     measurements = _stat_measurements(organ.parenchyma, organ.status) or []
     if organ.status is not LevelStatus.ABSENT:
@@ -293,8 +314,9 @@ def _organ_group(name: str, site: CodedConcept, organ: OrganResult, algorithm: A
         measurements.append(Measurement(name=codes.LIVER_MINUS_SPLEEN, value=liver.liver_minus_spleen_hu,
                                         unit=codes.HOUNSFIELD_UNIT))
     evaluations = [_rating(organ.status)] + ([_flag(liver.flag)] if liver is not None else [])
-    return MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(identifier=f"{name} parenchyma", uid=hd.UID()),
+    return _group(
+        segment,
+        tracking_identifier=TrackingIdentifier(identifier=parenchyma_label(name), uid=hd.UID()),
         finding_type=codes.PARENCHYMA,
         finding_sites=[FindingSite(anatomic_location=site)],
         method=codes.PARENCHYMA_MASK,

@@ -212,6 +212,32 @@ def test_sr_has_a_rated_group_per_vertebra_and_for_liver_and_spleen(unenhanced: 
     assert spleen["Finding Site"] == ["Spleen"] and spleen["Analysis Quality Rating"] == ["Complete"]
 
 
+def test_seg_holds_each_trabecular_mask_and_the_parenchyma_the_sr_measured(unenhanced: Run) -> None:
+    seg = pydicom.dcmread(unenhanced.out / "seg.dcm")
+    assert seg.SegmentsOverlap == "YES"
+    numbers = {str(item.SegmentLabel): int(item.SegmentNumber) for item in seg.SegmentSequence}
+    assert sorted(numbers.values()) == list(range(1, len(numbers) + 1))
+    frame_segment = [int(f.SegmentIdentificationSequence[0].ReferencedSegmentNumber) for f in seg.PerFrameFunctionalGroupsSequence]
+    per_frame = seg.pixel_array.reshape(len(frame_segment), -1).sum(axis=1)
+    voxels = {number: 0 for number in numbers.values()}
+    for number, count in zip(frame_segment, per_frame):
+        voxels[number] += int(count)
+    result = unenhanced.result
+    for vertebra in result["vertebrae"]:
+        assert voxels[numbers[f"{vertebra['level']} vertebral body trabecular bone"]] == vertebra["trabecular"]["voxels"]
+    assert voxels[numbers["liver parenchyma"]] == result["liver"]["parenchyma"]["voxels"]
+    assert voxels[numbers["spleen parenchyma"]] == result["liver"]["spleen"]["parenchyma"]["voxels"]
+    sr = pydicom.dcmread(unenhanced.out / "sr.dcm")
+    referenced = {}
+    for group in sr.ContentSequence[-1].ContentSequence:
+        items = {i.ConceptNameCodeSequence[0].CodeMeaning: i for i in group.ContentSequence}
+        if "Referenced Segment" in items:
+            segment = items["Referenced Segment"].ReferencedSOPSequence[0].ReferencedSegmentNumber
+            referenced[items["Tracking Identifier"].TextValue] = int(segment)
+    assert {label: referenced.get(label) for label in numbers if "trabecular" in label or "parenchyma" in label} == {
+        label: number for label, number in numbers.items() if "trabecular" in label or "parenchyma" in label}
+
+
 def test_precomputed_backend_reads_l1_liver_and_spleen(phantom: ph.Phantom, phantom_dicom, tmp_path) -> None:
     series = phantom_dicom("axial")
     ph.write_masks(phantom, tmp_path / series.series_uid)

@@ -44,16 +44,22 @@ def _vertebra(ct: CTVolume, seg: Segmentation, params: MeasureConfig, level: str
     mask_kind = BODY_MASK if seg.body is not None else WHOLE_VERTEBRA_MASK
     if box is None:
         return VertebraResult(level, LevelStatus.ABSENT, ["vertebra not segmented"], mask_kind, hu_stats(np.empty(0), ct.voxel_volume_mm3))
-    mask = seg.labels[box] == VERTEBRA_LABEL[level]
-    if seg.body is not None:
-        mask &= seg.body[box]
-    hu = ct.hu[box]
-    mask &= (hu >= params.body_hu_min) & (hu <= params.body_hu_max)
-    stats = hu_stats(hu[mask], ct.voxel_volume_mm3)
+    mask = trabecular_mask(ct, seg, level, box, params.body_hu_min, params.body_hu_max)
+    stats = hu_stats(ct.hu[box][mask], ct.voxel_volume_mm3)
     if stats.voxels == 0:
         return VertebraResult(level, LevelStatus.ABSENT, ["no vertebral body voxels within the HU window"], mask_kind, stats)
     reasons = ["vertebra touches the first or last slice"] if box[0].start == 0 or box[0].stop == ct.shape[0] else []
     return VertebraResult(level, LevelStatus.PARTIAL if reasons else LevelStatus.COMPLETE, reasons, mask_kind, stats)
+
+
+def trabecular_mask(ct: CTVolume, seg: Segmentation, level: str, box, hu_min: float, hu_max: float) -> np.ndarray:
+    """The level's measured voxels within `box` (the vertebra's bounding box); the SEG draws the same."""
+    mask = seg.labels[box] == VERTEBRA_LABEL[level]
+    if seg.body is not None:
+        mask &= seg.body[box]
+    hu = ct.hu[box]
+    mask &= (hu >= hu_min) & (hu <= hu_max)
+    return mask
 
 
 def bone_flag(vertebrae: list[VertebraResult], params: MeasureConfig, contrast: ContrastStatus) -> Flag:

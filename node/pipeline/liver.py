@@ -65,13 +65,24 @@ def measure_organ(ct: CTVolume, seg: Segmentation, name: str, label: int, box, p
     edges = [i for i, axis in enumerate(box) if axis.start == 0 or axis.stop == ct.shape[i]]
     reasons = [f"{name} touches the edge of the field of view ({_edge_names(edges)})"] if edges else []
     status = LevelStatus.PARTIAL if edges else LevelStatus.COMPLETE
-    values = ct.hu[box][erode_mm(mask, ct.spacing, params.erosion_mm, _open_faces(box, ct.shape))]
+    values = ct.hu[box][eroded_organ(ct, mask, box, params.erosion_mm)]
     if values.size == 0:
         return OrganResult(status, [*reasons, f"no {name} voxels left after the {params.erosion_mm:g} mm erosion"],
                            covered, None, empty)
     low, high = parenchyma_window(values, params.window_mad)
     return OrganResult(status, reasons, covered, [low, high],
                        hu_stats(values[(values >= low) & (values <= high)], ct.voxel_volume_mm3))
+
+
+def eroded_organ(ct: CTVolume, mask: np.ndarray, box, erosion_mm: float) -> np.ndarray:
+    return erode_mm(mask, ct.spacing, erosion_mm, _open_faces(box, ct.shape))
+
+
+def parenchyma_mask(ct: CTVolume, seg: Segmentation, label: int, box, erosion_mm: float,
+                    window: list[float]) -> np.ndarray:
+    """The organ's measured voxels within `box` (its bounding box), for the SEG: the eroded organ in `window`."""
+    hu = ct.hu[box]
+    return eroded_organ(ct, seg.labels[box] == label, box, erosion_mm) & (hu >= window[0]) & (hu <= window[1])
 
 
 def parenchyma_window(values: np.ndarray, k: float) -> tuple[float, float]:
