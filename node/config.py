@@ -36,7 +36,7 @@ class ReceiverConfig:
     watch_rejected_dir: Path | None = None  # non-DICOM drops go here; absent: <watch_dir>-rejected
     watch_stable_s: float = 2.0  # a dropped file is read only after its size/mtime stayed unchanged this long
     watch_close_write: bool = True  # also wait until the writer closed it (inotify close-write; Linux only)
-    watch_max_file_mb: int = 2048  # larger (or sparse) dropped files are rejected before being read
+    watch_max_file_mb: int = 64  # larger (or sparse) dropped files are rejected before being read
     # Network bounds (see README "Limits"): what one peer may cost before and after association.
     called_aes: list[str] = field(default_factory=list)  # called AE titles answered; empty: ae_title only
     calling_ae_hosts: list[str] = field(default_factory=list)  # "AE@address" or "AE@network/bits": AE only from there

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -30,12 +31,13 @@ WAIT_S = 20.0
 
 
 class Inbox:
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, **settings: object) -> None:
         self.dir = tmp_path / "inbox"
         self.rejected = tmp_path / "rejected"
         self.spool = Spool(tmp_path / "spool")
         self.listener = RecordingListener()
-        config = ReceiverConfig(watch_dir=self.dir, watch_rejected_dir=self.rejected, watch_stable_s=STABLE_S, min_free_disk_mb=1)
+        config = ReceiverConfig(watch_dir=self.dir, watch_rejected_dir=self.rejected, watch_stable_s=STABLE_S,
+                                min_free_disk_mb=1, **settings)
         self.watcher = Watcher(config, self.spool, self.listener)
 
     def spooled(self) -> list[Path]:
@@ -217,3 +219,70 @@ def test_names_of_dropped_folders_never_reach_the_log(
     assert "not a DICOM" in (inbox.rejected / PATIENT_FOLDER / "IM0002.reason.txt").read_text()
     assert "event=watch_file_rejected" in caplog.text and "event=instance_stored" in caplog.text
     assert PATIENT_FOLDER not in caplog.text
+
+
+def test_fifo_and_socket_are_rejected_without_blocking_and_later_drops_still_arrive(inbox: Inbox,
+                                                                                    tmp_path: Path) -> None:
+    os.mkfifo(inbox.dir / "x")
+    with contextlib.closing(socket.socket(socket.AF_UNIX)) as unix:
+        unix.bind(str(inbox.dir / "s"))
+        inbox.watcher.start()
+        wait_until(lambda: len(list(inbox.rejected.glob("*.reason.txt"))) == 2, "FIFO and socket rejected", WAIT_S)
+    reasons = {p.name: p.read_text() for p in inbox.rejected.glob("*.reason.txt")}
+    assert "not a regular file (FIFO)" in reasons["x.reason.txt"]
+    assert "not a regular file (socket)" in reasons["s.reason.txt"]
+    write_ct_series(tmp_path / "staging", 2)
+    shutil.move(tmp_path / "staging", inbox.dir / "study")
+    inbox.listener.wait_released(1)
+    assert len(inbox.spooled()) == 2
+
+
+def test_sparse_and_oversized_files_are_rejected_before_being_read(tmp_path: Path) -> None:
+    box = Inbox(tmp_path, watch_max_file_mb=1)
+    box.dir.mkdir()
+    with (box.dir / "a.dcm").open("wb") as sparse:
+        sparse.truncate(4 << 30)  # 4 GiB that takes no disk space
+    (box.dir / "big.dcm").write_bytes(os.urandom(2 << 20))
+    box.watcher.start()
+    try:
+        wait_until(lambda: len(list(box.rejected.glob("*.reason.txt"))) == 2, "both rejected", WAIT_S)
+    finally:
+        box.watcher.stop()
+    assert "sparse file" in (box.rejected / "a.dcm.reason.txt").read_text()
+    assert "over receiver.watch_max_file_mb (1)" in (box.rejected / "big.dcm.reason.txt").read_text()
+
+
+def test_a_writer_that_pauses_longer_than_the_stable_period_is_waited_for(inbox: Inbox, tmp_path: Path) -> None:
+    (source,) = write_ct_series(tmp_path / "staging", 1)
+    raw = source.read_bytes()
+    inbox.watcher.start()
+    with (inbox.dir / "slow.dcm").open("wb") as handle:
+        handle.write(raw[: len(raw) // 2])
+        handle.flush()
+        time.sleep(STABLE_S * 4)  # the writer stalls (a slow network share) with the file open
+        assert inbox.listener.instances == [] and list(inbox.rejected.iterdir()) == []
+        handle.write(raw[len(raw) // 2:])
+    inbox.listener.wait_released(1)
+    (spooled,) = inbox.spooled()
+    assert spooled.read_bytes() == raw
+
+
+def test_a_rejected_file_with_a_250_character_name_keeps_its_reason(inbox: Inbox) -> None:
+    name = "n" * 246 + ".txt"
+    (inbox.dir / name).write_text("not an image")
+    inbox.watcher.start()
+    wait_until(lambda: list(inbox.rejected.glob("*.reason.txt")), "the reason written", WAIT_S)
+    (reason,) = inbox.rejected.glob("*.reason.txt")
+    assert len(reason.name.encode()) <= 255 and "not a DICOM" in reason.read_text()
+    assert (inbox.rejected / name).read_text() == "not an image"
+
+
+def test_a_stable_file_waits_for_its_close_unless_it_stays_unclosed_for_long() -> None:
+    tracker = StabilityTracker(stable_s=2, unclosed_s=60)
+    path = Path("inbox/a.dcm")
+    assert tracker.observe({path: (100, 1)}, 0.0, closed={}) == []
+    assert tracker.observe({path: (100, 1)}, 5.0, closed={}) == []  # stable, but its writer still has it open
+    assert tracker.observe({path: (100, 1)}, 5.0, closed={path: (50, 0)}) == []  # closed at an earlier size
+    assert tracker.observe({path: (100, 1)}, 5.0, closed={path: (100, 1)}) == [path]
+    assert tracker.observe({path: (100, 1)}, 61.0, closed={}) == [path]  # no event ever came
+    assert tracker.observe({path: (100, 1)}, 61.0) == [path]  # close-write not required

@@ -1,8 +1,12 @@
 """Watch folder: DICOM files or folders dropped into an inbox take the same path as received instances.
 
-A file is read only after its size and mtime have stayed unchanged for `watch_stable_s`, so a
-copy in progress is never spooled half-written; names starting with "." are skipped (the
-temp-file convention of rsync and most copy tools). A file leaves the inbox only after it is
+A file is read only after its size and mtime have stayed unchanged for `watch_stable_s` and,
+with `watch_close_write` (inotify), after its writer closed it, so neither a copy in progress nor
+a slow writer that pauses is spooled half-written. A file that arrived by a rename (rsync, mv), or
+was there at start, counts as closed; one never seen closed is read after `UNCLOSED_S` unchanged.
+Names starting with "." are skipped (the temp-file convention of rsync and most copy tools).
+Only regular files are read: a FIFO, socket, device or symlink is moved aside with a reason and
+never opened, and a file over `watch_max_file_mb` or sparse is rejected before it is read. A file leaves the inbox only after it is
 in the spool (then it is deleted) or in the rejected folder with `<name>.reason.txt` beside it.
 A file that fails for another reason (permissions, disk) stays and is tried again `RETRY_S` later,
 logged once; the listener hears of each instance once, never again for an identical copy.
@@ -19,6 +23,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -26,7 +31,16 @@ from io import BytesIO
 from pathlib import Path
 
 import pydicom
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirCreatedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 
 from node.config import ConfigError, ReceiverConfig
@@ -39,6 +53,12 @@ CALLING_AE = "WATCH"
 _SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 RESCAN_S = 30.0
 RETRY_S = 60.0  # a file that failed for a reason other than its content waits this long before the next try
+UNCLOSED_S = 600.0  # a file never seen closed (events lost, network filesystem) is read after this long unchanged
+_SPARSE_RATIO = 8  # a file with less than 1/8 of its size on disk is sparse: never a real export
+_SPARSE_MIN_BYTES = 1 << 20
+NAME_MAX = 255  # bytes in one file name (Linux and most filesystems)
+_REASON_SUFFIX = ".reason.txt"
+Stat = tuple[int, int]  # (size, mtime_ns)
 
 
 class WatchFolderError(ConfigError):
@@ -59,16 +79,27 @@ class _Seen:
 
 
 class StabilityTracker:
-    """Decides which files have stopped changing (pure: the caller supplies stats and the clock)."""
+    """Decides which files have stopped changing (pure: the caller supplies stats, close records and the clock)."""
 
-    def __init__(self, stable_s: float) -> None:
+    def __init__(self, stable_s: float, unclosed_s: float = UNCLOSED_S) -> None:
         self.stable_s = stable_s
+        self.unclosed_s = unclosed_s
         self._seen: dict[Path, _Seen] = {}
 
-    def observe(self, stats: dict[Path, tuple[int, int]], now: float) -> list[Path]:
-        """Record the current (size, mtime_ns) of every file; return those stable for `stable_s`."""
+    def observe(self, stats: dict[Path, Stat], now: float, closed: dict[Path, Stat] | None = None) -> list[Path]:
+        """Record the current (size, mtime_ns) of every file; return those stable for `stable_s`.
+
+        With `closed` (the stat each file had when its writer closed it), a file is also required to
+        be unchanged since that close, unless it has been unchanged for `unclosed_s`.
+        """
         self._seen = {path: self._update(path, stat, now) for path, stat in stats.items()}
-        return sorted(p for p, seen in self._seen.items() if now - seen.unchanged_since >= self.stable_s)
+        return sorted(p for p, seen in self._seen.items() if self._ready(p, seen, now, closed))
+
+    def _ready(self, path: Path, seen: _Seen, now: float, closed: dict[Path, Stat] | None) -> bool:
+        quiet = now - seen.unchanged_since
+        if quiet < self.stable_s:
+            return False
+        return closed is None or closed.get(path) == (seen.size, seen.mtime_ns) or quiet >= self.unclosed_s
 
     def forget(self, path: Path) -> None:
         self._seen.pop(path, None)
@@ -77,11 +108,45 @@ class StabilityTracker:
     def pending(self) -> int:
         return len(self._seen)
 
-    def _update(self, path: Path, stat: tuple[int, int], now: float) -> _Seen:
+    def _update(self, path: Path, stat: Stat, now: float) -> _Seen:
         previous = self._seen.get(path)
         if previous is not None and (previous.size, previous.mtime_ns) == stat:
             return previous
         return _Seen(stat[0], stat[1], now)
+
+
+class CloseRecords:
+    """The stat each file had when its writer closed it (or it was renamed in); fed by watchdog's thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._closed: dict[Path, Stat] = {}
+
+    def closed(self, path: Path, only_with_content: bool = False) -> None:
+        """Record the file as closed at its current stat (`only_with_content`: if it is not empty:
+        a file created in place is empty at first, one moved in from elsewhere is not)."""
+        with contextlib.suppress(OSError):
+            info = os.lstat(path)
+            if only_with_content and info.st_size == 0:
+                return
+            with self._lock:
+                self._closed[path] = (info.st_size, info.st_mtime_ns)
+
+    def written(self, path: Path) -> None:
+        """A write after a record (the file was created in place, not moved in): wait for its close."""
+        with self._lock:
+            self._closed.pop(path, None)
+
+    def closed_tree(self, folder: Path) -> None:
+        for parent, _, names in os.walk(folder):
+            for name in names:
+                self.closed(Path(parent) / name, only_with_content=True)
+
+    def snapshot(self, present: dict[Path, Stat]) -> dict[Path, Stat]:
+        """The records of files still present (the others are dropped)."""
+        with self._lock:
+            self._closed = {p: s for p, s in self._closed.items() if p in present}
+            return dict(self._closed)
 
 
 class Watcher:
@@ -96,6 +161,7 @@ class Watcher:
         self.spool = spool
         self.listener = listener
         self._tracker = StabilityTracker(config.watch_stable_s)
+        self._closes = CloseRecords() if config.watch_close_write else None
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -109,8 +175,14 @@ class Watcher:
         _require_writable(self.inbox, "watch folder")
         _require_writable(self.rejected, "watch rejected folder")
         self._observer = Observer()
-        self._observer.schedule(_Wake(self._wake), str(self.inbox), recursive=True)
+        if self._closes is not None and type(self._observer).__name__ != "InotifyObserver":
+            log.warning("event=watch_close_write_unavailable observer=%s reason=%s", type(self._observer).__name__,
+                        "no close-write events here: files are read by receiver.watch_stable_s alone")
+            self._closes = None
+        self._observer.schedule(_Wake(self._wake, self._closes), str(self.inbox), recursive=True)
         self._observer.start()
+        if self._closes is not None:  # what is already there was closed before we looked
+            self._closes.closed_tree(self.inbox)
         self._thread = threading.Thread(target=self._run, name="watch-folder", daemon=True)
         self._thread.start()
         log.info("event=watch_started inbox=%s rejected=%s stable_s=%s", self.inbox, self.rejected, self.config.watch_stable_s)
@@ -140,9 +212,14 @@ class Watcher:
     def _pass(self) -> bool:
         """One pass: spool or reject every stable file; returns whether work is left for soon."""
         now = time.monotonic()
-        stats = self._scan()
-        self._retries = {path: retry for path, retry in self._retries.items() if path in stats}
-        ready = [p for p in self._tracker.observe(stats, now) if p not in self._retries or self._retries[p].at <= now]
+        stats, others = self._scan()
+        self._retries = {path: retry for path, retry in self._retries.items() if path in stats or path in others}
+        for path, reason in others.items():
+            if path not in self._retries or self._retries[path].at <= now:
+                self._reject(path, _path_label(path.relative_to(self.inbox)), reason)
+        closed = self._closes.snapshot(stats) if self._closes is not None else None
+        ready = [p for p in self._tracker.observe(stats, now, closed)
+                 if p not in self._retries or self._retries[p].at <= now]
         for path in ready:
             if self._stop.is_set():
                 break
@@ -162,8 +239,12 @@ class Watcher:
             log.error("event=watch_paused inbox=%s reason=%s", self.inbox, reason)
         self._paused = reason
 
-    def _scan(self) -> dict[Path, tuple[int, int]]:
-        stats = {}
+    def _scan(self) -> tuple[dict[Path, Stat], dict[Path, str]]:
+        """(size, mtime) of every regular file; and every other kind of entry with why it is refused.
+
+        lstat only: nothing is opened here, so a FIFO cannot block the loop.
+        """
+        stats, others = {}, {}
         for folder, dirs, names in os.walk(self.inbox):
             dirs[:] = [d for d in dirs if not d.startswith(".")]
             for name in names:
@@ -171,11 +252,14 @@ class Watcher:
                     continue
                 path = Path(folder) / name
                 try:
-                    stat = path.stat()
+                    info = os.lstat(path)
                 except OSError:  # removed meanwhile, or not ours to read
                     continue
-                stats[path] = (stat.st_size, stat.st_mtime_ns)
-        return stats
+                if stat.S_ISREG(info.st_mode):
+                    stats[path] = (info.st_size, info.st_mtime_ns)
+                else:
+                    others[path] = f"not a regular file ({_kind(info.st_mode)}): drop DICOM files, not {_kind(info.st_mode)}s"
+        return stats, others
 
     def _process(self, path: Path) -> bool:
         """Spool, reject or (on a non-input error) keep one file for a retry; True if the listener heard of it."""
@@ -183,7 +267,7 @@ class Watcher:
         retry = self._retries.get(path)
         heard = False
         try:
-            raw = _read_unchanged(path)
+            raw = _read_unchanged(path, self.config.watch_max_file_mb)
             if raw is None:
                 return False  # changed while read: the tracker sees the change on the next pass
             instance = self._store(raw)
@@ -219,7 +303,7 @@ class Watcher:
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(path, target)
-            target.with_name(f"{target.name}.reason.txt").write_text(reason + "\n", encoding="utf-8")
+            target.with_name(fit_name(target.name, _REASON_SUFFIX)).write_text(reason + "\n", encoding="utf-8")
         except OSError as exc:
             self._retry_later(path, label, exc, announced=False)
             return
@@ -267,12 +351,26 @@ class Watcher:
 
 
 class _Wake(FileSystemEventHandler):
-    """Any change in the inbox wakes the loop early."""
+    """Any change in the inbox wakes the loop early; closes and renames in are recorded."""
 
-    def __init__(self, wake: threading.Event) -> None:
+    def __init__(self, wake: threading.Event, closes: CloseRecords | None) -> None:
         self._wake = wake
+        self._closes = closes
 
     def on_any_event(self, event: FileSystemEvent) -> None:
+        if self._closes is not None:
+            if isinstance(event, FileClosedEvent):
+                self._closes.closed(Path(os.fsdecode(event.src_path)))
+            elif isinstance(event, FileMovedEvent):  # rsync and mv finish with a rename: written and closed
+                self._closes.closed(Path(os.fsdecode(event.dest_path)))
+            elif isinstance(event, DirMovedEvent):
+                self._closes.closed_tree(Path(os.fsdecode(event.dest_path)))
+            elif isinstance(event, FileCreatedEvent):  # also a file moved in from outside the inbox ...
+                self._closes.closed(Path(os.fsdecode(event.src_path)), only_with_content=True)
+            elif isinstance(event, FileModifiedEvent):  # ... but one written in place is modified after
+                self._closes.written(Path(os.fsdecode(event.src_path)))
+            elif isinstance(event, DirCreatedEvent):  # also a folder moved in: its files were written elsewhere
+                self._closes.closed_tree(Path(os.fsdecode(event.src_path)))
         self._wake.set()
 
 
@@ -308,12 +406,57 @@ def _require_writable(folder: Path, role: str) -> None:
         )
 
 
-def _read_unchanged(path: Path) -> bytes | None:
-    """The file's bytes, or None when it changed while being read."""
-    before = path.stat()
-    raw = path.read_bytes()
-    after = path.stat()
-    return raw if (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns) else None
+def _read_unchanged(path: Path, max_mb: int) -> bytes | None:
+    """The file's bytes, or None when it changed while being read; SpoolError before reading anything
+    that is not a regular file, is over `max_mb` or is sparse.
+
+    Opened non-blocking and without following a symlink, so a FIFO swapped in after the scan cannot block.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    try:
+        before = os.fstat(fd)
+        _check_readable(before, max_mb)
+        chunks, left = [], before.st_size + 1  # one byte more shows a file that grew
+        while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
+            chunks.append(chunk)
+            left -= len(chunk)
+        after = os.fstat(fd)
+    finally:
+        os.close(fd)
+    raw = b"".join(chunks)
+    unchanged = (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    return raw if unchanged and len(raw) == before.st_size else None
+
+
+def _check_readable(info: os.stat_result, max_mb: int) -> None:
+    if not stat.S_ISREG(info.st_mode):
+        kind = _kind(info.st_mode)
+        raise SpoolError(f"not a regular file ({kind}): drop DICOM files, not {kind}s")
+    allocated = info.st_blocks * 512
+    if info.st_size >= _SPARSE_MIN_BYTES and allocated * _SPARSE_RATIO < info.st_size:
+        raise SpoolError(f"sparse file ({allocated >> 10} KiB on disk for {info.st_size >> 10} KiB): "
+                         "not an exported image; copy the real file")
+    if info.st_size > max_mb << 20:
+        raise SpoolError(f"{info.st_size >> 20} MB is over receiver.watch_max_file_mb ({max_mb}): "
+                         "a single CT image is a few MB; raise the limit only for a real need")
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISLNK, "symlink"), (stat.S_ISDIR, "folder")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def fit_name(name: str, suffix: str) -> str:
+    """`name + suffix`, shortened with a hash of the name when that would not fit in NAME_MAX bytes."""
+    if len(os.fsencode(name + suffix)) <= NAME_MAX:
+        return name + suffix
+    digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:12]
+    room = NAME_MAX - len(os.fsencode(f"~{digest}{suffix}"))
+    head = os.fsencode(name)[:room].decode("utf-8", "ignore") if room > 0 else ""
+    return f"{head}~{digest}{suffix}"
 
 
 def _path_label(relative: Path) -> str:
@@ -331,7 +474,7 @@ def _describe(exc: Exception) -> str:
 def _free_name(path: Path) -> Path:
     """`path`, or `path.1`, `path.2`, … so a rejected file never overwrites an earlier one."""
     candidate, n = path, 0
-    while candidate.exists():
+    while candidate.exists() or candidate.is_symlink():
         n += 1
-        candidate = path.with_name(f"{path.name}.{n}")
+        candidate = path.with_name(fit_name(path.name, f".{n}"))
     return candidate
