@@ -117,3 +117,11 @@ def test_numbers_and_ae_titles_that_would_turn_a_safeguard_off_are_refused(tmp_p
     with pytest.raises(ConfigError) as caught:
         load_config(write(tmp_path, text), environ={})
     assert message in str(caught.value)
+
+
+def test_config_check_warns_when_any_host_may_send_under_any_ae(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["config", "check", "--config", str(write(tmp_path, "[receiver]\nbind_address = \"0.0.0.0\"\n"))]) == 0
+    assert "accepts any calling AE: set receiver.allowed_calling_aes" in capsys.readouterr().out
+    closed = write(tmp_path, "[receiver]\nbind_address = \"0.0.0.0\"\nallowed_calling_aes = [\"PACS\"]\n")
+    assert main(["config", "check", "--config", str(closed)]) == 0
+    assert "accepts any calling AE" not in capsys.readouterr().out

@@ -81,7 +81,7 @@ def _worker(args: argparse.Namespace, config: Config) -> int:
 
     os.umask(PRIVATE_UMASK)
     configure(config.logging)
-    store = open_state(config.storage.database)
+    store = open_state(config.storage.database, create=False)
     if args.index is not None or args.count == 1:
         return run_worker(config, store, args.index or 0)
     from node.service.serve import stop_on_signals
@@ -96,7 +96,7 @@ def _worker(args: argparse.Namespace, config: Config) -> int:
 
 
 def _status(args: argparse.Namespace, config: Config) -> int:
-    state = open_state(config.storage.database)
+    state = open_state(config.storage.database, create=False)
     jobs = state.jobs(args.jobs)
     report = {
         "pending_series": [{"series": p.series_uid, "instances": p.instances, "reason": str(p.reason),
@@ -134,7 +134,7 @@ def _when(timestamp: float) -> str:
 
 
 def _retry(args: argparse.Namespace, config: Config) -> int:
-    print(open_state(config.storage.database).retry(args.job))
+    print(open_state(config.storage.database, create=False).retry(args.job))
     return EXIT_OK
 
 
@@ -153,6 +153,7 @@ def _echo(args: argparse.Namespace, config: Config) -> int:
 
 
 def _config_check(args: argparse.Namespace, config: Config) -> int:
+    from node.service.serve import exposure_warning
     from node.weights import missing_models
 
     source = args.config or "built-in defaults"
@@ -161,6 +162,8 @@ def _config_check(args: argparse.Namespace, config: Config) -> int:
     print(f"  state:        {config.storage.state_dir}")
     print("  destinations: " + (", ".join(f"{d.ae_title}@{d.host}:{d.port}" for d in config.destinations) or "none"))
     print(f"  segmenter:    {config.segmenter.backend} on {config.segmenter.device}")
+    if (warning := exposure_warning(config.receiver)) is not None:
+        print(f"  warning: {warning}")
     if config.segmenter.backend == "totalsegmentator":
         missing = missing_models(config.segmenter)
         if missing:
@@ -177,7 +180,7 @@ def _worklist(args: argparse.Namespace, config: Config) -> int:
     except ValueError as exc:
         print(f"paraspinal-node worklist: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    state = open_state(config.storage.database)
+    state = open_state(config.storage.database, create=False)
     rows = [worklist_row(series, job_id, result, config.measure.low_attenuation_hu)
             for series, job_id, result in state.processed(since)]
     sys.stdout.write(render(rows, args.format))

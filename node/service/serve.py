@@ -14,6 +14,7 @@ and restart), and logs go to stderr, so there is no log file to reopen. A termin
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import signal
 import threading
@@ -21,7 +22,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from node.config import Config
+from node.config import Config, ReceiverConfig
 from node.delivery.loop import DeliveryLoop
 from node.ingest.receiver import Receiver
 from node.ingest.series import SeriesTracker
@@ -38,6 +39,21 @@ log = logging.getLogger(__name__)
 SCHEDULER_TICK_S = 0.1  # the longest the scheduler sleeps; a series falling due wakes it sooner
 MIN_WAIT_S = 0.001
 SHUTDOWN_GRACE_S = 30.0
+
+
+def exposure_warning(receiver: ReceiverConfig) -> str | None:
+    """A line for the log and `config check` when any host may store to the node under any calling AE."""
+    if receiver.allowed_calling_aes or _loopback(receiver.bind_address):
+        return None
+    return (f"the receiver listens on {receiver.bind_address} and accepts any calling AE: set "
+            "receiver.allowed_calling_aes to the PACS and modalities that send, or bind_address to one interface")
+
+
+def _loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return address == "localhost"
 
 
 class StartError(Exception):
@@ -130,6 +146,8 @@ class Service:
             address = f"{self.config.receiver.bind_address}:{self.config.receiver.port}"
             raise StartError(f"cannot listen on {address} ({exc.strerror or exc}): stop what uses the port or "
                              "change receiver.port / receiver.bind_address") from None
+        if (warning := exposure_warning(self.config.receiver)) is not None:
+            log.warning("event=receiver_open_to_all reason=%s", warning)
         self.supervisor.check()
         self._delivery_thread.start()
         if self.config.web.enabled:

@@ -299,8 +299,12 @@ _SERIES_COLUMNS = ("s.series_uid, s.study_uid, s.patient_id, s.accession, s.stud
 _TIMING_COLUMNS = "id, job_id, attempt, stage, seconds, recorded_at"
 
 
-def open_state(database: Path) -> State:
-    """Open (creating and migrating as needed) the state database at `database`."""
+def open_state(database: Path, create: bool = True) -> State:
+    """Open (migrating as needed) the state database at `database`; only `serve` creates a missing one
+    (`create`), so that a `status` before the first start cannot pass off a fresh database as the node's."""
+    if not create and not (database.exists() and database.stat().st_size > 0):
+        raise StateError(f"no state database at {database}: start `paraspinal-node serve` first, or check "
+                         "storage.state_dir")
     database.parent.mkdir(parents=True, exist_ok=True)
     return State(database)
 
