@@ -122,9 +122,15 @@ def queue_series(config, series: list[Path]) -> None:
 
 
 def run_workers(config_path: Path, config, workers: int, timeout_s: float, device: str) -> tuple[float, str]:
-    """Start the workers, wait until no job is queued or running, stop them; (seconds, GPU utilisation)."""
+    """Start the workers, wait until no job is queued or running, stop them; (seconds, GPU utilisation).
+
+    The bench owns the state dir while they run, as serve would: workers take jobs only under an owner.
+    """
+    from node.service.owner import StateDirOwner
     from node.state.store import open_state
 
+    owner = StateDirOwner(config.storage.state_dir)
+    owner.acquire()
     state = open_state(config.storage.database)
     command = [sys.executable, str(Path(__file__).resolve()), "--config", str(config_path), "--worker-index"]
     with GpuSampler(device) as sampler:
@@ -143,6 +149,7 @@ def run_workers(config_path: Path, config, workers: int, timeout_s: float, devic
                 process.wait()
     _print_outcome(state, seconds, timeout_s)
     state.close()
+    owner.release()
     return seconds, sampler.summary()
 
 
