@@ -61,6 +61,7 @@ class Worker:
     """One worker loop; `paraspinal-node worker` runs it in its own process."""
 
     owner_check: Callable[[], bool] | None = None  # run_worker sets it: work only while serve owns the state dir
+    engine: Segmenter | None = None  # run_worker sets it: the long-lived segmenter whose model process restarts count
     _full_backoff_s = 0.0  # while the disk is full: the wait before the next try
 
     def __init__(self, config: Config, store: JobStore, owner: str, pipeline: Pipeline = run_pipeline,
@@ -74,6 +75,8 @@ class Worker:
         self._next_weights_check = 0.0
         self._next_heartbeat = 0.0
         self._weights_missing = _missing_weights(config)  # refreshed at every weights check
+        self._engine_pid: int | None = None
+        self._engine_restarts = 0
 
     def run(self, stop: threading.Event) -> None:
         """Work until `stop` is set; a Stop raised mid-job hands the job back before returning."""
@@ -158,13 +161,23 @@ class Worker:
 
     def _heartbeat(self) -> None:
         """Between jobs, at most every HEARTBEAT_S: the status page shows this worker, its device and weights."""
+        self._watch_engine()
         now = self._clock()
         if now < self._next_heartbeat:
             return
         self._next_heartbeat = now + HEARTBEAT_S
         segmenter = self._config.segmenter
+        engine = segmenter.engine if segmenter.backend == "totalsegmentator" else segmenter.backend
         self._store.report_worker(WorkerReport(self._owner, socket.gethostname(), os.getpid(), self._index,
-                                               segmenter.device, segmenter.backend, self._weights_missing))
+                                               segmenter.device, engine, self._weights_missing, self._engine_restarts))
+
+    def _watch_engine(self) -> None:
+        """A model process other than the last one seen is a restart (after a crash, a hang or running out of memory)."""
+        pid = getattr(self.engine, "pid", None)
+        if pid is not None and pid != self._engine_pid:
+            if self._engine_pid is not None:
+                self._engine_restarts += 1
+            self._engine_pid = pid
 
     def _release_held_when_ready(self) -> None:
         """Held jobs run again once the weights are there; a precomputed job simply looks again."""
@@ -241,6 +254,7 @@ def run_worker(config: Config, store: JobStore, index: int = 0) -> int:
         worker = Worker(config, store, worker_id(index), functools.partial(run_pipeline, segmenter=segmenter),
                         index=index)
         worker.owner_check = OwnerCheck(config.storage.state_dir, config.storage.database)
+        worker.engine = segmenter
         worker.run(stop)
     except Stop:
         pass
