@@ -194,9 +194,9 @@ class NodeCollector(Collector):
         restarts = CounterMetricFamily("paraspinal_worker_restarts", "Worker processes started again in a slot "
                                        "after the previous one exited")
         restarts.add_metric([], sum(v.restarts for v in views))
-        engine = CounterMetricFamily("paraspinal_engine_restarts", "Segmentation engine restarts reported by the "
-                                     "workers alive now")
-        engine.add_metric([], sum(v.record.report.engine_restarts for v in views if v.alive))
+        engine = CounterMetricFamily("paraspinal_engine_restarts", "Segmentation engine model processes started "
+                                     "again after an earlier one (crash, hang, out of memory), over all workers")
+        engine.add_metric([], sum(record.report.engine_restarts for record in self._state.workers()))
         weights = GaugeMetricFamily("paraspinal_weights_missing", "Required model folders a live worker misses")
         weights.add_metric([], len(weights_missing(views)))
         yield from (alive, restarts, engine, weights)
