@@ -6,7 +6,8 @@ patient right on the viewer's left, head up, level names in a strip of their own
 A series too short for a readable coronal picture (a 20-slice scan is a thin strip) gets an
 axial slice through the middle of the measured muscle instead. Right: per-level volume,
 median HU and status, the T1-T10 totals marked incomplete when they miss levels, and the
-screening flag.
+screening flag; a bone column (trabecular median HU per vertebra, with T11, T12 and L1 below the
+totals), the low-bone flag and, when the liver is measured, a liver line.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from matplotlib.figure import Figure  # noqa: E402
 from pydicom.dataset import Dataset  # noqa: E402
 
 from node.labels import MEASURED_LEVELS  # noqa: E402
+from node.pipeline.bone import BODY_MASK, VertebraResult  # noqa: E402
 from node.pipeline.ct import CTVolume  # noqa: E402
+from node.pipeline.flags import Flag, FlagState  # noqa: E402
 from node.pipeline.measure import LevelResult, MeasurementResult, MuscleStats  # noqa: E402
 from node.screening import Coverage, LevelStatus, coverage, low_attenuation  # noqa: E402
 
@@ -175,13 +178,15 @@ def _label_levels(figure: Figure, axes, projected: np.ndarray) -> None:
 
 def _draw_table(axes, result: MeasurementResult, totals: Coverage, options: EncodeOptions) -> None:
     axes.set_axis_off()
-    header = ["Level", "Volume (cm³)", "Median HU", "HU left / right", "Status"]
+    header = ["Level", "Volume (cm³)", "Median HU", "HU left / right", "Status", "Bone HU"]
     levels = [level for level in result.levels if level.level in MEASURED_LEVELS]
-    rows = [_level_row(level) for level in levels]
-    rows.append(_row("T1-T10", result.total.combined, result.total.left, result.total.right, totals.status,
-                     TOTAL_MARK[totals.status]))
+    bone = {vertebra.level: _bone_cell(vertebra) for vertebra in result.vertebrae}
+    rows = [[*_level_row(level), bone.pop(level.level, "-")] for level in levels]
+    rows.append([*_row("T1-T10", result.total.combined, result.total.left, result.total.right, totals.status,
+                       TOTAL_MARK[totals.status]), ""])
+    rows += [[level, "", "", "", "", cell] for level, cell in bone.items()]
     table = axes.table(cellText=rows, colLabels=header, loc="upper center", cellLoc="center",
-                       colWidths=[0.14, 0.22, 0.2, 0.26, 0.18])
+                       colWidths=[0.1, 0.18, 0.16, 0.22, 0.16, 0.18])
     table.auto_set_font_size(False)
     table.set_fontsize(11)
     table.scale(1.0, 1.6)
@@ -189,13 +194,48 @@ def _draw_table(axes, result: MeasurementResult, totals: Coverage, options: Enco
         cell.set_facecolor("black")
         cell.set_edgecolor("#555555")
         cell.get_text().set_color("white")
-        if row == 0 or row == len(rows):
+        if row == 0 or row == len(levels) + 1:
             cell.get_text().set_weight("bold")
         if column == 0 and 0 < row <= len(levels):
             cell.get_text().set_color(np.array(codes.LEVEL_RGB[levels[row - 1].level]) / 255)
-        if row == len(rows) and column == 4 and totals.status is not LevelStatus.COMPLETE:
+        if row == len(levels) + 1 and column == 4 and totals.status is not LevelStatus.COMPLETE:
             cell.get_text().set_color("orange")
     _draw_flag(axes, result, totals, options)
+    _draw_biomarkers(axes, result)
+
+
+def _bone_cell(vertebra: VertebraResult) -> str:
+    """Trabecular median; "*" marks a partial vertebra, "(whole)" a mask without vertebral bodies."""
+    if vertebra.status is LevelStatus.ABSENT:
+        return "-"
+    mark = "*" if vertebra.status is LevelStatus.PARTIAL else ""
+    return _hu(vertebra.trabecular.median_hu) + mark + ("" if vertebra.mask == BODY_MASK else " (whole)")
+
+
+def _draw_biomarkers(axes, result: MeasurementResult) -> None:
+    """The bone flag and the liver line, above the muscle flag; "not assessed" says why in short."""
+    lines = []
+    if any(vertebra.status is LevelStatus.PARTIAL for vertebra in result.vertebrae):
+        lines.append(("Bone HU: * vertebra cut by the field of view", "#aaaaaa"))
+    if result.bone_flag is not None:
+        lines.append(_flag_line("Bone", result.bone_flag))
+    if result.liver is not None:
+        liver = result.liver
+        cut = " (partial: cut by the field of view)" if liver.status is LevelStatus.PARTIAL else ""
+        text = (f"Liver {_hu(liver.parenchyma.median_hu)} HU, spleen {_hu(liver.spleen.parenchyma.median_hu)} HU, "
+                f"liver - spleen {_hu(liver.liver_minus_spleen_hu)} HU{cut}")
+        lines += [(text, "white"), _flag_line("Liver", liver.flag)]
+    for i, (text, colour) in enumerate(lines):
+        axes.text(0.5, 0.34 - 0.05 * i, text, color=colour, ha="center", va="center", fontsize=10,
+                  weight="bold" if colour == "red" else "normal", transform=axes.transAxes)
+
+
+def _flag_line(name: str, flag: Flag) -> tuple[str, str]:
+    if flag.state is FlagState.LOW:
+        return f"LOW {name.upper()} ATTENUATION: {_hu(flag.value_hu)} HU (flag: {flag.rule})", "red"
+    if flag.state is FlagState.NOT_LOW:
+        return f"{name}: {_hu(flag.value_hu)} HU, not low (flag: {flag.rule})", "white"
+    return f"{name} flag not assessed: {(flag.reason or '').split(':')[0].split(' (')[0]}", "orange"
 
 
 def _level_row(level: LevelResult) -> list[str]:

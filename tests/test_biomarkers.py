@@ -70,7 +70,8 @@ def unenhanced(phantom_dicom, phantom_masks, config_file, tmp_path_factory) -> R
 @pytest.fixture(scope="session")
 def enhanced(phantom_dicom, phantom_masks, config_file, tmp_path_factory) -> Run:
     series = phantom_dicom("axial", header={"ContrastBolusAgent": "Iomeprol 400", "ContrastBolusRoute": "IV"})
-    return _measure(series.folder, phantom_masks("multilabel", "LPS"), tmp_path_factory.mktemp("enhanced"), config_file)
+    return _measure(series.folder, phantom_masks("multilabel", "LPS"), tmp_path_factory.mktemp("enhanced"), config_file,
+                    "--dicom")
 
 
 @pytest.fixture(scope="session")
@@ -236,6 +237,19 @@ def test_seg_holds_each_trabecular_mask_and_the_parenchyma_the_sr_measured(unenh
             referenced[items["Tracking Identifier"].TextValue] = int(segment)
     assert {label: referenced.get(label) for label in numbers if "trabecular" in label or "parenchyma" in label} == {
         label: number for label, number in numbers.items() if "trabecular" in label or "parenchyma" in label}
+
+
+def _red_text_pixels(path: Path) -> int:
+    """Pure red is only the colour of a raised flag's line on the key image (the level colours are not)."""
+    pixels = pydicom.dcmread(path).pixel_array.astype(int)
+    return int(((pixels[..., 0] > 250) & (pixels[..., 1] < 10) & (pixels[..., 2] < 10)).sum())
+
+
+def test_key_image_shows_the_raised_bone_and_liver_flags_only_when_assessed(unenhanced: Run, enhanced: Run) -> None:
+    assert unenhanced.result["bone_flag"]["state"] == unenhanced.result["liver"]["flag"]["state"] == "low"
+    assert unenhanced.result["total"]["combined"]["median_hu"] >= 10, "the muscle flag is not raised"
+    assert _red_text_pixels(unenhanced.out / "keyimage.dcm") > 100
+    assert _red_text_pixels(enhanced.out / "keyimage.dcm") == 0
 
 
 def test_precomputed_backend_reads_l1_liver_and_spleen(phantom: ph.Phantom, phantom_dicom, tmp_path) -> None:
