@@ -40,6 +40,12 @@ LABEL_STRIP_PX = 48  # room for "T10" left of the picture, inside the figure
 MIN_CORONAL_HEIGHT = 0.4  # of the panel: flatter coronal pictures are replaced by an axial slice
 WINDOW_HU = (-160.0, 240.0)  # soft-tissue window: muscle and fat apart
 DERIVED_BANNER = "DERIVED BY SOFTWARE - NOT FOR DIAGNOSIS"
+# DICOM's defined Body Part Examined terms a CT through the thorax may carry. Another value (a
+# vendor's PARTIALBODY, say) or none is not copied: readers cannot tell whether it is a paired
+# part, so Laterality is written empty, which DICOM prescribes when laterality is unknown.
+BODY_PARTS = frozenset({"CHEST", "ABDOMEN", "PELVIS", "ABDOMENPELVIS", "CHESTABDOMEN", "CHESTABDPELVIS", "NECKCHEST",
+                        "NECKCHESTABDOMEN", "NECKCHESTABDPELV", "HEADNECK", "WHOLEBODY", "SPINE", "CSPINE", "TSPINE",
+                        "LSPINE", "CTSPINE", "TLSPINE", "LSSPINE", "HEART", "NECK"})
 STATUS_MARK = {LevelStatus.COMPLETE: "ok", LevelStatus.PARTIAL: "PARTIAL", LevelStatus.ABSENT: "ABSENT"}
 TOTAL_MARK = {LevelStatus.COMPLETE: "ok", LevelStatus.PARTIAL: "INCOMPLETE", LevelStatus.ABSENT: "ABSENT"}
 
@@ -260,17 +266,17 @@ def screening_flag(result: MeasurementResult, threshold_hu: float) -> bool:
 def _draw_flag(axes, result: MeasurementResult, totals: Coverage, options: EncodeOptions) -> None:
     median, threshold = result.total.combined.median_hu, options.low_attenuation_hu
     incomplete = totals.status is not LevelStatus.COMPLETE
-    scope = f"T1-T10 (INCOMPLETE: {totals.describe()})" if incomplete else "T1-T10"
+    mark = " - INCOMPLETE" if incomplete else ""
     if median is None:
         text, colour = "No T1-T10 muscle measured: no screening result", "orange"
     elif screening_flag(result, threshold):
-        text, colour = f"LOW MUSCLE ATTENUATION: {scope} median {median:.0f} HU < {threshold:g} HU", "red"
+        text, colour = f"LOW MUSCLE ATTENUATION: T1-T10 median {median:.0f} HU < {threshold:g} HU{mark}", "red"
     else:
-        text, colour = f"{scope} median {median:.0f} HU (flag below {threshold:g} HU)", "orange" if incomplete else "white"
+        text, colour = f"T1-T10 median {median:.0f} HU (flag below {threshold:g} HU){mark}", "orange" if incomplete else "white"
     axes.text(0.5, 0.08, text, color=colour, ha="center", va="center", fontsize=12, weight="bold",
-              transform=axes.transAxes, bbox={"facecolor": "black", "edgecolor": colour, "pad": 6}, wrap=True)
+              transform=axes.transAxes, bbox={"facecolor": "black", "edgecolor": colour, "pad": 6})
     if incomplete and totals.included:
-        axes.text(0.5, 0.015, f"T1-T10 totals include {totals.describe()} only", color="orange", ha="center",
+        axes.text(0.5, 0.015, f"T1-T10 totals cover {totals.describe()} only", color="orange", ha="center",
                   va="center", fontsize=10, transform=axes.transAxes)
 
 
@@ -296,8 +302,13 @@ def build_key_image(ct: CTVolume, segments: SegmentMap, result: MeasurementResul
     )
     copy_patient_and_study(ct.datasets[0], image)
     image.BurnedInAnnotation = "YES"
-    if ct.datasets[0].get("BodyPartExamined"):
-        image.BodyPartExamined = ct.datasets[0].BodyPartExamined
+    body_part = str(ct.datasets[0].get("BodyPartExamined", "")).upper()
+    if body_part in BODY_PARTS:
+        image.BodyPartExamined = body_part
+    else:
+        if "BodyPartExamined" in image:  # highdicom copies it from the reference
+            del image.BodyPartExamined
+        image.Laterality = ""
     image.ImageComments = "Derived by paraspinal-node from the CT series; not for diagnosis"
     image.DerivationDescription = "Rendered summary of the paraspinal muscle measurement"
     image.SourceImageSequence = [_reference(ds) for ds in sources]

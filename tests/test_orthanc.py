@@ -51,6 +51,7 @@ ONCE_EACH = {"seg": [1], "sr": [1], "key_image": [1]}  # one series of one insta
 JPEG_LS_LOSSLESS = "1.2.840.10008.1.2.4.80"
 JPEG_2000_LOSSLESS = "1.2.840.10008.1.2.4.90"
 ABSENT = "121054"  # SR qualitative evaluation code of an absent level
+DEEP_MUSCLE_OF_BACK = "244849004"  # the Finding of every muscle group
 
 
 def node_config(state_dir: Path, port: int, orthanc: Orthanc, precomputed: Path) -> str:
@@ -207,7 +208,7 @@ def wait_for_results(orthanc: Orthanc, study_uid: str, folder: Path) -> Results:
 
 
 def read_sr(path: Path) -> dict[str, dict]:
-    """Tracking label -> {"values": {statistic: value}, "codes": {concept: code}} of each TID 1411/1501 group.
+    """Tracking label -> {"values": {statistic: value}, "codes": {concept: code}} of each muscle group.
 
     A measured group holds every statistic of its Measurement Method (all voxels or the lean window)
     in order; an absent level's groups hold none.
@@ -219,6 +220,8 @@ def read_sr(path: Path) -> dict[str, dict]:
         label = next(i.TextValue for i in group.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "112039")
         codes = {i.ConceptNameCodeSequence[0].CodeValue: i.ConceptCodeSequence[0].CodeValue
                  for i in group.ContentSequence if i.ValueType == "CODE"}
+        if codes["121071"] != DEEP_MUSCLE_OF_BACK:
+            continue  # bone and organ groups
         window = next(w for w in Window if w.method.value == codes["370129005"])
         numbers = [item for item in group.ContentSequence if item.ValueType == "NUM"]
         assert len(numbers) == (0 if codes["111693"] == ABSENT else len(MEASUREMENTS[window])), label
