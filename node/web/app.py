@@ -27,9 +27,10 @@ from node.state.worklist import columns, parse_since, render, worklist_row
 from node.web import status
 from node.web.auth import Guard
 from node.web.metrics import STAGES, registry
-from node.web.thumbnail import key_image_path, patient_name, thumbnail_png
+from node.web.thumbnail import THUMBNAIL_WIDTH, key_image_path, patient_name, thumbnail_png
 
 PAGE_SIZE = 50
+LARGE_WIDTH = 1280  # the key image as rendered, for the job page
 IDENTITY_COLUMNS = ("patient_id", "accession", "study_date", "series_instance_uid", "job")
 FLAG_COLUMN = "low_attenuation"
 TEMPLATES = Path(__file__).parent / "templates"
@@ -138,7 +139,9 @@ class Site:
         if path is None:
             return PlainTextResponse("no key image for this job (not made yet, or removed after "
                                      "storage.retention_days)\n", status_code=404)
-        return Response(thumbnail_png(path), media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
+        width = LARGE_WIDTH if request.query_params.get("size") == "large" else THUMBNAIL_WIDTH
+        return Response(thumbnail_png(path, width), media_type="image/png",
+                        headers={"Cache-Control": "private, max-age=300"})
 
     def worklist(self, request: Request) -> Response:
         entries, error = self._worklist_entries(request)

@@ -11,26 +11,14 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from node.config import Config
+from node.ingest.counts import ReceiverTotals
 from node.state.store import DestinationTotals, JobStatus, State, WorkerRecord
 
 WORKER_STALE_S = 60.0  # a worker silent this long (heartbeat or lease renewal) is shown as gone
 WEIGHTS_FIX = "run `paraspinal-node weights urls`, fetch the zips elsewhere, then `paraspinal-node weights install --from DIR`"
-
-
-@dataclass(frozen=True)
-class ReceiverTotals:
-    """The receiver's counts since `serve` started (all associations, ended or not)."""
-
-    stored: int = 0
-    duplicate: int = 0
-    discarded: int = 0
-    refused: dict[str, int] = field(default_factory=dict)  # reason → instances
-    associations_accepted: int = 0
-    associations_rejected: int = 0
-    associations_open: int = 0
 
 
 @dataclass(frozen=True)
