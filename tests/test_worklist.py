@@ -59,6 +59,7 @@ def test_csv_lists_processed_studies_with_levels_and_flag(config_file: Path, cap
     assert (first["patient_id"], first["study_date"]) == ("PID-A", "2024-01-05")
     assert (first["T1_median_hu"], first["T1_volume_cm3"], first["T1_status"]) == ("30.0", "10.0", "complete")
     assert (first["T10_median_hu"], first["T10_status"]) == ("39.0", "partial")
+    assert (first["t1_t10_status"], first["t1_t10_levels"]) == ("partial", "T1-T10 (T10 partial)")
     assert [r["low_attenuation"] for r in rows] == ["", "no", "yes"]
 
 
@@ -67,6 +68,27 @@ def test_json_since_filters_on_study_date(config_file: Path, capsys) -> None:
     assert code == 0
     (row,) = json.loads(out)
     assert row["accession"] == "ACC-B" and row["low_attenuation"] is True and row["t1_t10_median_hu"] == 4.0
+
+
+def test_absent_levels_have_no_figures_and_the_totals_say_what_they_cover(tmp_path: Path, capsys) -> None:
+    """T1-T3 outside the field of view: blanks, not a volume of 0, and totals over T4-T10 only."""
+    measurements = result(20.0, 5.0)
+    for level in measurements["levels"][:3]:
+        level["status"], level["combined"] = "absent", stats(None, 0.0)
+    path = tmp_path / "node.toml"
+    path.write_text(f'[storage]\nstate_dir = "{tmp_path / "state"}"\n')
+    state = open_state(tmp_path / "state" / "state.sqlite")
+    state.record_series(SeriesRecord("2.1", "9", "PID-E", "ACC-E", "20240401", "CT", "chest", 80, "f", "/x"))
+    job = state.add_job("2.1", "f", "/x")
+    state.claim("w", 60, 3)
+    state.complete(job.id, "w", measurements, [])
+    state.close()
+    code, out, _ = run(capsys, "worklist", "--config", str(path), "--format", "json")
+    (row,) = json.loads(out)
+    assert code == 0
+    assert (row["T1_status"], row["T1_volume_cm3"], row["T1_median_hu"]) == ("absent", None, None)
+    assert (row["t1_t10_status"], row["t1_t10_levels"]) == ("partial", "T4-T10 (T1, T2, T3 absent; T10 partial)")
+    assert row["low_attenuation"] is True and row["t1_t10_median_hu"] == 5.0
 
 
 def test_bad_since_is_a_usage_error(config_file: Path, capsys) -> None:

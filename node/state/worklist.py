@@ -2,7 +2,10 @@
 
 The flag is raised when the T1–T10 median attenuation of the combined muscle is below
 `measure.low_attenuation_hu` (the seed study's lowest quartile had a median of 4 HU against
-27 HU in the others). A series processed again after it grew is listed with its latest result.
+27 HU in the others). That rule, and what the T1–T10 totals cover (complete only when every
+level is; the levels they include), come from node.screening, as on the key image and in the SR.
+An absent level has no figures, not a volume of 0. A series processed again after it grew is
+listed with its latest result.
 Bone (trabecular median per vertebra, the low-bone flag) and liver columns follow; the bone and
 liver flags read "low", "not_low" or "not_assessed" as the measurement decided them.
 """
@@ -17,6 +20,7 @@ from datetime import date
 from typing import Any
 
 from node.labels import MEASURED_LEVELS, SPINE_LEVELS
+from node.screening import LevelStatus, coverage, low_attenuation
 from node.state.store import SeriesRecord
 
 _DATE = re.compile(r"^(\d{4})-?(\d{2})-?(\d{2})$")
@@ -37,7 +41,7 @@ def parse_since(text: str) -> str:
 def columns() -> list[str]:
     per_level = [f"{level}_{name}" for level in MEASURED_LEVELS for name in ("median_hu", "volume_cm3", "status")]
     return ["patient_id", "accession", "study_date", "series_instance_uid", "job",
-            *per_level, "t1_t10_median_hu", "t1_t10_volume_cm3", "low_attenuation",
+            *per_level, "t1_t10_median_hu", "t1_t10_volume_cm3", "t1_t10_status", "t1_t10_levels", "low_attenuation",
             *[f"{level}_bone_hu" for level in SPINE_LEVELS], "contrast", "bone_flag_level", "bone_flag",
             "liver_status", "liver_median_hu", "spleen_median_hu", "liver_minus_spleen_hu", "liver_flag"]
 
@@ -48,17 +52,22 @@ def worklist_row(series: SeriesRecord, job_id: int, result: dict[str, Any], low_
                            "study_date": _iso_date(series.study_date), "series_instance_uid": series.series_uid,
                            "job": job_id}
     levels = {level["level"]: level for level in result.get("levels", [])}
+    statuses = []
     for name in MEASURED_LEVELS:
         level = levels.get(name, {})
-        combined = level.get("combined") or {}
+        status = LevelStatus(level.get("status", LevelStatus.ABSENT))
+        combined = {} if status is LevelStatus.ABSENT else level.get("combined") or {}
         row[f"{name}_median_hu"] = combined.get("median_hu")
         row[f"{name}_volume_cm3"] = combined.get("volume_cm3")
-        row[f"{name}_status"] = level.get("status", "absent")
-    total = (result.get("total") or {}).get("combined") or {}
-    median = total.get("median_hu")
-    row["t1_t10_median_hu"] = median
+        row[f"{name}_status"] = str(status)
+        statuses.append((name, status))
+    totals = coverage(statuses)
+    total = {} if totals.status is LevelStatus.ABSENT else (result.get("total") or {}).get("combined") or {}
+    row["t1_t10_median_hu"] = total.get("median_hu")
     row["t1_t10_volume_cm3"] = total.get("volume_cm3")
-    row["low_attenuation"] = None if median is None else median < low_attenuation_hu
+    row["t1_t10_status"] = str(totals.status)
+    row["t1_t10_levels"] = totals.describe()
+    row["low_attenuation"] = low_attenuation(total.get("median_hu"), low_attenuation_hu)
     row.update(_bone_and_liver(result))
     return row
 
