@@ -71,7 +71,7 @@ def series(tmp_path_factory: pytest.TempPathFactory) -> Series:
 class Node:
     """`paraspinal-node serve` in a subprocess with a generated config, a storescp destination and a web port."""
 
-    def __init__(self, root: Path, series: Series, web: str = "") -> None:
+    def __init__(self, root: Path, series: Series, web: str = "", min_free_disk_mb: int = 1, workers: int = 1) -> None:
         self.root = root
         self.port = free_port()
         self.web_port = free_port()
@@ -83,7 +83,7 @@ class Node:
 ae_title = "NODE"
 port = {self.port}
 bind_address = "127.0.0.1"
-min_free_disk_mb = 1
+min_free_disk_mb = {min_free_disk_mb}
 [[destinations]]
 ae_title = "DEST"
 host = "127.0.0.1"
@@ -96,6 +96,7 @@ precomputed_dir = "{series.precomputed}"
 [completion]
 release_quiet_s = 0.5
 [worker]
+count = {workers}
 poll_s = 0.2
 [delivery]
 retry_base_s = 0.5
@@ -314,6 +315,22 @@ def test_basic_auth_guards_pages_metrics_and_retry_and_names_show_when_enabled(t
     finally:
         node.stop()
     assert "event=web_unprotected" not in node.log.read_text()
+
+
+def test_readyz_names_what_is_not_ready(tmp_path: Path, series: Series) -> None:
+    node = Node(tmp_path, series, min_free_disk_mb=10**9, workers=0)
+    node.start()
+    try:
+        answer = node.get("/readyz")
+        assert answer.status == 503 and answer.text.startswith("not ready\n")
+        assert "ok receiver:" in answer.text and "ok database:" in answer.text
+        assert "FAIL disk:" in answer.text and "free space or the receiver refuses images" in answer.text
+        assert "FAIL weights: unknown: no worker has reported" in answer.text
+        assert node.get("/healthz").status == 200
+        assert node.metric("paraspinal_workers_alive") == 0
+        assert "No worker has reported yet" in node.get("/").text
+    finally:
+        node.stop()
 
 
 def test_web_port_taken_leaves_the_node_running_and_says_why(tmp_path: Path, series: Series) -> None:
