@@ -16,7 +16,7 @@ from node.durable import make_dirs, write_atomic
 from node.pipeline.bone import VertebraResult
 from node.pipeline.liver import OrganResult
 from node.pipeline.measure import MeasurementResult, MuscleStats
-from node.screening import coverage
+from node.screening import LevelStatus, coverage
 
 STAT_COLUMNS = ("voxels", "volume_cm3", "median_hu", "mean_hu", "sd_hu", "p25_hu", "p75_hu", "fat_fraction", "fat_grade")
 LEAN_COLUMNS = ("voxels", "volume_cm3", "median_hu", "mean_hu", "sd_hu", "p25_hu", "p75_hu")
@@ -37,10 +37,11 @@ def csv_header() -> list[str]:
 def csv_rows(result: MeasurementResult) -> list[list]:
     bone = {vertebra.level: _bone_cells(vertebra) for vertebra in result.vertebrae}
     blank_bone = [""] * len(BONE_COLUMNS)
-    rows = [[level.level, level.status, *_side_cells(level.combined, level.left, level.right), *bone.pop(level.level, blank_bone)]
-            for level in result.levels]
+    rows = [[level.level, level.status, *_side_cells(level.status, level.combined, level.left, level.right),
+             *bone.pop(level.level, blank_bone)] for level in result.levels]
     total_status = coverage((level.level, level.status) for level in result.levels).status
-    rows.append([TOTAL_ROW, total_status, *_side_cells(result.total.combined, result.total.left, result.total.right), *blank_bone])
+    rows.append([TOTAL_ROW, total_status, *_side_cells(total_status, result.total.combined, result.total.left, result.total.right),
+                 *blank_bone])
     muscle_blank = [""] * (len(csv_header()) - 2 - len(BONE_COLUMNS))
     rows += [[level, "", *muscle_blank, *cells] for level, cells in bone.items()]
     if result.liver is not None:
@@ -60,12 +61,13 @@ def _organ_row(name: str, organ: OrganResult, width: int) -> list:
     return [name, organ.status, *cells, *[""] * (width - len(cells))]
 
 
-def _side_cells(*sides: MuscleStats) -> list:
+def _side_cells(status: LevelStatus, *sides: MuscleStats) -> list:
+    """Empty for an absent level: it was not measured, which a 0 cm3 volume would hide."""
     cells: list = []
     for stats in sides:
         cells += [getattr(stats, name) for name in STAT_COLUMNS]
         cells += [getattr(stats.lean, name) for name in LEAN_COLUMNS]
-    return ["" if value is None else value for value in cells]
+    return ["" if value is None or status is LevelStatus.ABSENT else value for value in cells]
 
 
 def write_reports(result: MeasurementResult, out_dir: Path) -> tuple[Path, Path]:
