@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import queue
 import select
 import socket
 import socketserver
@@ -54,6 +55,7 @@ SMALL_PDU_LIMIT = 64 << 10  # A-ASSOCIATE-RQ with hundreds of contexts is ~20 Ki
 _PDU_TYPES = frozenset(range(0x01, 0x08))
 _P_DATA_TF = 0x04
 _PENDING_POLL_S = 0.02  # a connection that has not associated is polled this often, not every millisecond
+_IDLE_S = 0.001  # pynetdicom's own reactor period: how long a thread waits when there is nothing to do
 
 
 @dataclass(frozen=True)
@@ -96,13 +98,8 @@ def configure_ae(ae: AE, limits: ConnectionLimits) -> None:
     ae.network_timeout = limits.idle_timeout_s
 
 
-def associated_acceptors(ae: AE) -> list[Association]:
-    """Acceptor threads whose A-ASSOCIATE-RQ has arrived: what `maximum_associations` is meant to count."""
-    return [a for a in ae.active_associations if a.is_acceptor and a.requestor.primitive is not None]
-
-
 class CountingAE(AE):
-    """An AE whose association limit counts only peers that have asked to associate (see `associated_acceptors`).
+    """An AE whose association limit counts only peers that have asked to associate and are not done.
 
     pynetdicom's ACSE rejects when `len(ae.active_associations) > maximum_associations`, counting every
     accepted socket, so port scanners and half-open sockets used to take the slots of real senders.
@@ -110,7 +107,13 @@ class CountingAE(AE):
 
     @property
     def active_associations(self) -> list[Association]:
-        return [a for a in super().active_associations if not a.is_acceptor or a.requestor.primitive is not None]
+        return [a for a in super().active_associations if not a.is_acceptor or _holds_a_slot(a)]
+
+
+def _holds_a_slot(assoc: Association) -> bool:
+    """Asked to associate and not yet over: a released one's thread lingers briefly while its socket closes."""
+    asked = assoc.requestor.primitive is not None
+    return asked and not (assoc.is_released or assoc.is_aborted or assoc.is_rejected)
 
 
 class BoundedServer(ThreadedAssociationServer):
@@ -119,6 +122,12 @@ class BoundedServer(ThreadedAssociationServer):
     daemon_threads = True
     request_queue_size = 128  # listen backlog: a burst of port probes must not overflow it (SYN retries take 1 s)
     limits: ConnectionLimits
+
+    def _bind_defaults(self) -> None:
+        """pynetdicom's default intervention handlers only: its "standard" notification handlers format
+        debug lines for every PDU and DIMSE message, which cost about a millisecond per image."""
+        for event in evt._INTERVENTION_EVENTS:
+            self.bind(event, evt.get_default_handler(event))
 
     def connections(self) -> list[Association]:
         """Every acceptor thread of this server, associated or not."""
@@ -181,6 +190,7 @@ class BoundedRequestHandler(RequestHandler):
         dul._accepted_at = time.monotonic()
         dul._transport_closed = False
         dul._eof_reported = False
+        dul._run_loop_delay = 0  # BoundedDUL._is_transport_event does the waiting
         assoc.dimse.__class__ = BoundedDIMSE
         return assoc
 
@@ -204,18 +214,27 @@ class BoundedDUL(DULServiceProvider):
                 pass
 
     def _is_transport_event(self) -> bool:
-        if self.state_machine.current_state == "Sta1":
-            return False  # the connection is over: a read would raise Evt17 again, invalid in Sta1
-        if self.state_machine.current_state == "Sta2" and self.socket is not None and self.socket.socket is not None:
-            try:  # nothing but the peer can move a connection on from Sta2: wait for it instead of spinning
-                select.select([self.socket.socket], [], [], _PENDING_POLL_S)
+        """pynetdicom's check for incoming data, made to wait for it: the reactor loop no longer sleeps
+        (`_run_loop_delay` 0), so a PDU is read the moment it arrives instead of up to 1 ms later, while
+        an idle connection still wakes only every `_IDLE_S` (`_PENDING_POLL_S` before association)."""
+        state = self.state_machine.current_state
+        if state in ("Sta1", "Sta3") or (state == "Sta6" and not self.assoc.dimse.msg_queue.empty()):
+            # Sta1: the connection is over (a read would raise Evt17 again, invalid there); Sta3: the peer
+            # must wait for A-ASSOCIATE-AC/RJ (reading on races the answer); Sta6 with a whole message
+            # waiting for the handler: read no more until it is taken (back-pressure on a pipelining peer).
+            if self._nothing_queued():
+                time.sleep(_IDLE_S)
+            return False
+        sock = self.socket.socket if self.socket is not None else None
+        if state != "Sta13" and sock is not None and self._nothing_queued():
+            try:
+                select.select([sock], [], [], _PENDING_POLL_S if state == "Sta2" else _IDLE_S)
             except (OSError, ValueError):
                 pass
-        elif self.state_machine.current_state == "Sta3":
-            return False  # the peer must wait for A-ASSOCIATE-AC/RJ; reading on races the answer (Evt7 in Sta13)
-        elif self.state_machine.current_state == "Sta6" and not self.assoc.dimse.msg_queue.empty():
-            return False  # a whole message waits for the handler: read no more until it is taken
         return super()._is_transport_event()
+
+    def _nothing_queued(self) -> bool:
+        return self.event_queue.empty() and self.to_provider_queue.empty()
 
     def receive_pdu(self, wait: bool = False, timeout: float | None = None):
         """As pynetdicom's, but the acceptor's wait for A-ASSOCIATE-RQ ends as soon as the connection has."""
@@ -304,6 +323,16 @@ def _recv_into(sock: socket.socket, view: memoryview, deadline: float) -> bool:
 
 class BoundedDIMSE(DIMSEServiceProvider):
     """DIMSE message assembly into capped buffers (`DataSetBuffer`), with a small cap on the command set."""
+
+    def get_msg(self, block: bool = False):
+        """As pynetdicom's, but the acceptor reactor's non-blocking poll waits up to `_IDLE_S` for a message,
+        so that one is served when it is complete rather than after the reactor's next 1 ms sleep."""
+        if block:
+            return super().get_msg(block)
+        try:
+            return self.msg_queue.get(timeout=_IDLE_S)
+        except queue.Empty:
+            return None, None
 
     def receive_primitive(self, primitive) -> None:
         if self.message is None:
