@@ -333,6 +333,15 @@ def test_readyz_names_what_is_not_ready(tmp_path: Path, series: Series) -> None:
         node.stop()
 
 
+def test_unreadable_secret_file_refuses_the_start_in_one_line(tmp_path: Path, series: Series) -> None:
+    node = Node(tmp_path, series, f'auth = "bearer"\nsecret_file = "{tmp_path / "absent"}"')
+    result = subprocess.run([sys.executable, "-m", "node.cli.main", "serve", "--config", str(node.config)], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert f"web.secret_file {tmp_path / 'absent'} cannot be read" in result.stderr
+    assert "Traceback" not in result.stderr and "event=receiver_started" not in result.stderr
+
+
 def test_web_port_taken_leaves_the_node_running_and_says_why(tmp_path: Path, series: Series) -> None:
     node = Node(tmp_path, series, 'bind = "0.0.0.0"')
     with _listening_on(node.web_port):

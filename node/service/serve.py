@@ -134,6 +134,7 @@ class Service:
             log.exception("event=scheduler_round_failed")
 
     def start(self) -> None:
+        web = self._make_web() if self.config.web.enabled else None  # a bad secret file refuses the start here
         removed = self.spool.remove_partial_files()
         self.tracker.recover()
         if self.watcher is not None:  # first: a folder it cannot use refuses the start before anything listens
@@ -150,12 +151,13 @@ class Service:
             log.warning("event=receiver_open_to_all reason=%s", warning)
         self.supervisor.check()
         self._delivery_thread.start()
-        if self.config.web.enabled:
-            self.web = self._start_web()
+        if web is not None:
+            web.start()
+            self.web = web
         log.info("event=node_started ae_title=%s port=%d workers=%d partial_files_removed=%d",
                  self.config.receiver.ae_title, self.receiver.port, self.config.worker.count, removed)
 
-    def _start_web(self):
+    def _make_web(self):
         """The web server over this node's state and live parts (imported only when enabled)."""
         from node.web.auth import SecretError
         from node.web.server import WebServer
@@ -166,7 +168,6 @@ class Service:
             web = WebServer(self.config, self.state, live)
         except SecretError as exc:
             raise StartError(str(exc)) from None
-        web.start()
         return web
 
     def _receiver_listening(self) -> bool:
