@@ -2,13 +2,16 @@
 
 Receivers, alternated round by round so that disk and CPU noise hit them alike:
 - node: this project's Receiver and series tracker, wired as `serve` wires them (in this process,
-  spooling with fsync before each acknowledgement; series are not completed during the send);
+  spooling with fsync before each acknowledgement; series are not completed during the send), with
+  every network bound of the pynetdicom adapter in force;
+- naive: a plain pynetdicom SCP (default settings, no bounds) writing each data set's raw bytes with
+  fsync, as pynetdicom's documentation shows: the floor the node's own work is measured against;
 - storescp: dcmtk writing each file to disk;
 - orthanc: Orthanc with its default storage settings (skipped if Orthanc is not installed).
 The sender is dcmtk storescu with TCP_NODELAY=1 (without it loopback runs at ~20 images/s).
 Every send uses a fresh series, so no receiver can short-cut a duplicate.
-Prints images/s per receiver (median of the rounds), the node's ratios to the others, and the
-node's CPU time per image (all threads of this process during its transfers).
+Prints images/s per receiver (median of the rounds), the node's ratios to the others (node/orthanc
+is the figure the README quotes), and the node's CPU time per image (all threads of this process).
 
     .venv/bin/python bench/receive.py [--count 400] [--rounds 3]
 """
@@ -30,7 +33,9 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, StoragePresentationContexts, evt
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
@@ -105,6 +110,31 @@ def node(work: Path) -> Iterator[int]:
         state.close()
 
 
+@contextlib.contextmanager
+def naive(work: Path) -> Iterator[int]:
+    """pynetdicom's documented raw-storage SCP, plus fsync: what any pynetdicom receiver costs."""
+    folder = work / "naive"
+    folder.mkdir()
+
+    def on_store(event: evt.Event) -> int:
+        path = folder / f"{event.request.AffectedSOPInstanceUID}.dcm"
+        with path.open("wb") as out:
+            out.write(b"\x00" * 128 + b"DICM")
+            write_file_meta_info(out, event.file_meta)
+            out.write(event.request.DataSet.getbuffer())
+            out.flush()
+            os.fsync(out.fileno())
+        return 0x0000
+
+    ae = AE(ae_title="NAIVE")
+    ae.supported_contexts = StoragePresentationContexts
+    server = ae.start_server(("127.0.0.1", free_port()), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+
+
 def storescp(work: Path) -> contextlib.AbstractContextManager[int]:
     """dcmtk storescp writing every file to disk (the test peers' helper)."""
     return dicom_peers.storescp(work / "storescp")
@@ -140,13 +170,13 @@ def main() -> int:
     if shutil.which("storescu") is None:
         print("dcmtk is not installed: apt-get install dcmtk", file=sys.stderr)
         return 2
-    peers = {"node": (node, "NODE"), "storescp": (storescp, "STORESCP")}
-    if shutil.which("Orthanc"):
-        peers["orthanc"] = (orthanc, "ORTHANC")
-    else:
-        print("Orthanc is not installed: its column is skipped (apt-get install orthanc)")
     with tempfile.TemporaryDirectory(dir=args.work_dir) as scratch:
         work = Path(scratch)
+        peers = {"node": (node, "NODE"), "naive": (naive, "NAIVE"), "storescp": (storescp, "STORESCP")}
+        if shutil.which("Orthanc"):
+            peers["orthanc"] = (orthanc, "ORTHANC")
+        else:
+            print("Orthanc is not installed: its column is skipped (apt-get install orthanc)")
         rates: dict[str, list[float]] = {name: [] for name in peers}
         node_cpu: list[float] = []
         with contextlib.ExitStack() as stack:
@@ -168,6 +198,8 @@ def main() -> int:
     for name in median:
         if name != "node":
             print(f"  node / {name}: {median['node'] / median[name]:.2f}")
+    if "orthanc" in median:
+        print(f"  naive / orthanc: {median['naive'] / median['orthanc']:.2f}")
     print(f"  node CPU per image: {statistics.median(node_cpu) * 1000:.2f} ms")
     return 0
 

@@ -9,7 +9,7 @@ import pytest
 from dicom_peers import ct_dataset, write_ct_series
 from pydicom.uid import generate_uid
 
-from node.durable import supports_direct_io, write_atomic
+from node.durable import make_dirs, write_atomic
 from node.ingest.spool import Receipt, Spool, SpoolError, StoreOutcome
 
 RECEIPT = Receipt("assoc:test", "MODALITY", time.time())
@@ -83,10 +83,17 @@ def test_spooled_files_are_the_bytes_sent_whatever_their_length(tmp_path: Path) 
     assert not list(spool.root.rglob("*.partial"))
 
 
-def test_write_atomic_joins_parts_without_padding(tmp_path: Path) -> None:
-    """Through the page cache, and with O_DIRECT (whole blocks, then cut to length) where it is supported."""
+def test_write_atomic_joins_parts(tmp_path: Path) -> None:
     parts = [b"head", memoryview(bytes(range(256)) * 40)[3:], bytearray(b"tail")]
-    for direct in (False, supports_direct_io(tmp_path)):
-        target = tmp_path / f"file-{direct}"
-        write_atomic(target, parts, direct=direct)
-        assert target.read_bytes() == b"".join(bytes(p) for p in parts)
+    target = tmp_path / "file"
+    write_atomic(target, parts)
+    assert target.read_bytes() == b"".join(bytes(p) for p in parts)
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_make_dirs_creates_only_below_its_root(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    make_dirs(root / "study" / "series", root)
+    make_dirs(tmp_path / "a" / "b")
+    assert (root / "study" / "series").is_dir() and (tmp_path / "a" / "b").is_dir()

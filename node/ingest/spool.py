@@ -1,8 +1,7 @@
 """Durable spool of received instances: root/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm.
 
 An instance is acknowledged to a sender only after `Spool.store` returns, so every write is
-temp file → fsync → rename → fsync of the directory, with O_DIRECT where the filesystem takes it
-(see `durable.write_atomic`). The bytes are written as they arrived (no decode/re-encode): that
+temp file → fsync → rename → fsync of the directory (see `durable.write_atomic`). The bytes are written as they arrived (no decode/re-encode): that
 keeps the original encoding for audit and keeps the receive path fast.
 """
 
@@ -25,7 +24,7 @@ from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
-from node.durable import TEMP_SUFFIX, Bytes, make_dirs, supports_direct_io, write_atomic
+from node.durable import TEMP_SUFFIX, Bytes, make_dirs, write_atomic
 from node.ingest.dataset import DataSetProblem, Problem, check_pixel_data, inflate_head
 from node.ingest.dicom import multi_values
 
@@ -114,7 +113,6 @@ class Spool:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.direct_io = supports_direct_io(self.root)
 
     def store(self, data: bytes | bytearray | memoryview | Path, receipt: Receipt) -> SpooledInstance:
         """Durably spool one DICOM Part 10 file given as its bytes (or a file to copy them from)."""
@@ -185,10 +183,10 @@ class Spool:
         if target.exists():
             if _same_content(target, parts):
                 return StoreOutcome.DUPLICATE
-            write_atomic(target, parts, self.direct_io)
+            write_atomic(target, parts)
             return StoreOutcome.REPLACED
         make_dirs(target.parent, self.root)
-        write_atomic(target, parts, self.direct_io)
+        write_atomic(target, parts)
         return StoreOutcome.NEW
 
 
