@@ -360,3 +360,53 @@ def test_bad_series_fail_with_their_reason_and_the_node_keeps_working(node: Node
     assert jobs[series.series_uid].status is JobStatus.DONE
     assert node.process.poll() is None
     assert_results_once(destination, series)
+
+
+def pending_reasons(node: Node) -> dict[str, str]:
+    status = json.loads(node.cli("status", "--format", "json").stdout)
+    return {p["series"]: p["reason"] for p in status["pending_series"]}
+
+
+def test_pause_longer_than_the_idle_period_inside_an_open_association_runs_one_whole_job(
+        node: Node, series: Series) -> None:
+    node.start()
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="NODE")
+    assert assoc.is_established
+    half = len(series.files) // 2
+    for path in series.files[:half]:
+        assert assoc.send_c_store(pydicom.dcmread(path)).Status == 0x0000
+    wait_until(lambda: pending_reasons(node).get(series.series_uid) == "open_association", "the series held open", 30)
+    threading.Event().wait(6.0)  # longer than idle_quiet_s (5 s), the association still open
+    assert node.jobs() == []
+    for path in series.files[half:]:
+        assert assoc.send_c_store(pydicom.dcmread(path)).Status == 0x0000
+    assoc.release()
+    wait_until(lambda: node.jobs(), "the job queued", WAIT_S)
+    (job,) = node.jobs()
+    state = node.state()
+    assert state.get_series(series.series_uid).instances == len(series.files)
+    state.close()
+    assert node.stop() == 0
+
+
+def test_aborted_send_waits_for_the_resend_past_the_idle_period(node: Node, destination: Destination,
+                                                                series: Series) -> None:
+    destination.start()
+    node.start()
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="NODE")
+    for path in series.files[:10]:
+        assert assoc.send_c_store(pydicom.dcmread(path)).Status == 0x0000
+    assoc.abort()
+    wait_until(lambda: pending_reasons(node).get(series.series_uid) == "aborted", "the series cut off", 30)
+    threading.Event().wait(6.0)  # past idle_quiet_s: a cut-off series is not completed by it
+    assert node.jobs() == [] and pending_reasons(node)[series.series_uid] == "aborted"
+    node.send(series.files)  # the late resend, released cleanly
+    wait_until(lambda: node.delivery_states() == {DeliveryStatus.SENT}, "every delivery acknowledged")
+    (job,) = node.jobs()
+    assert job.status is JobStatus.DONE
+    assert_results_once(destination, series)
+    assert node.stop() == 0
