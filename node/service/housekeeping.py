@@ -39,14 +39,17 @@ class Housekeeper:
         self._state = state
         self._tracker = tracker
         self._clock = clock
-        self._next_round = 0.0
+        self._next_round = 0.0  # monotonic
 
     def tick(self) -> None:
-        """A round when one is due; a full batch means a backlog, so the next round follows at once."""
-        if self._storage.retention_days == 0 or self._clock() < self._next_round:
+        """A round when one is due; a full batch means a backlog, so the next round follows at once.
+
+        Rounds are spaced by the monotonic clock; the cutoff is wall time, as the records it compares.
+        """
+        if self._storage.retention_days == 0 or time.monotonic() < self._next_round:
             return
         removed = self.run_once()
-        self._next_round = self._clock() + (0.0 if BATCH in removed else INTERVAL_S)
+        self._next_round = time.monotonic() + (0.0 if BATCH in removed else INTERVAL_S)
 
     def run_once(self) -> tuple[int, int]:
         """Prune what settled before the retention cutoff; returns (series, outboxes) removed."""
