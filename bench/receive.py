@@ -3,7 +3,9 @@
 Receivers, alternated round by round so that disk and CPU noise hit them alike:
 - node: this project's Receiver and series tracker, wired as `serve` wires them (in this process,
   spooling with fsync before each acknowledgement; series are not completed during the send), with
-  every network bound of the pynetdicom adapter in force;
+  every network bound of the pynetdicom adapter in force and the spool's own (measured) choice of
+  O_DIRECT or the page cache;
+- node-cache / node-direct: the same with the other write mode forced, to show what the choice is worth;
 - naive: a plain pynetdicom SCP (default settings, no bounds) writing each data set's raw bytes with
   fsync, as pynetdicom's documentation shows: the floor the node's own work is measured against;
 - storescp: dcmtk writing each file to disk;
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -96,10 +99,11 @@ def send(port: int, called_ae: str, files: list[Path]) -> float:
 
 
 @contextlib.contextmanager
-def node(work: Path) -> Iterator[int]:
+def node(work: Path, direct_io: bool | None = None) -> Iterator[int]:
     port = free_port()
     config = ReceiverConfig(ae_title="NODE", port=port, bind_address="127.0.0.1", min_free_disk_mb=100)
-    spool, state = Spool(work / "node-spool"), State(work / "node-state.sqlite")
+    name = "node" if direct_io is None else f"node-{'direct' if direct_io else 'cache'}"
+    spool, state = Spool(work / f"{name}-spool", direct_io), State(work / f"{name}-state.sqlite")
     tracker = SeriesTracker(spool, state, CompletionConfig(), SelectionConfig())  # as serve wires it
     receiver = Receiver(config, spool, tracker)
     receiver.start()
@@ -172,7 +176,11 @@ def main() -> int:
         return 2
     with tempfile.TemporaryDirectory(dir=args.work_dir) as scratch:
         work = Path(scratch)
-        peers = {"node": (node, "NODE"), "naive": (naive, "NAIVE"), "storescp": (storescp, "STORESCP")}
+        other_io = not Spool(work / "probe").direct_io  # the spool's own choice is the "node" column
+        print(f"the spool chose {'the page cache' if other_io else 'O_DIRECT'} on this filesystem")
+        peers = {"node": (node, "NODE"),
+                 f"node-{'direct' if other_io else 'cache'}": (functools.partial(node, direct_io=other_io), "NODE"),
+                 "naive": (naive, "NAIVE"), "storescp": (storescp, "STORESCP")}
         if shutil.which("Orthanc"):
             peers["orthanc"] = (orthanc, "ORTHANC")
         else:

@@ -9,7 +9,7 @@ import pytest
 from dicom_peers import ct_dataset, write_ct_series
 from pydicom.uid import generate_uid
 
-from node.durable import make_dirs, write_atomic
+from node.durable import direct_io_pays, make_dirs, write_atomic
 from node.ingest.spool import Receipt, Spool, SpoolError, StoreOutcome
 
 RECEIPT = Receipt("assoc:test", "MODALITY", time.time())
@@ -83,12 +83,22 @@ def test_spooled_files_are_the_bytes_sent_whatever_their_length(tmp_path: Path) 
     assert not list(spool.root.rglob("*.partial"))
 
 
-def test_write_atomic_joins_parts(tmp_path: Path) -> None:
+@pytest.mark.parametrize("direct", [False, True], ids=["page-cache", "o-direct"])
+def test_write_atomic_joins_parts_without_padding(tmp_path: Path, direct: bool) -> None:
+    """With O_DIRECT the file is written in whole blocks, then cut to length (tmpfs refuses O_DIRECT)."""
     parts = [b"head", memoryview(bytes(range(256)) * 40)[3:], bytearray(b"tail")]
     target = tmp_path / "file"
-    write_atomic(target, parts)
+    try:
+        write_atomic(target, parts, direct)
+    except OSError:
+        pytest.skip("this filesystem refuses O_DIRECT")
     assert target.read_bytes() == b"".join(bytes(p) for p in parts)
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_the_write_mode_is_measured_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    assert direct_io_pays(tmp_path, size=64 << 10, rounds=2) is direct_io_pays(tmp_path)  # once per filesystem
+    assert not list(tmp_path.iterdir())
 
 
 def test_make_dirs_creates_only_below_its_root(tmp_path: Path) -> None:
