@@ -222,6 +222,15 @@ def test_key_image_is_a_derived_colour_capture_with_burned_in_text(encoded):
     assert ds.pixel_array.shape[2] == 3 and ds.pixel_array.std() > 0
 
 
+def test_complete_totals_are_not_marked_incomplete(encoded):
+    """The screening line under the table is orange when T1-T10 is incomplete (tests/test_readers.py)."""
+    _, _, result, files = encoded
+    assert {level.status for level in result.levels} == {"complete"}
+    image = pydicom.dcmread(files.key_image).pixel_array[680:, 620:].astype(int)
+    orange = (image[..., 0] > 200) & (abs(image[..., 1] - 165) < 30) & (image[..., 2] < 60)
+    assert int(orange.sum()) == 0
+
+
 def test_screening_flag_follows_the_threshold_and_is_drawn_in_red(encoded):
     ct, seg, result, _ = encoded
     median = result.total.combined.median_hu

@@ -387,10 +387,30 @@ def test_key_image_references_its_source_and_takes_body_part_and_procedure_from_
     assert reported.ConceptCodeSequence[0].CodeValue == source.ProcedureCodeSequence[0].CodeValue
 
 
+def orange_pixels(image: np.ndarray) -> int:
+    """The screening line under the table (flag box and note) is orange when T1-T10 is incomplete."""
+    red, green, blue = (image[680:, 620:, i].astype(int) for i in range(3))
+    return int(((red > 200) & (abs(green - 165) < 30) & (blue < 60)).sum())
+
+
+def test_key_image_picture_is_readable_labels_unclipped_and_incomplete_totals_marked(study: Study) -> None:
+    image = pydicom.dcmread(study.files.key_image).pixel_array
+    picture = image[:, 60:600].max(axis=2) > 40  # the left panel, right of the label strip
+    assert np.count_nonzero(picture.any(axis=1)) >= 0.4 * image.shape[0], "a thin strip, not a picture"
+    if study.name == "phantom":  # coronal: every present level's name sits in the strip, in its colour
+        strip = image[60:780, 0:60].astype(int)
+        for level in study.result.levels:
+            shown = int((np.abs(strip - np.array(codes.LEVEL_RGB[level.level])).sum(axis=2) < 60).sum())
+            assert (shown > 10) == (level.status != "absent"), level.level
+    assert coverage((level.level, level.status) for level in study.result.levels).status == "partial"
+    assert orange_pixels(image) > 1000
+
+
 @pytest.mark.skipif(shutil.which("dsrdump") is None, reason="dcmtk missing: apt-get install dcmtk")
 def test_dsrdump_parses_the_report(study: Study) -> None:
-    run = subprocess.run(["dsrdump", "-Ee", "+U8", str(study.files.sr)], capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0 and "Error" not in run.stderr, run.stderr
+    run = subprocess.run(["dsrdump", "+U8", str(study.files.sr)], capture_output=True, text=True, timeout=60)
+    errors = [line for line in run.stderr.splitlines() if line.startswith("E:")]
+    assert run.returncode == 0 and errors == [], run.stderr
     assert '(64864005,SCT,"T1 vertebra")' in run.stdout and '(122495006,SCT,"Thoracic spine")' in run.stdout
 
 
