@@ -14,6 +14,7 @@ from dicom_peers import ct_dataset
 from pydicom.uid import generate_uid
 from support import Clock
 
+from node.cli.main import main
 from node.config import CompletionConfig, SelectionConfig
 from node.ingest.series import SeriesSummary, SeriesTracker, selection_refusal
 from node.ingest.spool import Receipt, Spool
@@ -294,3 +295,21 @@ def test_a_series_cut_off_by_a_restart_waits_for_the_resend_and_status_says_why(
     node.resend_spooled("a2")
     assert len(node.complete_after_release("a2")) == 1
     assert read_pending(node.pending_file) == []
+
+
+def test_an_operator_can_complete_a_cut_off_series_as_it_is(tmp_path: Path, capsys) -> None:
+    node = Node(tmp_path)
+    node.send(60, "a1")
+    node.tracker.association_aborted("a1")
+    node.tracker.record_pending(force=True)
+    config = tmp_path / "node.toml"
+    config.write_text(f'[storage]\nstate_dir = "{tmp_path}"\n')
+    assert main(["complete", "9.9.9", "--config", str(config)]) == 1
+    assert "is not waiting for a resend" in capsys.readouterr().err
+    assert main(["complete", node.series_uid, "--config", str(config)]) == 0
+    assert "60 instances" in capsys.readouterr().out
+    node.clock.now += 1
+    assert node.tracker.tick() == []  # the request is taken; the release period starts now
+    node.clock.now += 5
+    assert len(node.tracker.tick()) == 1
+    assert node.state.get_series(node.series_uid).instances == 60

@@ -17,7 +17,7 @@ from node.cli.exit_codes import ExitCode
 from node.config import Config, ConfigError, load_config
 from node.logs import configure
 from node.service.owner import PRIVATE_UMASK
-from node.state.pending import pending_path, read_pending
+from node.state.pending import pending_path, read_pending, request_completion
 from node.state.store import StateError, open_state
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = ExitCode.OK, ExitCode.FAILED, ExitCode.USAGE
@@ -37,6 +37,9 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     retry = _add(subparsers, "retry", "queue a failed/held/skipped job again, or resend its failed deliveries",
                  _retry)
     retry.add_argument("job", type=int, help="job number from `status`")
+    complete = _add(subparsers, "complete", "process a series that waits for its sender's resend as it is (partial)",
+                    _complete)
+    complete.add_argument("series", help="Series Instance UID from `status`")
     echo = _add(subparsers, "echo", "C-ECHO a DICOM peer with the node's AE title", _echo)
     echo.add_argument("peer", help="AE@host:port, e.g. PACS@10.0.0.5:104")
     config = subparsers.add_parser("config", help="configuration tools")
@@ -135,6 +138,25 @@ def _when(timestamp: float) -> str:
 
 def _retry(args: argparse.Namespace, config: Config) -> int:
     print(open_state(config.storage.database, create=False).retry(args.job))
+    return EXIT_OK
+
+
+def _complete(args: argparse.Namespace, config: Config) -> int:
+    """Leave a request for the running serve; only a series `status` lists as waiting can be completed."""
+    state_dir = config.storage.state_dir
+    waiting = {p.series_uid: p for p in read_pending(pending_path(state_dir))}
+    if args.series not in waiting or not waiting[args.series].reason.waits_for_resend:
+        why = waiting[args.series].reason.description if args.series in waiting else "it is not being received"
+        print(f"paraspinal-node complete: series {args.series} is not waiting for a resend ({why}): "
+              "see `paraspinal-node status`", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        request_completion(state_dir, args.series)
+    except ValueError as exc:
+        print(f"paraspinal-node complete: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"series {args.series} ({waiting[args.series].instances} instances): serve processes it as it is "
+          f"within a few seconds, after completion.release_quiet_s ({config.completion.release_quiet_s:g} s)")
     return EXIT_OK
 
 

@@ -34,7 +34,7 @@ import pydicom
 
 from node.config import CompletionConfig, SelectionConfig
 from node.ingest.spool import Receipt, Spool, SpooledInstance, SpoolError, StoreOutcome, summarize
-from node.state.pending import PendingSeries, WaitReason, read_pending, write_pending
+from node.state.pending import PendingSeries, WaitReason, read_pending, take_completion_requests, write_pending
 from node.state.store import JobStatus, SeriesRecord, State
 
 log = logging.getLogger(__name__)
@@ -314,23 +314,42 @@ class SeriesTracker:
         self.record_pending()
         return jobs
 
+    def complete_as_is(self, series_uid: str) -> bool:
+        """An operator's `complete`: a series waiting for a resend completes after release_quiet_s as it is."""
+        now = self._clock()
+        with self._lock:
+            pending = self._pending.get(series_uid)
+            if pending is None or pending.open_associations:
+                log.warning("event=series_complete_request_ignored series=%s reason=%s", series_uid,
+                            "not waiting for a resend" if pending is None else "an association carrying it is open")
+                return False
+            pending.cut_off = None
+            pending.released_at = now
+        log.info("event=series_completed_as_is series=%s reason=%s", series_uid, "operator request")
+        return True
+
+    def _take_requests(self) -> None:
+        for series_uid in take_completion_requests(self._pending_file.parent):
+            self.complete_as_is(series_uid)
+
     def record_pending(self, force: bool = False) -> None:
-        """Rewrite the pending file when it changed (at most once a second unless `force`)."""
+        """Take operators' `complete` requests and rewrite the pending file when it changed
+        (at most once a second unless `force`)."""
         if self._pending_file is None or (not force and self._clock() < self._next_record):
-            return
-        waiting = self.waiting()
-        if waiting == self._recorded and not force:
             return
         self._next_record = self._clock() + _RECORD_EVERY_S
         try:
-            write_pending(self._pending_file, waiting)
+            self._take_requests()
+            waiting = self.waiting()
+            if waiting != self._recorded or force:
+                write_pending(self._pending_file, waiting)
+                self._recorded = waiting
         except OSError as exc:  # a full disk: say it once, keep receiving; the spool is what matters
             if not self._record_failed:
                 log.error("event=pending_file_failed file=%s error=%s", self._pending_file, exc.strerror or exc)
             self._record_failed = True
             return
         self._record_failed = False
-        self._recorded = waiting
 
     def _try_finish(self, series_uid: str, pending: _Pending, now: float) -> int | None:
         """Finish one series; on an unexpected error keep it pending rather than forget it until a restart."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -19,6 +21,8 @@ from node.durable import write_atomic
 log = logging.getLogger(__name__)
 
 PENDING_NAME = "pending.json"
+REQUESTS_NAME = "complete-requests"  # `paraspinal-node complete UID` leaves one empty file per series here
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 def pending_path(state_dir: Path) -> Path:
@@ -77,3 +81,24 @@ def read_pending(path: Path) -> list[PendingSeries]:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         log.warning("event=pending_file_unreadable file=%s error=%s", path, exc)
         return []
+
+
+def request_completion(state_dir: Path, series_uid: str) -> None:
+    """Ask serve to process a series that waits for its sender's resend as it is (serve picks it up within a second)."""
+    if len(series_uid) > 64 or not _UID.match(series_uid):
+        raise ValueError(f"{series_uid[:70]!r} is not a Series Instance UID: copy it from `paraspinal-node status`")
+    folder = Path(state_dir) / REQUESTS_NAME
+    folder.mkdir(mode=0o750, exist_ok=True)
+    write_atomic(folder / series_uid, b"")
+
+
+def take_completion_requests(state_dir: Path) -> list[str]:
+    """The series UIDs asked for since the last call; their request files are removed."""
+    folder = Path(state_dir) / REQUESTS_NAME
+    try:
+        names = [n for n in os.listdir(folder) if _UID.match(n)]
+    except FileNotFoundError:
+        return []
+    for name in names:
+        (folder / name).unlink(missing_ok=True)
+    return names
