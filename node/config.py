@@ -41,7 +41,7 @@ class ReceiverConfig:
     called_aes: list[str] = field(default_factory=list)  # called AE titles answered; empty: ae_title only
     calling_ae_hosts: list[str] = field(default_factory=list)  # "AE@address" or "AE@network/bits": AE only from there
     max_pdu_size: int = 1048576  # Maximum Length Received announced; longer P-DATA-TF PDUs are aborted
-    max_dataset_mb: int = 64  # larger C-STORE data sets are refused (0xA700) without being held in memory
+    max_dataset_mb: int = 32  # larger C-STORE data sets are refused (0xA700) without being held in memory
     max_pending_connections: int = 32  # connections not yet associated; the oldest is dropped for a new one
     association_request_timeout_s: float = 10.0  # from connect until the whole A-ASSOCIATE-RQ has arrived
     pdu_timeout_s: float = 30.0  # from a PDU's first byte until its last
@@ -510,7 +510,6 @@ def _validate_positive(config: Config) -> None:
         "delivery.retry_max_interval_s": config.delivery.retry_max_interval_s,
         "delivery.horizon_s": config.delivery.horizon_s,
         "delivery.timeout_s": config.delivery.timeout_s,
-        "segmenter.timeout_s": config.segmenter.timeout_s,
         "segmenter.start_timeout_s": config.segmenter.start_timeout_s,
     }
     for key, value in positive.items():

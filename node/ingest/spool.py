@@ -305,7 +305,18 @@ def _int_or_none(value: object) -> int | None:
 
 
 def _same_content(path: Path, parts: Sequence[Bytes]) -> bool:
+    """Compare in 1 MiB steps: neither the spooled file nor the received parts are copied whole."""
+    step = 1 << 20
     try:
-        return path.stat().st_size == sum(len(p) for p in parts) and path.read_bytes() == b"".join(parts)
+        if path.stat().st_size != sum(len(p) for p in parts):
+            return False
+        with path.open("rb") as spooled:
+            for part in parts:
+                view = memoryview(part).cast("B")
+                for offset in range(0, len(view), step):
+                    chunk = view[offset:offset + step]
+                    if spooled.read(len(chunk)) != chunk:
+                        return False
     except FileNotFoundError:
         return False
+    return True
