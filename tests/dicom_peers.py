@@ -113,7 +113,7 @@ class RecordingListener:
         with self._changed:
             self.aborted.append(association_id)
 
-    def instance_refused(self, association_id: str, series_uid: str | None) -> None:
+    def instance_refused(self, association_id: str, series_uid: str | None, sop_instance_uid: str | None) -> None:
         with self._changed:
             self.refused.append(association_id)
 

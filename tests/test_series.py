@@ -253,8 +253,8 @@ def test_abort_then_late_resend_processes_the_whole_series_once(node: Node) -> N
 
 def test_release_after_refusals_waits_for_the_refused_instances(node: Node) -> None:
     node.send(60, "a1")
-    node.tracker.instance_refused("a1", None)  # 0xA700: disk below the watermark
-    node.tracker.instance_refused("a1", None)
+    node.tracker.instance_refused("a1", None, generate_uid())  # 0xA700: disk below the watermark
+    node.tracker.instance_refused("a1", None, generate_uid())
     assert node.complete_after_release("a1") == []
     node.clock.now += 3600
     assert node.tracker.tick() == []
@@ -262,6 +262,15 @@ def test_release_after_refusals_waits_for_the_refused_instances(node: Node) -> N
     node.send(76, "a2")  # the sender sends what was refused and the rest
     assert len(node.complete_after_release("a2")) == 1
     assert node.state.get_series(node.series_uid).instances == 136
+
+
+def test_an_instance_refused_and_sent_again_in_the_same_association_leaves_the_series_whole(node: Node) -> None:
+    node.send(30, "a1")
+    retried = ct_dataset(node.study_uid, node.series_uid, 30, size=8)
+    node.tracker.instance_refused("a1", None, str(retried.SOPInstanceUID))
+    node.store(retried, "a1")  # the sender retries it at once and it is stored
+    assert len(node.complete_after_release("a1")) == 1
+    assert node.state.get_series(node.series_uid).instances == 31
 
 
 def test_an_association_open_when_the_series_was_cut_off_is_no_resend(node: Node) -> None:

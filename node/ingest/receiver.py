@@ -395,7 +395,7 @@ class Receiver:
     def _refuse(self, tally: _Tally, sop_uid: str, status: int, reason: str) -> Dataset:
         tally.refused += 1
         if status != StoreStatus.SOP_CLASS_NOT_SUPPORTED:  # a CT instance missing: its series must wait for the resend
-            self.listener.instance_refused(tally.association_id, None)
+            self.listener.instance_refused(tally.association_id, None, sop_uid)
         log.warning(
             "event=instance_refused association=%s sop=%s status=0x%04X reason=%s",
             tally.association_id, sop_uid, int(status), reason,

@@ -194,7 +194,7 @@ class SeriesTracker:
         self._pending_file = pending_file
         self._lock = threading.Lock()
         self._pending: dict[str, _Pending] = {}
-        self._refusing: set[str] = set()  # open associations that had an instance refused
+        self._refusing: dict[str, set[str]] = {}  # association -> SOP Instance UIDs refused and not yet stored
         self._recorded: list[PendingSeries] | None = None
         self._next_record = 0.0
         self._record_failed = False
@@ -214,11 +214,15 @@ class SeriesTracker:
             if pending.cut_off is not None and instance.association_id not in pending.open_at_cut:
                 pending.resent_by.add(instance.association_id)
             pending.instances[instance.sop_instance_uid] = instance
+            refused = self._refusing.get(instance.association_id)
+            if refused:
+                refused.discard(instance.sop_instance_uid)
 
-    def instance_refused(self, association_id: str, series_uid: str | None) -> None:
-        """The sender was told an instance failed: every series this association carries is cut off."""
+    def instance_refused(self, association_id: str, series_uid: str | None, sop_instance_uid: str | None) -> None:
+        """The sender was told an instance failed: unless it sends that instance again in the same
+        association (some senders retry at once), every series the association carries is cut off."""
         with self._lock:
-            self._refusing.add(association_id)
+            self._refusing.setdefault(association_id, set()).add(sop_instance_uid or "")
             pending = self._pending.get(series_uid) if series_uid else None
             if pending is not None:
                 pending.cut(WaitReason.REFUSED)
@@ -227,8 +231,7 @@ class SeriesTracker:
         """A clean release completes what it carried, and makes whole a cut-off series it resent."""
         now = self._clock()
         with self._lock:
-            refused = association_id in self._refusing
-            self._refusing.discard(association_id)
+            refused = bool(self._refusing.pop(association_id, None))
             for pending in self._carried_by(association_id):
                 if refused:
                     pending.cut(WaitReason.REFUSED)
@@ -240,7 +243,7 @@ class SeriesTracker:
     def association_aborted(self, association_id: str) -> None:
         """The sender did not finish: what the association carried waits for the resend."""
         with self._lock:
-            self._refusing.discard(association_id)
+            self._refusing.pop(association_id, None)
             for pending in self._carried_by(association_id):
                 pending.cut(WaitReason.ABORTED)
 

@@ -104,8 +104,8 @@ class SpoolListener(Protocol):
     def association_aborted(self, association_id: str) -> None:
         """The association ended without a release: what it carried may be incomplete."""
 
-    def instance_refused(self, association_id: str, series_uid: str | None) -> None:
-        """An instance was answered with a failure (series_uid None when its header was not read)."""
+    def instance_refused(self, association_id: str, series_uid: str | None, sop_instance_uid: str | None) -> None:
+        """An instance was answered with a failure (a UID None when it is not known)."""
 
 
 class Spool:
