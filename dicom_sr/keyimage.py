@@ -206,6 +206,7 @@ def _draw_table(axes, result: MeasurementResult, totals: Coverage, options: Enco
             cell.get_text().set_color(np.array(codes.LEVEL_RGB[levels[row - 1].level]) / 255)
         if row == len(levels) + 1 and column == 4 and totals.status is not LevelStatus.COMPLETE:
             cell.get_text().set_color("orange")
+            cell.get_text().set_fontsize(8)  # "INCOMPLETE" fits the status column
     _draw_flag(axes, result, totals, options)
     _draw_biomarkers(axes, result)
 
@@ -276,8 +277,15 @@ def _draw_flag(axes, result: MeasurementResult, totals: Coverage, options: Encod
     axes.text(0.5, 0.08, text, color=colour, ha="center", va="center", fontsize=12, weight="bold",
               transform=axes.transAxes, bbox={"facecolor": "black", "edgecolor": colour, "pad": 6})
     if incomplete and totals.included:
-        axes.text(0.5, 0.015, f"T1-T10 totals cover {totals.describe()} only", color="orange", ha="center",
-                  va="center", fontsize=10, transform=axes.transAxes)
+        axes.text(0.5, 0.015, _coverage_note(totals), color="orange", ha="center", va="center", fontsize=10,
+                  transform=axes.transAxes)
+
+
+def _coverage_note(totals: Coverage) -> str:
+    """'T1-T10 totals cover T4-T10 only (T1, T2, T3 absent)', or name the partial levels they include."""
+    if totals.missing:
+        return f"T1-T10 totals cover {totals.describe()} only"
+    return f"T1-T10 totals include partial {'level' if len(totals.partial) == 1 else 'levels'} {', '.join(totals.partial)}"
 
 
 def build_key_image(ct: CTVolume, segments: SegmentMap, result: MeasurementResult, options: EncodeOptions) -> hd.sc.SCImage:
