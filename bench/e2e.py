@@ -5,9 +5,10 @@ series on the machine itself, then calls node.pipeline.run.run_pipeline, the fun
 with the stage functions it calls wrapped by timers:
 
     load CT    node.ct_load.load_ct on the DICOM folder
-    segment    TotalSegmentatorSegmenter.segment, split into
-                 process start   spawning the model process until TotalSegmentator is called
-                 model           the TotalSegmentator calls, split into stages as bench/gpu.py does
+    segment    the configured engine (--engine), split into
+                 process start   resident: CT into shared memory and the job to the (running) model
+                             process; totalsegmentator: spawning the model process until it is called
+                 model           the model process's work, split into stages
                  results back    labels out of the model process and back into the node
     measure    node.measure.measure
     reports    measurements JSON and CSV
@@ -15,9 +16,10 @@ with the stage functions it calls wrapped by timers:
 
 Node overhead is everything but the model, as a percentage of the model's time (target ≤ 25 %).
 The model process is timed from inside: multiprocessing "spawn" re-imports this script there as
-__mp_main__, where it wraps node.pipeline.segment.run_totalsegmentator, writes the timings to a file and
-hands the phantom's true labels back instead of the stand-in networks' output, so that measure
-and encode work on a realistic segmentation.
+__mp_main__, where it wraps the engine's job (the resident engine's `_Engine.run`, or
+totalseg_child.run_totalsegmentator), writes the timings to a file and hands the phantom's true
+labels back instead of the stand-in networks' output, so that measure and encode work on a
+realistic segmentation. The resident engine is started once before the runs, as the worker does.
 
     .venv/bin/python bench/e2e.py                                             # 512x512x400 on the GPU
     .venv/bin/python bench/e2e.py --device cpu --size 64 --slices 64 --tiny --repeat 1   # smoke test
@@ -44,7 +46,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 MODEL_TIMES = "PARASPINAL_BENCH_MODEL_TIMES"  # where the model process writes its timings
 TRUTH = "PARASPINAL_BENCH_TRUTH"  # the phantom's labels, (c, r, k) as NIfTI wants them
-MODEL_PROCESS = "totalsegmentator"  # the name node.segment gives its model process
+MODEL_PROCESS = "totalsegmentator"  # the name node.pipeline.segment gives the reference engine's process
+ENGINE_PROCESS = "segmentation-engine"  # the resident engine's process (node.pipeline.engine)
 PIPELINE_STAGES = {"load_ct": "load CT", "segment": "segment", "measure": "measure",
                    "write_reports": "reports", "_encode": "encode"}
 
@@ -53,15 +56,57 @@ PIPELINE_STAGES = {"load_ct": "load CT", "segment": "segment", "measure": "measu
 
 
 def hook_model_process() -> None:
-    """In the node's model process: time run_totalsegmentator and hand back the phantom's true labels.
+    """In the node's model process: time the model's work and hand back the phantom's true labels.
 
     Only there: nnU-Net's own worker processes re-import the main script too, and stay untouched.
     The stand-in networks give constant or HU-step labels, on which measure and encode would do
     almost nothing; with the phantom's labels they cost what they cost on a real segmentation.
     """
-    if multiprocessing.current_process().name != MODEL_PROCESS or not os.environ.get(TRUTH):
+    if not os.environ.get(TRUTH):
         return
-    from node.pipeline import segment
+    if multiprocessing.current_process().name == ENGINE_PROCESS:
+        _hook_resident_engine()
+    elif multiprocessing.current_process().name == MODEL_PROCESS:
+        _hook_totalsegmentator()
+
+
+def _hook_resident_engine() -> None:
+    import numpy as np
+
+    from node.pipeline import engine_child, roi_pipeline
+
+    truth = np.load(os.environ[TRUTH])
+    times_file = Path(os.environ[MODEL_TIMES]) if os.environ.get(MODEL_TIMES) else None
+    original_total, original_body = roi_pipeline.RoiPipeline.total, roi_pipeline.RoiPipeline.vertebrae_body
+    original_run = engine_child._Engine.run
+
+    def total(self, image, fast, roi_subset):
+        seg = original_total(self, image, fast, roi_subset)
+        if truth["labels"].shape != seg.shape:
+            raise RuntimeError(f"phantom truth {truth['labels'].shape} does not fit the CT {seg.shape}")
+        return truth["labels"]
+
+    def vertebrae_body(self, image):
+        original_body(self, image)
+        return truth["body"]
+
+    def run(self, job):
+        started = time.time()
+        done = original_run(self, job)
+        ended = time.time()
+        stages = sorted(done.stages.items())
+        stages.append(("other (crop, reorient, merge, shared memory)", ended - started - sum(done.stages.values())))
+        peak = "n/a (CPU)" if done.peak_gpu_bytes is None else f"{done.peak_gpu_bytes / 2**30:.2f} GiB allocated"
+        if times_file is not None:
+            times_file.write_text(json.dumps({"started": started, "ended": ended, "gpu_memory": peak, "stages": stages}))
+        return done
+
+    roi_pipeline.RoiPipeline.total, roi_pipeline.RoiPipeline.vertebrae_body = total, vertebrae_body
+    engine_child._Engine.run = run
+
+
+def _hook_totalsegmentator() -> None:
+    from node.pipeline import totalseg_child as segment
 
     original = segment.run_totalsegmentator
     times_file = Path(os.environ[MODEL_TIMES]) if os.environ.get(MODEL_TIMES) else None
@@ -108,6 +153,8 @@ if __name__ == "__mp_main__":
 def add_ct_arguments(parser: argparse.ArgumentParser) -> None:
     """The CT, the stand-in networks and the segmenter settings, alike in both node benches."""
     parser.add_argument("--device", default="gpu", help="cpu, gpu or gpu:N")
+    parser.add_argument("--engine", default="resident", choices=["resident", "totalsegmentator"],
+                        help="segmenter.engine: the resident model process, or a fresh TotalSegmentator process per job")
     parser.add_argument("--size", type=int, default=512, help="in-plane matrix")
     parser.add_argument("--slices", type=int, default=400)
     parser.add_argument("--spacing", type=float, nargs=3, metavar=("DK", "DR", "DC"),
@@ -169,7 +216,7 @@ def phantom_series(work: Path, args: argparse.Namespace, count: int) -> list[Pat
 
 def segmenter_settings(args: argparse.Namespace, weights: Path) -> dict[str, object]:
     return {"weights_dir": weights, "device": args.device, "fast": args.fast,
-            "vertebral_bodies": "off" if args.no_body else "on"}
+            "vertebral_bodies": "off" if args.no_body else "on", "engine": args.engine}
 
 
 def describe_machine(device: str) -> str:
@@ -229,14 +276,13 @@ class Spans:
         return ended - started
 
 
-def run_once(series: Path, out_dir: Path, config, spans: Spans, times_file: Path) -> None:
+def run_once(series: Path, out_dir: Path, config, spans: Spans, times_file: Path, segmenter) -> None:
     from node.pipeline.run import run_pipeline
 
     spans.spans.clear()
     times_file.unlink(missing_ok=True)
-    os.environ[MODEL_TIMES] = str(times_file)
     started = time.time()
-    result = run_pipeline(series, out_dir, config)
+    result = run_pipeline(series, out_dir, config, segmenter=segmenter)
     total = time.time() - started
     model = json.loads(times_file.read_text())
     report(spans, model, total)
@@ -272,11 +318,22 @@ def run(args: argparse.Namespace, work: Path) -> None:
     spans = Spans()
     for attribute, name in PIPELINE_STAGES.items():
         spans.wrap(pipeline, attribute, name)
-    for attempt in range(1, args.repeat + 1):
-        print(f"run {attempt}/{args.repeat}:")
-        out_dir = work / f"out-{attempt}"
-        shutil.rmtree(out_dir, ignore_errors=True)
-        run_once(series, out_dir, config, spans, work / f"model-{attempt}.json")
+    from node.pipeline.segment import close_segmenter
+    from node.service.worker import start_segmenter
+
+    times_file = work / "model-times.json"
+    os.environ[MODEL_TIMES] = str(times_file)  # read by the model process when it starts
+    started = time.perf_counter()
+    segmenter = start_segmenter(config)  # as the worker does: the resident engine loads its models now
+    print(f"segmenter started ({args.engine}): {time.perf_counter() - started:.1f} s")
+    try:
+        for attempt in range(1, args.repeat + 1):
+            print(f"run {attempt}/{args.repeat}:")
+            out_dir = work / f"out-{attempt}"
+            shutil.rmtree(out_dir, ignore_errors=True)
+            run_once(series, out_dir, config, spans, times_file, segmenter)
+    finally:
+        close_segmenter(segmenter)
 
 
 def main() -> int:

@@ -4,7 +4,9 @@ N phantom CT series (same pixels, their own UIDs) are spooled as the receiver sp
 (Spool.store, then SeriesTracker turns each complete series into a job in a fresh SQLite state),
 then worker processes run node.worker.run_worker, what `paraspinal-node worker --index I` runs,
 until every job has ended. With several workers one job's CPU work (load, resampling, nnU-Net's
-pre- and post-processing, measure, encode) overlaps another job's GPU inference.
+pre- and post-processing, measure, encode) overlaps another job's GPU inference. With
+`--engine resident` (the default) each worker starts its own resident model process, once, as
+`paraspinal-node worker` does; `--engine totalsegmentator` measures the reference path.
 
 Stand-in networks of the real architecture run on the machine (bench/e2e.py writes them), and the
 model process hands back the phantom's true labels so that measure and encode cost what they cost
