@@ -24,6 +24,8 @@ from node.state.store import open_state
 ROOT = Path(__file__).resolve().parents[1]
 COMPUTE_STACK = ("torch", "SimpleITK", "scipy", "nibabel", "matplotlib", "highdicom", "totalsegmentator",
                  "nnunetv2", "node.pipeline", "dicom_sr")
+# TotalSegmentator's table of model folders (plain dicts): serve reads it to say which weights are missing.
+ALLOWED = {"totalsegmentator", "totalsegmentator.map_tasks_config"}
 _IMPORTED = re.compile(r"^import time:\s+\d+ \|\s+\d+ \|\s*(\S+)$", re.M)
 
 
@@ -63,7 +65,7 @@ def test_serve_never_imports_the_compute_stack(tmp_path: Path) -> None:
         assert process.wait(timeout=60) == 0
     imported = set(_IMPORTED.findall(log.read_text()))
     assert "node.ingest.receiver" in imported and "node.delivery.loop" in imported  # the check sees serve's imports
-    heavy = sorted(m for m in imported if any(m == top or m.startswith(top + ".") for top in COMPUTE_STACK))
+    heavy = sorted(m for m in imported - ALLOWED if any(m == top or m.startswith(top + ".") for top in COMPUTE_STACK))
     assert heavy == [], f"serve imported the compute stack: {heavy[:20]}"
 
 
