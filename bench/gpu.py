@@ -22,7 +22,7 @@ and reports peak GPU memory (torch.cuda.max_memory_allocated). Finally it times 
 
     .venv/bin/python bench/gpu.py                                   # 512x512x400 on the GPU, both engines
     .venv/bin/python bench/gpu.py --engines resident --scenarios roi_subset+vertebrae_body --repeat 3
-    .venv/bin/python bench/gpu.py --device cpu --size 64 --slices 48 --patch 32 --repeat 1   # smoke test
+    .venv/bin/python bench/gpu.py --device cpu --size 48 --slices 32 --tiny --repeat 1 --scenarios fast   # smoke test
 """
 
 from __future__ import annotations
@@ -139,9 +139,10 @@ def run(args: argparse.Namespace, work: Path) -> None:
 
     weights_dir = args.weights_dir or work / "weights"
     started = time.perf_counter()
-    write_standin_weights(weights_dir, real_architecture=True, part_patch=(args.patch,) * 3,
+    write_standin_weights(weights_dir, real_architecture=not args.tiny, part_patch=(args.patch,) * 3,
                           crop_threshold_hu=args.crop_threshold_hu)
-    print(f"stand-in weights (real architecture, patch {args.patch}): {time.perf_counter() - started:.1f} s")
+    print(f"stand-in weights ({'tiny' if args.tiny else f'real architecture, patch {args.patch}'}): "
+          f"{time.perf_counter() - started:.1f} s")
     started = time.perf_counter()
     phantom = make_phantom(shape=(args.slices, args.size, args.size))
     ct = CTVolume(hu=phantom.hu, spacing=phantom.spacing, origin=np.array(phantom.origin), direction=np.eye(3))
@@ -213,6 +214,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=2, help="in-process runs per scenario (first warms up)")
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
     parser.add_argument("--weights-dir", type=Path)
+    parser.add_argument("--tiny", action="store_true", help="tiny stand-in networks (CPU smoke test)")
     parser.add_argument("--engines", nargs="+", default=["resident", "totalsegmentator"],
                         choices=["resident", "totalsegmentator"])
     args = parser.parse_args()

@@ -10,7 +10,7 @@ Stand-in weights (tests/standin_weights.py): tiny networks by default, so that o
 costs dominate as they do on a GPU; `--real-architecture` builds the real network sizes.
 
     .venv/bin/python bench/segment.py                                   # CPU, tiny networks
-    .venv/bin/python bench/segment.py --device gpu --shape 400 512 512 --real-architecture --patch 128
+    .venv/bin/python bench/segment.py --device gpu --phantom --shape 400 512 512 --real-architecture --patch 128
 """
 
 from __future__ import annotations
@@ -37,11 +37,21 @@ ENGINES = ("resident", "totalsegmentator")
 
 
 def phantom_ct(shape: tuple[int, int, int]) -> CTVolume:
-    """The test phantom's chest, with the spacing that fits it into `shape`."""
+    """The test phantom's chest, with the spacing that fits it into `shape` (GPU runs)."""
     from phantom import make_phantom  # not at the top: spawned processes re-import this script
 
     phantom = make_phantom(shape=shape)
     return CTVolume(hu=phantom.hu, spacing=phantom.spacing, origin=np.array(phantom.origin), direction=np.eye(3))
+
+
+def small_ct(shape: tuple[int, int, int]) -> CTVolume:
+    """A few centimetres of noisy soft tissue and bone at 2 × 1.2 × 1.2 mm (CPU runs: the fixed costs dominate)."""
+    rng = np.random.default_rng(0)
+    hu = rng.integers(-560, -440, size=shape).astype(np.int16)
+    k, r, c = shape
+    hu[k // 5:3 * k // 4, r // 6:2 * r // 3, c // 8:c // 2] = rng.integers(-60, 420, size=(3 * k // 4 - k // 5, 2 * r // 3 - r // 6, c // 2 - c // 8))
+    hu[k // 3:k // 2, r // 4:r // 2, c // 5:c // 3] = 1000
+    return CTVolume(hu=hu, spacing=(2.0, 1.2, 1.2), origin=np.array([10.0, -20.0, 30.0]), direction=np.diag([1.0, 1.0, -1.0]))
 
 
 @dataclass
@@ -68,7 +78,8 @@ def timed_call(segmenter, ct: CTVolume) -> tuple[float, float, np.ndarray]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu, gpu or gpu:N")
-    parser.add_argument("--shape", type=int, nargs=3, default=(48, 64, 64), metavar=("K", "R", "C"))
+    parser.add_argument("--shape", type=int, nargs=3, default=(32, 48, 48), metavar=("K", "R", "C"))
+    parser.add_argument("--phantom", action="store_true", help="the test phantom's chest fitted into --shape")
     parser.add_argument("--rounds", type=int, default=2, help="timed calls per engine after the warm-up")
     parser.add_argument("--real-architecture", action="store_true", help="stand-ins of the real network size")
     parser.add_argument("--patch", type=int, default=64, help="1.5 mm patch edge with --real-architecture (real: 128)")
@@ -84,7 +95,7 @@ def main() -> int:
 
             write_standin_weights(weights_dir, real_architecture=args.real_architecture,
                                   part_patch=(args.patch,) * 3 if args.real_architecture else None)
-        ct = phantom_ct(tuple(args.shape))
+        ct = phantom_ct(tuple(args.shape)) if args.phantom else small_ct(tuple(args.shape))
         config = SegmenterConfig(weights_dir=weights_dir, device=args.device, fast=args.fast,
                                  vertebral_bodies="off" if args.no_body else "on")
         segmenters = {"resident": ResidentEngine(config, time_forward=True),
