@@ -3,9 +3,8 @@
 Receivers, alternated round by round so that disk and CPU noise hit them alike:
 - node: this project's Receiver and series tracker, wired as `serve` wires them (in this process,
   spooling with fsync before each acknowledgement; series are not completed during the send), with
-  every network bound of the pynetdicom adapter in force and the spool's own (measured) choice of
-  O_DIRECT or the page cache;
-- node-cache / node-direct: the same with the other write mode forced, to show what the choice is worth;
+  every network bound of the pynetdicom adapter in force, writing with O_DIRECT (the default);
+- node-cache: the same with `storage.spool_direct_io = false` (writes through the page cache);
 - naive: a plain pynetdicom SCP (default settings, no bounds) writing each data set's raw bytes with
   fsync, as pynetdicom's documentation shows: the floor the node's own work is measured against;
 - storescp: dcmtk writing each file to disk;
@@ -99,10 +98,10 @@ def send(port: int, called_ae: str, files: list[Path]) -> float:
 
 
 @contextlib.contextmanager
-def node(work: Path, direct_io: bool | None = None) -> Iterator[int]:
+def node(work: Path, direct_io: bool = True) -> Iterator[int]:
     port = free_port()
     config = ReceiverConfig(ae_title="NODE", port=port, bind_address="127.0.0.1", min_free_disk_mb=100)
-    name = "node" if direct_io is None else f"node-{'direct' if direct_io else 'cache'}"
+    name = "node" if direct_io else "node-cache"
     spool, state = Spool(work / f"{name}-spool", direct_io), State(work / f"{name}-state.sqlite")
     tracker = SeriesTracker(spool, state, CompletionConfig(), SelectionConfig())  # as serve wires it
     receiver = Receiver(config, spool, tracker)
@@ -176,10 +175,9 @@ def main() -> int:
         return 2
     with tempfile.TemporaryDirectory(dir=args.work_dir) as scratch:
         work = Path(scratch)
-        other_io = not Spool(work / "probe").direct_io  # the spool's own choice is the "node" column
-        print(f"the spool chose {'the page cache' if other_io else 'O_DIRECT'} on this filesystem")
-        peers = {"node": (node, "NODE"),
-                 f"node-{'direct' if other_io else 'cache'}": (functools.partial(node, direct_io=other_io), "NODE"),
+        if not Spool(work / "probe").direct_io:
+            print("this filesystem refuses O_DIRECT: node and node-cache both write through the page cache")
+        peers = {"node": (node, "NODE"), "node-cache": (functools.partial(node, direct_io=False), "NODE"),
                  "naive": (naive, "NAIVE"), "storescp": (storescp, "STORESCP")}
         if shutil.which("Orthanc"):
             peers["orthanc"] = (orthanc, "ORTHANC")

@@ -71,6 +71,7 @@ class DestinationConfig:
 class StorageConfig:
     state_dir: Path = Path("./state")
     retention_days: float = 30.0  # settled series' images and results are removed after this; 0 keeps everything
+    spool_direct_io: bool = True  # received images written with O_DIRECT where the filesystem takes it
 
     @property
     def database(self) -> Path:

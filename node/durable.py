@@ -5,9 +5,7 @@ from __future__ import annotations
 import mmap
 import os
 import secrets
-import statistics
 import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,14 +14,13 @@ TEMP_SUFFIX = ".partial"  # temp files are hidden and end so, so leftovers can b
 DIRECT_MAX_BYTES = 64 << 20
 _ALIGNMENT = 4096  # O_DIRECT needs buffer, offset and length aligned to the logical block size
 _thread_buffers = threading.local()
-_direct_io_pays: dict[int, bool] = {}  # st_dev -> measured choice
 
 
 def write_atomic(target: Path, data: Bytes | Sequence[Bytes], direct: bool = False) -> None:
     """Temp file in the same folder, fsync, rename over `target`, fsync the folder.
 
     `data` may be consecutive byte ranges (a received header and body), written without joining them.
-    `direct` writes with O_DIRECT (see `direct_io_pays`): the data goes to disk without taking fresh
+    `direct` writes with O_DIRECT (see `supports_direct_io`): the data goes to disk without taking fresh
     page-cache memory, and fsync then has only metadata left to flush. Files larger than
     `DIRECT_MAX_BYTES` are written through the cache.
     """
@@ -48,34 +45,20 @@ def write_atomic(target: Path, data: Bytes | Sequence[Bytes], direct: bool = Fal
     fsync_dir(target.parent)
 
 
-def direct_io_pays(folder: Path, size: int = 512 << 10, rounds: int = 5) -> bool:
-    """Whether O_DIRECT writes beat the page cache in `folder`, timed with `rounds` durable writes of
-    `size` bytes each way, interleaved (about 0.1 s). Machines differ: on one, taking fresh page-cache
-    memory per image cost more than the disk write; on another, O_DIRECT was 10-20 % slower. It must
-    win by 10 %, as it costs a copy per file; False where the filesystem refuses it (tmpfs, some NFS).
-    Measured once per filesystem and process."""
-    device = os.stat(folder).st_dev
-    if device not in _direct_io_pays:
-        _direct_io_pays[device] = _time_direct_io(folder, size, rounds)
-    return _direct_io_pays[device]
-
-
-def _time_direct_io(folder: Path, size: int, rounds: int) -> bool:
-    data = secrets.token_bytes(size)
-    timings: dict[bool, list[float]] = {True: [], False: []}
+def supports_direct_io(folder: Path) -> bool:
+    """Whether `folder`'s filesystem takes aligned O_DIRECT writes (tmpfs and some network filesystems do not)."""
+    probe = folder / f".direct-probe.{secrets.token_hex(4)}{TEMP_SUFFIX}"
     try:
-        for round_ in range(rounds):
-            for direct in (True, False):
-                target = folder / f".io-probe.{round_}.{direct:d}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
-                start = time.perf_counter()
-                try:
-                    write_atomic(target, data, direct)
-                finally:
-                    target.unlink(missing_ok=True)
-                timings[direct].append(time.perf_counter() - start)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o640)
+        try:
+            _write_direct(fd, [memoryview(b"probe")])
+        finally:
+            os.close(fd)
     except OSError:
         return False
-    return statistics.median(timings[True]) < 0.9 * statistics.median(timings[False])
+    finally:
+        probe.unlink(missing_ok=True)
+    return True
 
 
 def _write_all(fd: int, parts: list[memoryview]) -> None:

@@ -9,7 +9,7 @@ import pytest
 from dicom_peers import ct_dataset, write_ct_series
 from pydicom.uid import generate_uid
 
-from node.durable import direct_io_pays, make_dirs, write_atomic
+from node.durable import make_dirs, supports_direct_io, write_atomic
 from node.ingest.spool import Receipt, Spool, SpoolError, StoreOutcome
 
 RECEIPT = Receipt("assoc:test", "MODALITY", time.time())
@@ -96,9 +96,10 @@ def test_write_atomic_joins_parts_without_padding(tmp_path: Path, direct: bool) 
     assert not list(tmp_path.glob("*.partial"))
 
 
-def test_the_write_mode_is_measured_and_leaves_nothing_behind(tmp_path: Path) -> None:
-    assert direct_io_pays(tmp_path, size=64 << 10, rounds=2) is direct_io_pays(tmp_path)  # once per filesystem
-    assert not list(tmp_path.iterdir())
+def test_the_write_mode_follows_the_setting_and_the_probe_leaves_nothing_behind(tmp_path: Path) -> None:
+    assert Spool(tmp_path / "cache", direct_io=False).direct_io is False
+    assert Spool(tmp_path / "direct").direct_io is supports_direct_io(tmp_path)
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
 
 
 def test_make_dirs_creates_only_below_its_root(tmp_path: Path) -> None:

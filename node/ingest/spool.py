@@ -1,8 +1,8 @@
 """Durable spool of received instances: root/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm.
 
 An instance is acknowledged to a sender only after `Spool.store` returns, so every write is
-temp file → fsync → rename → fsync of the directory, with O_DIRECT where that is measured to be
-faster at start (see `durable.write_atomic`). The bytes are written as they arrived (no decode/re-encode): that
+temp file → fsync → rename → fsync of the directory, with O_DIRECT where the filesystem takes it
+unless `storage.spool_direct_io` is off (see `durable.write_atomic`). The bytes are written as they arrived (no decode/re-encode): that
 keeps the original encoding for audit and keeps the receive path fast.
 """
 
@@ -25,7 +25,7 @@ from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
-from node.durable import TEMP_SUFFIX, Bytes, direct_io_pays, make_dirs, write_atomic
+from node.durable import TEMP_SUFFIX, Bytes, make_dirs, supports_direct_io, write_atomic
 from node.ingest.dataset import DataSetProblem, Problem, check_pixel_data, inflate_head
 from node.ingest.dicom import multi_values
 
@@ -111,12 +111,11 @@ class SpoolListener(Protocol):
 class Spool:
     """The on-disk spool; safe for concurrent stores from several associations."""
 
-    def __init__(self, root: Path, direct_io: bool | None = None) -> None:
-        """`direct_io`: write with O_DIRECT or through the page cache; None: whichever is faster here,
-        timed once at start (`durable.direct_io_pays`)."""
+    def __init__(self, root: Path, direct_io: bool = True) -> None:
+        """`direct_io`: write with O_DIRECT where the filesystem takes it (storage.spool_direct_io)."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.direct_io = direct_io_pays(self.root) if direct_io is None else direct_io
+        self.direct_io = direct_io and supports_direct_io(self.root)
         log.info("event=spool_opened root=%s write_mode=%s", self.root, "direct" if self.direct_io else "page_cache")
 
     def store(self, data: bytes | bytearray | memoryview | Path, receipt: Receipt) -> SpooledInstance:

@@ -93,7 +93,7 @@ class Service:
             self.owner.release()
             raise StartError(str(exc)) from None
         make_private(*(storage.database.with_name(storage.database.name + suffix) for suffix in ("", "-wal", "-shm")))
-        self.spool = Spool(config.storage.spool_dir)
+        self.spool = Spool(config.storage.spool_dir, config.storage.spool_direct_io)
         self.tracker = SeriesTracker(self.spool, self.state, config.completion, config.selection,
                                      pending_file=pending_path(config.storage.state_dir))
         self.receiver = Receiver(config.receiver, self.spool, self.tracker)
