@@ -19,9 +19,9 @@ from pynetdicom.sop_class import CTImageStorage
 from support import Clock, wait_until
 
 from node.config import Config, DestinationConfig
-from node.delivery.loop import DeliveryLoop, export_results, next_attempt_at
+from node.delivery.destinations import RESULTS_FOLDER, export_results
+from node.delivery.loop import DeliveryLoop, next_attempt_at
 from node.delivery.sender import SendOutcome, send_files
-from node.service.worker import RESULTS_FOLDER
 from node.state.store import DeliveryStatus, NewDelivery, SeriesRecord, State
 
 

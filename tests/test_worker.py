@@ -12,10 +12,11 @@ import phantom
 import pytest
 
 from node.config import Config, DestinationConfig
+from node.delivery.destinations import RESULTS_FOLDER
 from node.pipeline.run import run_pipeline
-from node.weights import MODEL_FILES, required_models
-from node.service.worker import RESULTS_FOLDER, Stop, Worker, install_stop_handler
+from node.service.worker import Stop, Worker, install_stop_handler
 from node.state.store import JobStatus, SeriesRecord, State, open_state
+from node.weights import MODEL_FILES, required_models
 
 
 @dataclass(frozen=True)

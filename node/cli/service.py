@@ -161,11 +161,11 @@ def _complete(args: argparse.Namespace, config: Config) -> int:
 
 
 def _echo(args: argparse.Namespace, config: Config) -> int:
-    from node.delivery.loop import parse_destination
+    from node.delivery.destinations import DicomPeer
     from node.delivery.sender import echo
 
     try:
-        peer = parse_destination(args.peer)
+        peer = DicomPeer.from_key(args.peer).config
     except ValueError as exc:
         print(f"paraspinal-node echo: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -23,7 +23,7 @@ from pathlib import Path
 from types import FrameType
 
 from node.config import Config
-from node.delivery.destinations import RESULTS_FOLDER, destination_key
+from node.delivery.destinations import configured
 from node.durable import make_dirs
 from node.errors import InputError
 from node.pipeline.run import PipelineResult, run_pipeline
@@ -36,7 +36,6 @@ from node.weights import missing_models
 
 log = logging.getLogger(__name__)
 
-DICOM_RESULTS = ("seg", "sr", "keyimage")
 _MAX_BACKOFF_S = 60.0
 HEARTBEAT_S = 10.0  # how often an idle worker tells the status page it is alive
 
@@ -49,12 +48,8 @@ class Stop(BaseException):
 
 def deliveries_for(result: PipelineResult, config: Config, out_dir: Path) -> list[NewDelivery]:
     """Every DICOM result to every destination, plus the results folder when one is configured."""
-    files = [result.files[name] for name in DICOM_RESULTS if name in result.files]
-    wanted = [NewDelivery(destination_key(d.ae_title, d.host, d.port), str(f))
-              for d in config.destinations for f in files]
-    if config.delivery.results_dir is not None:
-        wanted.append(NewDelivery(RESULTS_FOLDER, str(out_dir)))
-    return wanted
+    return [NewDelivery(handler.key, str(f)) for handler in configured(config)
+            for f in handler.files_for(result.files, out_dir)]
 
 
 class Worker:
