@@ -2,8 +2,13 @@
 
 Several processes share the database (the service and its workers), so every write is one
 short `BEGIN IMMEDIATE` transaction and every state change that must happen together (a job
-finishing and its deliveries appearing) happens in the same one. The job queue is reached
-through the `JobStore` protocol so that a multi-host backend can replace it later.
+finishing and its deliveries appearing) happens in the same one.
+
+`JobStore` is the whole of what a worker process needs: claim, lease, finish and report. Every
+worker-side user (the worker, its lease keeper, the supervisor that requeues a dead worker's
+jobs) is typed against it and nothing else, because that is the boundary the planned PostgreSQL
+store for several worker hosts implements. Series, deliveries, retention and the status page
+stay on `State` in the `serve` process, on the host that owns the spool.
 """
 
 from __future__ import annotations
@@ -164,10 +169,7 @@ class NewDelivery:
 
 
 class JobStore(Protocol):
-    """The job queue as workers and the scheduler use it."""
-
-    def add_job(self, series_uid: str, fingerprint: str, series_dir: str,
-                status: JobStatus = JobStatus.QUEUED, reason: str | None = None) -> Job | None: ...
+    """The job queue as worker processes use it (see the module docstring)."""
 
     def claim(self, owner: str, lease_s: float, max_attempts: int) -> Job | None: ...
 
@@ -184,8 +186,6 @@ class JobStore(Protocol):
     def release_held(self) -> int: ...
 
     def requeue_owner(self, owner: str) -> int: ...
-
-    def retry(self, job_id: int) -> str: ...
 
     def get_job(self, job_id: int) -> Job | None: ...
 
