@@ -20,8 +20,6 @@ from node.service.owner import PRIVATE_UMASK
 from node.state.pending import pending_path, read_pending, request_completion
 from node.state.store import StateError, open_state
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = ExitCode.OK, ExitCode.FAILED, ExitCode.USAGE
-
 
 def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     serve = _add(subparsers, "serve", "run the node: receiver, watch folder, scheduler, sender, workers", _serve)
@@ -64,7 +62,7 @@ def _guarded(handler, args: argparse.Namespace) -> int:
         return handler(args, config)
     except (ConfigError, StateError) as exc:
         print(f"paraspinal-node {args.command}: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
 
 
 def _serve(args: argparse.Namespace, config: Config) -> int:
@@ -76,7 +74,7 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
         return serve(config, args.config, args.init)
     except StartError as exc:
         print(f"paraspinal-node serve: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
 
 
 def _worker(args: argparse.Namespace, config: Config) -> int:
@@ -95,7 +93,7 @@ def _worker(args: argparse.Namespace, config: Config) -> int:
     while not stop.wait(1.0):
         supervisor.check()
     supervisor.stop()
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _status(args: argparse.Namespace, config: Config) -> int:
@@ -112,7 +110,7 @@ def _status(args: argparse.Namespace, config: Config) -> int:
                          "updated": _when(j.updated_at), "last_error": j.last_error} for j in jobs],
     }
     print(json.dumps(report, indent=2) if args.format == "json" else _status_text(report))
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _status_text(report: dict) -> str:
@@ -138,7 +136,7 @@ def _when(timestamp: float) -> str:
 
 def _retry(args: argparse.Namespace, config: Config) -> int:
     print(open_state(config.storage.database, create=False).retry(args.job))
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _complete(args: argparse.Namespace, config: Config) -> int:
@@ -149,15 +147,15 @@ def _complete(args: argparse.Namespace, config: Config) -> int:
         why = waiting[args.series].reason.description if args.series in waiting else "it is not being received"
         print(f"paraspinal-node complete: series {args.series} is not waiting for a resend ({why}): "
               "see `paraspinal-node status`", file=sys.stderr)
-        return EXIT_FAILED
+        return ExitCode.FAILED
     try:
         request_completion(state_dir, args.series)
     except ValueError as exc:
         print(f"paraspinal-node complete: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     print(f"series {args.series} ({waiting[args.series].instances} instances): serve processes it as it is "
           f"within a few seconds, after completion.release_quiet_s ({config.completion.release_quiet_s:g} s)")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _echo(args: argparse.Namespace, config: Config) -> int:
@@ -168,10 +166,10 @@ def _echo(args: argparse.Namespace, config: Config) -> int:
         peer = DicomPeer.from_key(args.peer).config
     except ValueError as exc:
         print(f"paraspinal-node echo: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     outcome = echo(peer, config.receiver.ae_title, config.delivery.timeout_s)
     print(f"{args.peer}: {outcome.describe()}")
-    return EXIT_OK if outcome.ok else EXIT_FAILED
+    return ExitCode.OK if outcome.ok else ExitCode.FAILED
 
 
 def _config_check(args: argparse.Namespace, config: Config) -> int:
@@ -191,7 +189,7 @@ def _config_check(args: argparse.Namespace, config: Config) -> int:
         if missing:
             print(f"  warning: weights missing in {config.segmenter.weights_dir}: {', '.join(missing)} "
                   "(jobs will be held until `paraspinal-node weights install` adds them)")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _worklist(args: argparse.Namespace, config: Config) -> int:
@@ -201,9 +199,9 @@ def _worklist(args: argparse.Namespace, config: Config) -> int:
         since = parse_since(args.since) if args.since else None
     except ValueError as exc:
         print(f"paraspinal-node worklist: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     state = open_state(config.storage.database, create=False)
     rows = [worklist_row(series, job_id, result, config.measure.low_attenuation_hu)
             for series, job_id, result in state.processed(since)]
     sys.stdout.write(render(rows, args.format))
-    return EXIT_OK
+    return ExitCode.OK
