@@ -149,6 +149,11 @@ class BoundedServer(ThreadedAssociationServer):
             )
             assoc.dul.close_transport()
 
+    def drop_pending(self) -> None:
+        """Close every connection that has not sent its A-ASSOCIATE-RQ (at shutdown)."""
+        for assoc in self.pending():
+            assoc.dul.close_transport()
+
     def close_listener(self) -> None:
         """Stop the accept loop and close the listening socket; open associations carry on."""
         socketserver.BaseServer.shutdown(self)  # AssociationServer.shutdown expects AE.start_server bookkeeping

@@ -221,9 +221,7 @@ class Receiver:
         if self._server is None:
             return
         self._server.close_listener()
-        for assoc in self._active():
-            if not assoc.is_established:  # a port probe: nothing can have been acknowledged on it
-                assoc.abort()
+        self._server.drop_pending()  # not associated: nothing can have been acknowledged on them
         deadline = time.monotonic() + grace_s
         while self._active() and time.monotonic() < deadline:
             time.sleep(0.05)
