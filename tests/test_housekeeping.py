@@ -6,18 +6,18 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from test_series import Node
+from tracker_site import TrackerSite
 
 from node.config import StorageConfig
 from node.ingest.series import PrunedMeanwhile
 from node.ingest.spool import Receipt
 from node.service.housekeeping import Housekeeper
-from node.state.store import _MIGRATIONS, SCHEMA_VERSION, NewDelivery, State, StateError
+from node.state.store import SCHEMA_VERSION, NewDelivery, State, StateError
 
 DAY = 86400.0
 
 
-class Site(Node):
+class Site(TrackerSite):
     """The series test node plus an outbox and a housekeeper keeping 10 days."""
 
     def __init__(self, root: Path) -> None:
@@ -139,7 +139,7 @@ def test_a_folder_outside_the_spool_is_never_removed(site: Site, tmp_path: Path)
 def test_a_database_of_the_first_schema_is_migrated_with_its_rows(tmp_path: Path) -> None:
     database = tmp_path / "state.sqlite"
     raw = sqlite3.connect(database)
-    raw.executescript(_MIGRATIONS[0])
+    raw.executescript((Path(__file__).parent / "data" / "state-schema-1.sql").read_text())
     raw.execute("INSERT INTO series VALUES ('1.2.3', '1.2', 'P', 'A', '20240101', 'CT', '', 4, 'f', '/x', 0)")
     raw.execute("PRAGMA user_version=1")
     raw.commit()

@@ -12,12 +12,12 @@ import pydicom
 import pytest
 from dicom_peers import ct_dataset
 from pydicom.uid import generate_uid
-from support import Clock
+from tracker_site import TrackerSite
 
 from node.cli.main import main
 from node.config import CompletionConfig, SelectionConfig
-from node.ingest.series import SeriesSummary, SeriesTracker, selection_refusal
-from node.ingest.spool import Receipt, Spool
+from node.ingest.series import SeriesSummary, selection_refusal
+from node.ingest.spool import Receipt
 from node.state.pending import WaitReason, read_pending
 from node.state.store import JobStatus, State
 
@@ -48,61 +48,12 @@ def test_defaults_select_low_dose_chest_and_missing_thickness() -> None:
     assert selection_refusal(replace(CHEST, slice_thicknesses=frozenset()), SelectionConfig()) is None
 
 
-class Node:
-    """A spool, a state database and a tracker on a fake clock, fed like the receiver feeds them."""
-
-    def __init__(self, root: Path, selection: SelectionConfig | None = None, state: type[State] = State,
-                 completion: CompletionConfig | None = None) -> None:
-        self.clock = Clock(5000.0)
-        self.completion = completion or CompletionConfig(release_quiet_s=5, idle_quiet_s=60)
-        self.pending_file = root / "pending.json"
-        self.spool = Spool(root / "spool")
-        self.state = state(root / "state.sqlite", clock=self.clock)
-        self.selection = selection or SelectionConfig(min_slices=3)
-        self.tracker = self._tracker()
-        self.study_uid, self.series_uid = generate_uid(), generate_uid()
-        self.sent = 0
-
-    def _tracker(self) -> SeriesTracker:
-        return SeriesTracker(self.spool, self.state, self.completion, self.selection, clock=self.clock,
-                             pending_file=self.pending_file)
-
-    def restart(self) -> None:
-        self.tracker = self._tracker()
-        self.tracker.recover()
-
-    def send(self, count: int, association: str, modality: str = "CT") -> None:
-        for _ in range(count):
-            ds = ct_dataset(self.study_uid, self.series_uid, self.sent, size=8)
-            ds.Modality = modality
-            self.sent += 1
-            self.store(ds, association)
-
-    def store(self, ds: pydicom.Dataset, association: str) -> None:
-        path = self.spool.root.parent / "tmp.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        instance = self.spool.store(path, Receipt(association, "SCU", self.clock.now))
-        self.tracker.instance_stored(instance)
-
-    def resend_spooled(self, association: str) -> None:
-        for path in self.spool.series_files(self.study_uid, self.series_uid):
-            self.tracker.instance_stored(self.spool.store(path, Receipt(association, "SCU", self.clock.now)))
-
-    def complete_after_release(self, association: str) -> list[int]:
-        self.tracker.association_released(association)
-        self.clock.now += 6
-        return self.tracker.tick()
-
-    def jobs(self) -> list:
-        return self.state.jobs()
-
-
 @pytest.fixture
-def node(tmp_path: Path) -> Node:
-    return Node(tmp_path)
+def node(tmp_path: Path) -> TrackerSite:
+    return TrackerSite(tmp_path)
 
 
-def test_series_completes_quiet_period_after_release(node: Node) -> None:
+def test_series_completes_quiet_period_after_release(node: TrackerSite) -> None:
     node.send(4, "a1")
     node.clock.now += 30
     assert node.tracker.tick() == []  # association still open, idle period not over
@@ -118,7 +69,7 @@ def test_series_completes_quiet_period_after_release(node: Node) -> None:
     assert (series.patient_id, series.accession, series.instances) == ("PID0001", "ACC1", 4)
 
 
-def test_pause_longer_than_the_idle_period_inside_an_open_association_does_not_complete(node: Node) -> None:
+def test_pause_longer_than_the_idle_period_inside_an_open_association_does_not_complete(node: TrackerSite) -> None:
     node.send(60, "a1")
     node.clock.now += 600  # ten idle periods, association still open
     assert node.tracker.tick() == []
@@ -128,7 +79,7 @@ def test_pause_longer_than_the_idle_period_inside_an_open_association_does_not_c
     assert node.state.get_series(node.series_uid).instances == 136 and len(node.jobs()) == 1
 
 
-def test_series_spread_over_two_associations_waits_for_both(node: Node) -> None:
+def test_series_spread_over_two_associations_waits_for_both(node: TrackerSite) -> None:
     node.send(2, "a1")
     node.send(2, "a2")
     node.tracker.association_released("a1")
@@ -139,7 +90,7 @@ def test_series_spread_over_two_associations_waits_for_both(node: Node) -> None:
     assert len(node.tracker.tick()) == 1
 
 
-def test_same_content_again_is_not_queued_but_grown_series_is(node: Node) -> None:
+def test_same_content_again_is_not_queued_but_grown_series_is(node: TrackerSite) -> None:
     node.send(4, "a1")
     node.tracker.association_released("a1")
     node.clock.now += 6
@@ -159,7 +110,7 @@ def test_same_content_again_is_not_queued_but_grown_series_is(node: Node) -> Non
     assert node.state.get_series(node.series_uid).instances == 6
 
 
-def test_unselected_series_is_recorded_as_skipped_with_the_rule(node: Node) -> None:
+def test_unselected_series_is_recorded_as_skipped_with_the_rule(node: TrackerSite) -> None:
     node.send(4, "a1", modality="MR")
     node.tracker.association_released("a1")
     node.clock.now += 6
@@ -168,7 +119,7 @@ def test_unselected_series_is_recorded_as_skipped_with_the_rule(node: Node) -> N
     assert job.status is JobStatus.SKIPPED and job.last_error == "modality MR is not in selection.modalities"
 
 
-def test_restart_recovers_spooled_series_without_a_job(node: Node) -> None:
+def test_restart_recovers_spooled_series_without_a_job(node: TrackerSite) -> None:
     node.send(4, "a1")  # the node dies before the series completes
     node.restart()
     node.clock.now += 5
@@ -181,7 +132,7 @@ def test_restart_recovers_spooled_series_without_a_job(node: Node) -> None:
     assert len(node.jobs()) == 1
 
 
-def test_series_finished_after_a_restart_reads_headers_from_the_spool(node: Node) -> None:
+def test_series_finished_after_a_restart_reads_headers_from_the_spool(node: TrackerSite) -> None:
     node.send(3, "a1")
     node.restart()
     node.send(2, "a2")
@@ -192,7 +143,7 @@ def test_series_finished_after_a_restart_reads_headers_from_the_spool(node: Node
     assert node.jobs()[0].status is JobStatus.QUEUED
 
 
-def test_instance_replaced_with_same_size_content_is_queued_again(node: Node) -> None:
+def test_instance_replaced_with_same_size_content_is_queued_again(node: TrackerSite) -> None:
     node.send(3, "a1")
     assert len(node.complete_after_release("a1")) == 1
     corrected = pydicom.dcmread(node.spool.series_files(node.study_uid, node.series_uid)[0])
@@ -216,7 +167,7 @@ class LockedOnce(State):
 
 
 def test_series_whose_job_could_not_be_recorded_stays_pending(tmp_path: Path, caplog) -> None:
-    node = Node(tmp_path, state=LockedOnce)
+    node = TrackerSite(tmp_path, state=LockedOnce)
     node.send(4, "a1")
     with caplog.at_level(logging.ERROR, logger="node.ingest.series"):
         assert node.complete_after_release("a1") == []
@@ -227,7 +178,7 @@ def test_series_whose_job_could_not_be_recorded_stays_pending(tmp_path: Path, ca
     assert node.jobs()[0].status is JobStatus.QUEUED
 
 
-def test_next_completion_is_the_earliest_due_series(node: Node) -> None:
+def test_next_completion_is_the_earliest_due_series(node: TrackerSite) -> None:
     assert node.tracker.next_completion_at() is None
     node.send(4, "a1")
     assert node.tracker.next_completion_at() is None  # association open: nothing is due
@@ -239,7 +190,7 @@ def test_next_completion_is_the_earliest_due_series(node: Node) -> None:
     assert node.tracker.next_completion_at() is None
 
 
-def test_abort_then_late_resend_processes_the_whole_series_once(node: Node) -> None:
+def test_abort_then_late_resend_processes_the_whole_series_once(node: TrackerSite) -> None:
     node.send(60, "a1")
     node.tracker.association_aborted("a1")
     node.clock.now += 3600
@@ -251,7 +202,7 @@ def test_abort_then_late_resend_processes_the_whole_series_once(node: Node) -> N
     assert node.state.get_series(node.series_uid).instances == 136 and len(node.jobs()) == 1
 
 
-def test_release_after_refusals_waits_for_the_refused_instances(node: Node) -> None:
+def test_release_after_refusals_waits_for_the_refused_instances(node: TrackerSite) -> None:
     node.send(60, "a1")
     node.tracker.instance_refused("a1", None, generate_uid())  # 0xA700: disk below the watermark
     node.tracker.instance_refused("a1", None, generate_uid())
@@ -264,7 +215,7 @@ def test_release_after_refusals_waits_for_the_refused_instances(node: Node) -> N
     assert node.state.get_series(node.series_uid).instances == 136
 
 
-def test_an_instance_refused_and_sent_again_in_the_same_association_leaves_the_series_whole(node: Node) -> None:
+def test_an_instance_refused_and_sent_again_in_the_same_association_leaves_the_series_whole(node: TrackerSite) -> None:
     node.send(30, "a1")
     retried = ct_dataset(node.study_uid, node.series_uid, 30, size=8)
     node.tracker.instance_refused("a1", None, str(retried.SOPInstanceUID))
@@ -273,7 +224,7 @@ def test_an_instance_refused_and_sent_again_in_the_same_association_leaves_the_s
     assert node.state.get_series(node.series_uid).instances == 31
 
 
-def test_an_association_open_when_the_series_was_cut_off_is_no_resend(node: Node) -> None:
+def test_an_association_open_when_the_series_was_cut_off_is_no_resend(node: TrackerSite) -> None:
     node.send(30, "a1")
     node.send(30, "a2")
     node.tracker.association_aborted("a1")
@@ -283,7 +234,7 @@ def test_an_association_open_when_the_series_was_cut_off_is_no_resend(node: Node
 
 
 def test_idle_completes_partial_processes_a_cut_off_series_when_configured(tmp_path: Path) -> None:
-    node = Node(tmp_path, completion=CompletionConfig(release_quiet_s=5, idle_quiet_s=60, idle_completes_partial=True))
+    node = TrackerSite(tmp_path, completion=CompletionConfig(release_quiet_s=5, idle_quiet_s=60, idle_completes_partial=True))
     node.send(60, "a1")
     node.tracker.association_aborted("a1")
     node.clock.now += 59
@@ -293,7 +244,7 @@ def test_idle_completes_partial_processes_a_cut_off_series_when_configured(tmp_p
 
 
 def test_a_series_cut_off_by_a_restart_waits_for_the_resend_and_status_says_why(tmp_path: Path) -> None:
-    node = Node(tmp_path)
+    node = TrackerSite(tmp_path)
     node.send(4, "a1")  # serve stops with the association open
     node.tracker.record_pending(force=True)
     node.restart()
@@ -307,7 +258,7 @@ def test_a_series_cut_off_by_a_restart_waits_for_the_resend_and_status_says_why(
 
 
 def test_an_operator_can_complete_a_cut_off_series_as_it_is(tmp_path: Path, capsys) -> None:
-    node = Node(tmp_path)
+    node = TrackerSite(tmp_path)
     node.send(60, "a1")
     node.tracker.association_aborted("a1")
     node.tracker.record_pending(force=True)
