@@ -138,8 +138,10 @@ class _Engine:
         check_gpu(spec.device, torch.cuda.device_count() if torch.cuda.is_available() else 0)
         self.spec = spec
         self.device = _torch_device(spec.device)
-        # as nnUNetv2_predict sets them: all cores for the CPU, one thread when a GPU does the work
-        torch.set_num_threads(multiprocessing.cpu_count() if self.device.type == "cpu" else 1)
+        if self.device.type == "cpu":  # as nnUNetv2_predict sets it, so that CPU results are TotalSegmentator's
+            torch.set_num_threads(multiprocessing.cpu_count())
+        # On a GPU torch keeps its default threads (nnUNetv2_predict sets 1): nnU-Net's export
+        # (softmax, argmax, resampling back) runs in this process here, not in its worker pool.
         self.clock = time_forward_passes() if spec.time_forward else None
         self.stages = _Stages(self.device)
         self.predictors = {}
