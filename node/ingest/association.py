@@ -278,6 +278,7 @@ class BoundedDUL(DULServiceProvider):
         if not _recv_into(sock, memoryview(pdu)[6:], deadline):
             self._closed("Evt17")
             return
+        sock.settimeout(self._limits.pdu_timeout_s)  # what the node's own sends may wait for a peer that stops reading
         try:
             decoded, event = self._decode_pdu(pdu)
         except Exception:  # a malformed PDU is the peer's problem: abort, as pynetdicom does
