@@ -28,7 +28,8 @@ can crash the model process in the middle of one job and not the next.
 per patch, so those give a constant class instead (292 T1, 294 autochthon_left, 305 vertebrae_body,
 297 autochthon_left). The crop model keeps its threshold, without InstanceNorm (5 stages, patch 64³
 assumed; it is cheap at 6 mm), so that the ROI covers a region as the real model's covers the spine.
-291, 293 and 295 stay tiny: roi_subset never runs them.
+293 and 295 stay tiny: roi_subset never runs them; 291 (organs) runs with [biomarkers] liver
+and gives liver everywhere at real size (292 then overwrites it).
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ RULES: dict[int, Rule] = {
 }
 ORIENTED_RULES: dict[int, Rule] = {292: replace(RULES[292], rising="vertebrae_T2"),
                                    297: replace(RULES[297], rising="vertebrae_T2")}
-CONSTANT_RULES: dict[int, Rule] = {292: Rule("vertebrae_T1"), 294: Rule("autochthon_left"),
+CONSTANT_RULES: dict[int, Rule] = {291: Rule("liver"), 292: Rule("vertebrae_T1"), 294: Rule("autochthon_left"),
                                    297: Rule("autochthon_left"), BODY_TASK["task_id"]: Rule("vertebrae_body")}
 
 
@@ -119,7 +120,7 @@ def _spacing(task_id: int) -> float:
 
 
 def _arch(task_id: int, real_architecture: bool, part_patch: tuple[int, int, int] | None) -> Arch:
-    if not real_architecture or task_id in (291, 293, 295):  # never run for the node's roi_subset
+    if not real_architecture or task_id in (293, 295):  # never run for the node's roi_subset (291: with the liver)
         return TINY
     arch = {297: REAL_3MM, 298: REAL_6MM}.get(task_id, REAL_PART)
     return replace(arch, patch=part_patch) if part_patch and arch is REAL_PART else arch

@@ -20,14 +20,16 @@ from pydicom.dataset import Dataset
 
 from node.cli.main import main
 from node.config import BiomarkersConfig, ConfigError, MeasureConfig, SegmenterConfig, load_config
-from node.labels import LIVER, SPLEEN, VERTEBRA_LABEL
+from node.labels import LIVER, SPLEEN, VERTEBRA_LABEL, roi_subset
 from node.pipeline.bone import VertebraResult, bone_flag
 from node.pipeline.contrast import ContrastStatus, contrast_status
 from node.pipeline.ct_load import load_ct
 from node.pipeline.flags import FlagState
 from node.pipeline.liver import erode_mm
 from node.pipeline.measure import fat_grade
+from node.pipeline.roi_pipeline import total_step
 from node.pipeline.seg_load import PrecomputedSegmenter
+from node.pipeline.segment import close_segmenter, make_segmenter
 from node.pipeline.stats import hu_stats
 from node.screening import LevelStatus
 from node.state.store import SeriesRecord
@@ -259,6 +261,18 @@ def test_precomputed_backend_reads_l1_liver_and_spleen(phantom: ph.Phantom, phan
     for label in (VERTEBRA_LABEL["L1"], LIVER, SPLEEN):
         assert (phantom.labels == label).any()
         assert np.array_equal(seg.labels == label, phantom.labels == label), label
+
+
+def test_the_liver_option_adds_part_291_to_what_the_segmenters_run(tmp_path: Path) -> None:
+    assert [model.task_id for model in total_step(False, roi_subset(False)).models] == [292, 294]
+    assert [model.task_id for model in total_step(False, roi_subset(True)).models] == [291, 292, 294]
+    assert {"vertebrae_L1", "liver", "spleen"} <= set(roi_subset(True)) and "liver" not in roi_subset(False)
+    for engine in ("resident", "totalsegmentator"):
+        segmenter = make_segmenter(SegmenterConfig(weights_dir=tmp_path, engine=engine), roi_subset(True))
+        try:
+            assert segmenter.roi_subset == roi_subset(True)
+        finally:
+            close_segmenter(segmenter)
 
 
 def test_erosion_is_in_millimetres_per_axis_and_spares_the_field_of_view_edge() -> None:

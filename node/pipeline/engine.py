@@ -41,8 +41,9 @@ class ResidentEngine:
     job's figures are then in `last_forward_s` and `last_stages` (and, on a GPU, `last_peak_gpu_bytes`).
     """
 
-    def __init__(self, config: SegmenterConfig, time_forward: bool = False) -> None:
+    def __init__(self, config: SegmenterConfig, time_forward: bool = False, roi_subset: tuple[str, ...] = ROI_SUBSET) -> None:
         self.config = config
+        self.roi_subset = roi_subset
         self.time_forward = time_forward
         self.last_forward_s: float | None = None
         self.last_stages: dict[str, float] = {}
@@ -84,7 +85,7 @@ class ResidentEngine:
     def _wanted_spec(self) -> EngineSpec:
         return EngineSpec(
             weights_dir=Path(self.config.weights_dir).resolve(), home=Path(self._home.name), device=self.config.device,
-            fast=self.config.fast, vertebral_bodies=runs_vertebral_bodies(self.config), roi_subset=ROI_SUBSET,
+            fast=self.config.fast, vertebral_bodies=runs_vertebral_bodies(self.config), roi_subset=self.roi_subset,
             time_forward=self.time_forward)
 
     def _ensure_running(self, spec: EngineSpec) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from node.config import Config
+from node.labels import roi_subset
 from node.pipeline.ct import CTVolume
 from node.pipeline.ct_load import load_ct
 from node.pipeline.measure import MeasurementResult, measure
@@ -66,7 +67,7 @@ def _lap(seconds: dict[str, float], stage: str, started: float) -> float:
 def segment(ct: CTVolume, config: Config, segmenter: Segmenter | None = None) -> Segmentation:
     if segmenter is not None:
         return segmenter.segment(ct)
-    one_off = make_segmenter(config.segmenter)
+    one_off = make_segmenter(config.segmenter, roi_subset(config.biomarkers.liver))
     try:
         return one_off.segment(ct)
     finally:

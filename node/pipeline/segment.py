@@ -21,6 +21,7 @@ from typing import Protocol
 import numpy as np
 
 from node.config import SegmenterConfig
+from node.labels import ROI_SUBSET
 from node.pipeline.ct import CTVolume
 from node.pipeline.engine import ResidentEngine
 from node.pipeline.model_process import check_weights, error_reason, exit_reason, kill_process_group, nifti_affine
@@ -44,8 +45,9 @@ class TotalSegmentatorSegmenter:
     job's figure is then in `last_forward_s`.
     """
 
-    def __init__(self, config: SegmenterConfig, time_forward: bool = False) -> None:
+    def __init__(self, config: SegmenterConfig, time_forward: bool = False, roi_subset: tuple[str, ...] = ROI_SUBSET) -> None:
         self.config = config
+        self.roi_subset = roi_subset
         self.time_forward = time_forward
         self.last_forward_s: float | None = None
 
@@ -69,6 +71,7 @@ class TotalSegmentatorSegmenter:
             "fast": self.config.fast,
             "vertebral_bodies": runs_vertebral_bodies(self.config),
             "time_forward": self.time_forward,
+            "roi_subset": list(self.roi_subset),
         }
         (job_dir / "job.json").write_text(json.dumps(job), encoding="utf-8")
 
@@ -87,21 +90,24 @@ class TotalSegmentatorSegmenter:
         )
 
 
-_ENGINES: dict[str, Callable[[SegmenterConfig], Segmenter]] = {
+_ENGINES: dict[str, Callable[..., Segmenter]] = {
     "resident": ResidentEngine,
     "totalsegmentator": TotalSegmentatorSegmenter,
 }
 
 
-def make_segmenter(config: SegmenterConfig) -> Segmenter:
-    """The configured segmenter; a resident engine starts its model process on its first job."""
+def make_segmenter(config: SegmenterConfig, roi_subset: tuple[str, ...] = ROI_SUBSET) -> Segmenter:
+    """The configured segmenter; a resident engine starts its model process on its first job.
+
+    `roi_subset` is what TotalSegmentator segments (node.labels.roi_subset: the organs with [biomarkers] liver).
+    """
     if config.backend == "precomputed":
         return PrecomputedSegmenter(config)
     if config.backend != "totalsegmentator":
         raise SegmenterError(
             f"segmenter.backend {config.backend!r} is not available here: use totalsegmentator or precomputed")
     try:
-        return _ENGINES[config.engine](config)
+        return _ENGINES[config.engine](config, roi_subset=roi_subset)
     except KeyError:
         raise SegmenterError(
             f"segmenter.engine {config.engine!r} is not available here: use one of {', '.join(sorted(_ENGINES))}"

@@ -40,7 +40,7 @@ def child_main(job_dir_name: str) -> None:
         raise SystemExit(1) from None
 
 
-def run_totalsegmentator(image, device: str, fast: bool, vertebral_bodies: bool):
+def run_totalsegmentator(image, device: str, fast: bool, vertebral_bodies: bool, roi_subset: tuple[str, ...] = ROI_SUBSET):
     """The node's TotalSegmentator calls on a NIfTI image: (total roi_subset labels, vertebrae_body labels | None)."""
     import torch
     from totalsegmentator.python_api import totalsegmentator
@@ -48,7 +48,7 @@ def run_totalsegmentator(image, device: str, fast: bool, vertebral_bodies: bool)
     register_trainers()
     check_gpu(device, torch.cuda.device_count() if torch.cuda.is_available() else 0)
     common = {"device": device, "quiet": True, "nr_thr_saving": 1}
-    seg = totalsegmentator(image, None, task="total", roi_subset=list(ROI_SUBSET), fast=fast, **common)
+    seg = totalsegmentator(image, None, task="total", roi_subset=list(roi_subset), fast=fast, **common)
     body = totalsegmentator(image, None, task="vertebrae_body", **common) if vertebral_bodies else None
     return seg, body
 
@@ -59,7 +59,8 @@ def _segment_job(job: dict, job_dir: Path) -> None:
     clock = time_forward_passes() if job.get("time_forward") else None
     affine = np.asarray(job["affine"])
     image = nib.Nifti1Image(np.load(job_dir / "ct.npy"), affine)
-    seg, body = run_totalsegmentator(image, job["device"], job["fast"], job["vertebral_bodies"])
+    seg, body = run_totalsegmentator(image, job["device"], job["fast"], job["vertebral_bodies"],
+                                     tuple(job.get("roi_subset", ROI_SUBSET)))
     _save_labels(seg, affine, job_dir / "labels.npy", lambda data: data)
     if body is not None:
         _save_labels(body, affine, job_dir / "body.npy", lambda data: data == VERTEBRAE_BODY_CLASS)

@@ -26,6 +26,7 @@ from node.config import Config
 from node.delivery.destinations import configured
 from node.durable import make_dirs
 from node.errors import InputError
+from node.labels import roi_subset
 from node.pipeline.run import PipelineResult, run_pipeline
 from node.pipeline.segment import Segmenter, close_segmenter, make_segmenter
 from node.pipeline.segmentation import NotReadyError, SegmenterError
@@ -267,7 +268,7 @@ def start_segmenter(config: Config) -> Segmenter:
     A start that fails (weights not installed yet, no GPU) is logged; each job then tries again
     and fails or is held with the reason.
     """
-    segmenter = make_segmenter(config.segmenter)
+    segmenter = make_segmenter(config.segmenter, roi_subset(config.biomarkers.liver))
     start = getattr(segmenter, "start", None)
     if start is not None:
         try:
