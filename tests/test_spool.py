@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 from dicom_peers import ct_dataset, write_ct_series
-from pydicom.uid import generate_uid
+from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
 
 from node.durable import make_dirs, supports_direct_io, write_atomic
-from node.ingest.spool import Receipt, Spool, SpoolError, StoreOutcome
+from node.ingest.spool import Receipt, Spool, SpoolError, StoreOutcome, read_header
 
 RECEIPT = Receipt("assoc:test", "MODALITY", time.time())
 
@@ -108,3 +108,18 @@ def test_make_dirs_creates_only_below_its_root(tmp_path: Path) -> None:
     make_dirs(root / "study" / "series", root)
     make_dirs(tmp_path / "a" / "b")
     assert (root / "study" / "series").is_dir() and (tmp_path / "a" / "b").is_dir()
+
+
+def test_a_deflated_file_is_read_without_inflating_all_of_it(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    image = ct_dataset(generate_uid(), generate_uid(), 0, size=16)
+    image.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    small = tmp_path / "small.dcm"
+    image.save_as(small, enforce_file_format=True)
+    assert spool.store(small, RECEIPT).sop_instance_uid == image.SOPInstanceUID
+    image.Rows = image.Columns = 4096
+    image.PixelData = bytes(4096 * 4096 * 2)  # 32 MiB of zeros, a few KB deflated
+    bomb = tmp_path / "bomb.dcm"
+    image.save_as(bomb, enforce_file_format=True)
+    with pytest.raises(SpoolError, match="inflates past 1 MiB"):
+        read_header(bomb.read_bytes(), max_inflated=1 << 20)

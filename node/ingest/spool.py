@@ -12,6 +12,7 @@ import enum
 import logging
 import re
 import shutil
+import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from io import BytesIO
@@ -39,6 +40,8 @@ _SUMMARY_TAGS = (
     "ImageType", "SliceThickness", "SeriesDescription", "BodyPartExamined", "ConvolutionKernel",
     "PatientID", "AccessionNumber", "StudyDate", "InstanceNumber",
 )
+MAX_INFLATED_BYTES = 64 << 20  # a deflated file from the watch folder; the receiver passes max_dataset_mb
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 _PIXEL_TAGS = ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel", "NumberOfFrames")
 _DATA_SET_TAGS = [Tag(keyword) for keyword in (*_SUMMARY_TAGS, *_PIXEL_TAGS, "SpecificCharacterSet")]
 
@@ -194,10 +197,16 @@ class Spool:
         return StoreOutcome.NEW
 
 
-def read_header(raw: bytes) -> Dataset:
-    """Parse only the header of a Part 10 file; refuse anything the spool could not file."""
+def read_header(raw: bytes, max_inflated: int = MAX_INFLATED_BYTES) -> Dataset:
+    """Parse only the header of a Part 10 file; refuse anything the spool could not file.
+
+    A deflated file is inflated in bounded steps (pydicom would inflate all of it to read its header).
+    """
     if len(raw) < 132 or raw[128:132] != b"DICM":
         raise SpoolError("not a DICOM Part 10 file (no 'DICM' prefix at byte 128): send DICOM files, or convert with dcmconv")
+    meta_end, syntax = _file_meta(raw)
+    if syntax is not None and UID(syntax).is_deflated:
+        return read_data_set_header(raw[:meta_end], BytesIO(raw[meta_end:]), syntax, max_inflated, check_pixels=False)
     try:
         header = pydicom.dcmread(BytesIO(raw), stop_before_pixels=True, specific_tags=list(_SUMMARY_TAGS))
     except _UNREADABLE as exc:
@@ -206,7 +215,8 @@ def read_header(raw: bytes) -> Dataset:
     return header
 
 
-def read_data_set_header(head: bytes, body: BytesIO, transfer_syntax_uid: str, max_inflated: int) -> Dataset:
+def read_data_set_header(head: bytes, body: BytesIO, transfer_syntax_uid: str, max_inflated: int,
+                         check_pixels: bool = True) -> Dataset:
     """Parse and check the header of a received CT data set, given apart from its encoded file meta `head`.
 
     Reading the data set where it lies saves joining and copying half a megabyte per image. A deflated
@@ -231,11 +241,32 @@ def read_data_set_header(head: bytes, body: BytesIO, transfer_syntax_uid: str, m
         header.file_meta = FileMetaDataset()
         header.file_meta.TransferSyntaxUID = syntax
         check_header(header)
-        with source.getbuffer() as data:
-            check_pixel_data(data, source.tell(), total, header, plain)
+        if check_pixels:
+            with source.getbuffer() as data:
+                check_pixel_data(data, source.tell(), total, header, plain)
     except DataSetProblem as exc:
         raise (DataSetMismatch if exc.problem is Problem.MISMATCH else SpoolError)(str(exc)) from None
     return header
+
+
+def _file_meta(raw: bytes) -> tuple[int, str | None]:
+    """(where the file meta group ends, its TransferSyntaxUID) from the explicit VR little endian elements
+    after "DICM", without pydicom reading on into the data set."""
+    at, syntax = 132, None
+    while at + 8 <= len(raw):
+        group, element, vr = struct.unpack_from("<HH2s", raw, at)
+        if group != 0x0002:
+            break
+        if vr in _LONG_VRS:
+            if at + 12 > len(raw):
+                break
+            length, value_at = struct.unpack_from("<L", raw, at + 8)[0], at + 12
+        else:
+            length, value_at = struct.unpack_from("<H", raw, at + 6)[0], at + 8
+        if element == 0x0010:
+            syntax = raw[value_at:value_at + length].rstrip(b"\x00 ").decode("ascii", "replace")
+        at = value_at + length
+    return at, syntax
 
 
 def check_header(header: Dataset) -> None:
