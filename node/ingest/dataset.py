@@ -146,4 +146,4 @@ def _positive(value: object, default: int) -> int:
 def _short(syntax: UID) -> str:
     """A transfer syntax name short enough for an ErrorComment."""
     name = syntax.name.replace(" Image Compression", "").replace("(Lossless Only)", "Lossless")
-    return name[:36]
+    return name[:26]  # + " declared, Pixel Data not encapsulated" fits the 64 characters of ErrorComment

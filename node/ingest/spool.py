@@ -279,7 +279,7 @@ def check_header(header: Dataset) -> None:
 
 
 def _at_pixel_data(tag: BaseTag, vr: str | None, length: int) -> bool:
-    return tag in _PIXEL_DATA_TAGS
+    return tag >> 16 == 0x7FE0 and tag in _PIXEL_DATA_TAGS  # int arithmetic first: BaseTag's == is Python code
 
 
 def summarize(header: Dataset, path: Path, receipt: Receipt, outcome: StoreOutcome) -> SpooledInstance:
