@@ -31,10 +31,11 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, build_context
 from pynetdicom.sop_class import Verification
+from pynetdicom.status import STATUS_FAILURE, STORAGE_SERVICE_CLASS_STATUS
 
 from node.config import CompletionConfig, ReceiverConfig, SelectionConfig
 from node.ingest.dicom import ENHANCED_CT_IMAGE_STORAGE
-from node.ingest.receiver import Receiver
+from node.ingest.receiver import Receiver, StoreStatus
 from node.ingest.series import SeriesTracker
 from node.ingest.spool import Spool, StoreOutcome
 from node.state.pending import WaitReason
@@ -336,3 +337,8 @@ def test_aborted_send_waits_for_the_senders_resend(tmp_path: Path, caplog) -> No
     finally:
         receiver.stop(grace_s=2)
         state.close()
+
+
+def test_every_refusal_status_is_a_storage_failure_in_pynetdicoms_table() -> None:
+    refusals = [status for status in StoreStatus if status is not StoreStatus.SUCCESS]
+    assert {STORAGE_SERVICE_CLASS_STATUS[status][0] for status in refusals} == {STATUS_FAILURE}
