@@ -28,7 +28,7 @@ from standin_weights import TRIP_HU, sabotage_checkpoint, write_standin_weights
 
 from node.config import SegmenterConfig
 from node.labels import ROI_SUBSET
-from node.pipeline import totalseg_child
+from node.pipeline import model_process, segment, totalseg_child
 from node.pipeline.ct import CTVolume
 from node.pipeline.engine import ResidentEngine
 from node.pipeline.roi_pipeline import total_step
@@ -114,11 +114,12 @@ def engines(weights_dir):
 
 
 def _cache_key(ct: CTVolume, scenario: Scenario) -> str:
-    """Everything the reference labels depend on: the CT, the options, the stand-ins, the reference code."""
+    """Everything the reference labels depend on: the CT, the options, the stand-ins, the reference engine's code."""
     digest = hashlib.sha256()
     for part in (ct.hu.tobytes(), str(ct.hu.shape), repr(ct.spacing), ct.origin.tobytes(), ct.direction.tobytes(),
                  repr((scenario.fast, scenario.vertebral_bodies)), importlib.metadata.version("TotalSegmentator"),
-                 Path(standin_weights.__file__).read_bytes(), Path(totalseg_child.__file__).read_bytes()):
+                 *(Path(module.__file__).read_bytes() for module in (standin_weights, totalseg_child, segment,
+                                                                      model_process))):
         digest.update(part if isinstance(part, bytes) else part.encode())
     return digest.hexdigest()[:24]
 
@@ -128,8 +129,8 @@ def reference(weights_dir: Path, scenario: Scenario, ct: CTVolume) -> Segmentati
     cache = Path(tempfile.gettempdir()) / "paraspinal-reference-cache" / _cache_key(ct, scenario)
     if not (cache / "labels.npy").exists():
         seg = TotalSegmentatorSegmenter(config(weights_dir, scenario, "totalsegmentator")).segment(ct)
-        partial = cache.with_suffix(".partial")
-        partial.mkdir(parents=True, exist_ok=True)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".partial-"))  # complete before it is visible
         np.save(partial / "labels.npy", seg.labels)
         if seg.body is not None:
             np.save(partial / "body.npy", seg.body)
