@@ -20,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
+from node import __version__
 from node.config import Config
 from node.state.store import JobStatus, State
 from node.web.status import Live, weights_missing, worker_views
@@ -122,6 +123,9 @@ class NodeCollector(Collector):
         self._gpu = GpuProbe() if config.segmenter.device.startswith("gpu") else None
 
     def collect(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily("paraspinal_info", "The node's version and AE title", labels=["version", "ae_title"])
+        info.add_metric([__version__, self._config.receiver.ae_title], 1.0)
+        yield info
         yield from self._receiver()
         yield from self._jobs()
         yield self._stages.metric()
