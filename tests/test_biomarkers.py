@@ -23,13 +23,15 @@ from node.config import BiomarkersConfig, ConfigError, MeasureConfig, SegmenterC
 from node.labels import LIVER, SPLEEN, VERTEBRA_LABEL, roi_subset
 from node.pipeline.bone import VertebraResult, bone_flag
 from node.pipeline.contrast import ContrastStatus, contrast_status
+from node.pipeline.ct import CTVolume
 from node.pipeline.ct_load import load_ct
 from node.pipeline.flags import FlagState
 from node.pipeline.liver import erode_mm
-from node.pipeline.measure import fat_grade
+from node.pipeline.measure import fat_grade, measure
 from node.pipeline.roi_pipeline import total_step
 from node.pipeline.seg_load import PrecomputedSegmenter
 from node.pipeline.segment import close_segmenter, make_segmenter
+from node.pipeline.segmentation import Segmentation
 from node.pipeline.stats import hu_stats
 from node.screening import LevelStatus
 from node.state.store import SeriesRecord
@@ -110,6 +112,20 @@ def test_liver_is_within_1_5_hu_of_its_parenchyma_and_partial(unenhanced: Run, l
     assert liver["spleen"]["status"] == "complete"
     assert abs(liver["liver_minus_spleen_hu"] - liver_truth["liver_minus_spleen_hu"]) <= HU_TOLERANCE
     assert liver["flag"]["state"] == "low" and liver["flag"]["threshold_hu"] == 60.0
+
+
+@pytest.mark.parametrize("design", [{"spacing": (3.0, 0.7, 1.1), "seed": 3}, {"spacing": (1.25, 0.45, 0.45), "seed": 5}])
+def test_liver_and_spleen_are_within_1_5_hu_on_other_grids(design: dict) -> None:
+    """Erosion in millimetres and the parenchyma window hold on thick slices and on fine pixels alike."""
+    other = ph.make_phantom(**design)
+    ct = CTVolume(hu=other.hu, spacing=other.spacing, origin=np.array(other.origin), direction=np.eye(3))
+    liver = measure(ct, Segmentation(other.labels, other.body == ph.BODY), MeasureConfig(), BiomarkersConfig(liver=True)).liver
+    truth = ph.liver_truth(other)
+    for got, want in ((liver, truth), (liver.spleen, truth["spleen"])):
+        assert got.status == want["status"]
+        assert got.covered_volume_cm3 == pytest.approx(want["covered_volume_cm3"], rel=1e-9)
+        assert abs(got.parenchyma.median_hu - want["parenchyma"]["median_hu"]) <= HU_TOLERANCE
+        assert abs(got.parenchyma.mean_hu - want["parenchyma"]["mean_hu"]) <= HU_TOLERANCE
 
 
 def test_the_parenchyma_rule_is_what_brings_the_liver_within_tolerance(phantom: ph.Phantom, liver_truth: dict) -> None:

@@ -6,7 +6,8 @@ Parenchyma of an organ mask, the same rule for liver and spleen:
      border; the edge of the field of view is not an organ border and is not eroded;
   2. keep the voxels within median ± window_mad × 1.4826 × MAD of the eroded organ's own HU,
      which removes vessels, focal lesions, calcifications and segmentation leaks, whatever the
-     organ's attenuation (fatty or not).
+     organ's attenuation (fatty or not). The window is found twice, the second time from the
+     voxels the first one kept: vessels and lesions widen the first MAD, not the second.
 The organ is partial when its mask touches any face of the field of view; its numbers are kept.
 """
 
@@ -85,10 +86,14 @@ def parenchyma_mask(ct: CTVolume, seg: Segmentation, label: int, box, erosion_mm
     return eroded_organ(ct, seg.labels[box] == label, box, erosion_mm) & (hu >= window[0]) & (hu <= window[1])
 
 
-def parenchyma_window(values: np.ndarray, k: float) -> tuple[float, float]:
-    median = float(np.median(values))
-    spread = k * MAD_TO_SD * float(np.median(np.abs(values - median)))
-    return median - spread, median + spread
+def parenchyma_window(values: np.ndarray, k: float, passes: int = 2) -> tuple[float, float]:
+    kept = values
+    for _ in range(passes):
+        median = float(np.median(kept))
+        spread = k * MAD_TO_SD * float(np.median(np.abs(kept - median)))
+        low, high = median - spread, median + spread
+        kept = values[(values >= low) & (values <= high)]
+    return low, high
 
 
 def erode_mm(mask: np.ndarray, spacing: tuple[float, float, float], radius_mm: float,
