@@ -15,7 +15,7 @@ import phantom as ph
 import pydicom
 import pytest
 
-from node.labels import AUTOCHTHON_LEFT, AUTOCHTHON_RIGHT, MEASURED_LEVELS, THORACIC, VERTEBRA_LABEL
+from node.labels import AUTOCHTHON_LEFT, AUTOCHTHON_RIGHT, LIVER, MEASURED_LEVELS, SPLEEN, THORACIC, VERTEBRA_LABEL
 
 
 def _body_slices(p: ph.Phantom, level: str, body: np.ndarray | None = None, window: bool = True) -> np.ndarray:
@@ -284,3 +284,19 @@ def _nifti_to_canonical(p: ph.Phantom, image: nib.Nifti1Image) -> Callable[[np.n
         return out
 
     return place
+
+
+def test_liver_is_cut_by_the_field_of_view_and_the_spleen_is_not(phantom: ph.Phantom) -> None:
+    liver, spleen = phantom.labels == LIVER, phantom.labels == SPLEEN
+    assert liver[0].any() and not liver[-1].any(), "the liver runs out of the bottom of the field of view"
+    faces = (spleen[0], spleen[-1], spleen[:, 0], spleen[:, -1], spleen[:, :, 0], spleen[:, :, -1])
+    assert spleen.any() and not any(face.any() for face in faces)
+
+
+def test_liver_vessels_and_cyst_are_hypodense_and_the_organs_touch_no_muscle_or_bone(phantom: ph.Phantom) -> None:
+    hu, organs = phantom.hu, phantom.organs
+    parenchyma = hu[organs == ph.LIVER_PARENCHYMA]
+    assert hu[organs == ph.LIVER_VESSEL].max() < parenchyma.min() and hu[organs == ph.LIVER_CYST].max() < parenchyma.min()
+    assert (organs == ph.LIVER_VESSEL).sum() > 0.05 * parenchyma.size, "enough vessel to move a plain median"
+    others = np.isin(phantom.labels, [AUTOCHTHON_LEFT, AUTOCHTHON_RIGHT, *VERTEBRA_LABEL.values()]) | (phantom.body > 0)
+    assert not (_dilate6(np.isin(phantom.labels, [LIVER, SPLEEN])) & others).any()
