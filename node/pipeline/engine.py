@@ -94,8 +94,10 @@ class ResidentEngine:
         self._stop()
         context = multiprocessing.get_context("spawn")
         parent_end, child_end = context.Pipe()
+        # Daemonic: an engine its owner forgot to close ends with the owner's interpreter instead of
+        # holding it at exit. It starts no processes of its own (no nnU-Net worker pools).
         process = context.Process(target=engine_main, args=(child_end, spec), name="segmentation-engine",
-                                  daemon=False)
+                                  daemon=True)
         process.start()
         child_end.close()
         self._process, self._conn, self._spec = process, parent_end, spec
