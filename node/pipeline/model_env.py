@@ -68,12 +68,6 @@ def check_gpu(device: str, visible: int) -> None:
         )
 
 
-def visible_gpus() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
 @dataclass
 class ForwardClock:
     """Seconds spent inside the networks' forward passes (benchmarks: model time vs. everything else)."""
