@@ -179,6 +179,7 @@ class WorkerConfig:
     retry_delay_s: float = 30.0
     poll_s: float = 1.0
     weights_check_s: float = 60.0  # how often held jobs (weights, precomputed masks) are tried again
+    cpu_threads_per_engine: int = 2  # 1: one job at a time; more: load and encode other jobs while the engine runs one
 
 
 @dataclass
@@ -522,3 +523,6 @@ def _validate_positive(config: Config) -> None:
         raise ConfigError(f"worker.count must be 0 or more, not {config.worker.count}")
     if config.worker.retry_delay_s < 0:
         raise ConfigError(f"worker.retry_delay_s must be 0 or more, not {config.worker.retry_delay_s}")
+    if config.worker.cpu_threads_per_engine < 1:
+        raise ConfigError(f"worker.cpu_threads_per_engine must be 1 or more, not {config.worker.cpu_threads_per_engine}: "
+                          "set 1 for one job at a time, 2 to overlap jobs")

@@ -1,13 +1,18 @@
 """One series from disk to results on disk: load → segment → measure → encode.
 
 Both `paraspinal-node measure` and the worker run exactly this, so a result made by hand and
-one made by the node are the same computation.
+one made by the node are the same computation. The pipeline is cut into three stages where the
+engine starts and ends (prepare on the CPU, segment on the engine, finish on the CPU), so that a
+worker can run one job's CPU stages while the engine runs another job (`Stages`); `run_pipeline`
+is the three in a row.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,20 +37,45 @@ class PipelineResult:
     seconds: dict[str, float] = field(default_factory=dict)  # load, segment, measure, encode: for the status page
 
 
-def run_pipeline(ct_path: Path, out_dir: Path, config: Config, seg_path: Path | None = None, dicom: bool = True,
-                 segmenter: Segmenter | None = None) -> PipelineResult:
-    """Raises InputError for input to refuse, WeightsMissingError when the model is not installed.
+@dataclass
+class Prepared:
+    """A CT in memory, ready for the engine; `seconds` collects the stage timings as the job goes on."""
 
-    The worker passes its long-lived `segmenter` (the resident engine); without one, a segmenter
-    is made for this run and closed after it.
-    """
-    seconds: dict[str, float] = {}
+    ct: CTVolume
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Segmented:
+    """A CT and its labels, ready to be measured and encoded."""
+
+    ct: CTVolume
+    seg: Segmentation
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def prepare(ct_path: Path) -> Prepared:
+    """Load the CT (raises InputError for input to refuse)."""
     started = time.perf_counter()
     ct = load_ct(ct_path)
     log.info("event=ct_loaded series=%s slices=%d", ct.series_uid, ct.shape[0])
-    started = _lap(seconds, "load", started)
+    return Prepared(ct, {"load": time.perf_counter() - started})
+
+
+def segment_prepared(prepared: Prepared, config: Config, segmenter: Segmenter | None = None,
+                     seg_path: Path | None = None) -> Segmented:
+    """The labels from `seg_path` when given, else from `segmenter` (or a one-off one); raises WeightsMissingError."""
+    started = time.perf_counter()
+    ct = prepared.ct
     seg = load_segmentation(seg_path, ct) if seg_path is not None else segment(ct, config, segmenter)
-    started = _lap(seconds, "segment", started)
+    return Segmented(ct, seg, {**prepared.seconds, "segment": time.perf_counter() - started})
+
+
+def finish(segmented: Segmented, out_dir: Path, config: Config, dicom: bool = True) -> PipelineResult:
+    """Measure, write the reports and, with `dicom`, encode SEG, SR and key image into `out_dir`."""
+    seconds = dict(segmented.seconds)
+    ct, seg = segmented.ct, segmented.seg
+    started = time.perf_counter()
     result = measure(ct, seg, config.measure, config.biomarkers)
     json_path, csv_path = write_reports(result, out_dir)
     files = {"measurements_json": json_path, "measurements_csv": csv_path}
@@ -55,6 +85,35 @@ def run_pipeline(ct_path: Path, out_dir: Path, config: Config, seg_path: Path | 
         _lap(seconds, "encode", started)
     log.info("event=measured series=%s levels_present=%d", ct.series_uid, sum(lv.status is not LevelStatus.ABSENT for lv in result.levels))
     return PipelineResult(result, files, seconds)
+
+
+def run_pipeline(ct_path: Path, out_dir: Path, config: Config, seg_path: Path | None = None, dicom: bool = True,
+                 segmenter: Segmenter | None = None) -> PipelineResult:
+    """Raises InputError for input to refuse, WeightsMissingError when the model is not installed.
+
+    The worker passes its long-lived `segmenter` (the resident engine); without one, a segmenter
+    is made for this run and closed after it.
+    """
+    segmented = segment_prepared(prepare(ct_path), config, segmenter, seg_path)
+    return finish(segmented, out_dir, config, dicom)
+
+
+@dataclass(frozen=True)
+class Stages:
+    """run_pipeline cut where the engine starts and ends, so a worker can overlap jobs; each raises as it does."""
+
+    prepare: Callable[[Path], Prepared]
+    segment: Callable[[Prepared, Config], Segmented]
+    finish: Callable[[Segmented, Path, Config], PipelineResult]
+
+    @classmethod
+    def with_segmenter(cls, segmenter: Segmenter | None = None) -> Stages:
+        """The real stages on `segmenter` (the worker's long-lived one; None: a one-off per job)."""
+        return cls(prepare, functools.partial(segment_prepared, segmenter=segmenter), finish)
+
+    def run(self, ct_path: Path, out_dir: Path, config: Config) -> PipelineResult:
+        """The three in a row: what a worker without overlap runs for one job."""
+        return self.finish(self.segment(self.prepare(ct_path), config), out_dir, config)
 
 
 def _lap(seconds: dict[str, float], stage: str, started: float) -> float:

@@ -5,11 +5,15 @@ missing weights, or a precomputed segmentation that has not arrived, hold it and
 again every `worker.weights_check_s` once nothing is missing; anything else is retried with a
 growing delay until `worker.max_attempts`, then the job fails with the last reason. A worker
 that dies simply stops renewing its lease, and the job is claimed again when the lease expires.
+
+With `worker.cpu_threads_per_engine` above 1 the worker overlaps jobs (`_Overlap`): while its one
+engine segments job N, CPU threads load job N+1 and measure and encode job N-1. Every job it holds
+keeps its lease renewed wherever it waits, and SIGTERM hands back every one not finished.
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import logging
 import os
 import shutil
@@ -18,16 +22,19 @@ import socket
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import TypeVar
 
 from node.config import Config
 from node.delivery.destinations import configured
 from node.durable import make_dirs
 from node.errors import InputError
 from node.labels import roi_subset
-from node.pipeline.run import PipelineResult, run_pipeline
+from node.pipeline.run import PipelineResult, Prepared, Segmented, Stages
 from node.pipeline.segment import Segmenter, close_segmenter, make_segmenter
 from node.pipeline.segmentation import NotReadyError, SegmenterError
 from node.service.ids import worker_id
@@ -40,11 +47,23 @@ log = logging.getLogger(__name__)
 _MAX_BACKOFF_S = 60.0
 HEARTBEAT_S = 10.0  # how often an idle worker tells the status page it is alive
 
-Pipeline = Callable[[Path, Path, Config], PipelineResult]
+Pipeline = Callable[[Path, Path, Config], PipelineResult]  # a whole pipeline in one call: runs one job at a time
+T = TypeVar("T")
 
 
 class Stop(BaseException):
     """Raised in the worker's main thread by SIGTERM, so the running job is handed back at once."""
+
+
+@dataclass(eq=False)
+class _Claimed:
+    """A job this worker holds: its outbox, its lease renewal, and what its stages have made so far."""
+
+    job: Job
+    out_dir: Path
+    lease: _LeaseKeeper
+    prepared: Prepared | None = None
+    segmented: Segmented | None = None
 
 
 def deliveries_for(result: PipelineResult, config: Config, out_dir: Path) -> list[NewDelivery]:
@@ -60,13 +79,13 @@ class Worker:
     engine: Segmenter | None = None  # run_worker sets it: the long-lived segmenter whose model process restarts count
     _full_backoff_s = 0.0  # while the disk is full: the wait before the next try
 
-    def __init__(self, config: Config, store: JobStore, owner: str, pipeline: Pipeline = run_pipeline,
+    def __init__(self, config: Config, store: JobStore, owner: str, pipeline: Stages | Pipeline | None = None,
                  clock: Callable[[], float] = time.time, index: int = 0) -> None:
         self._config = config
         self._index = index
         self._store = store
         self._owner = owner
-        self._pipeline = pipeline
+        self._pipeline = pipeline or Stages.with_segmenter()
         self._clock = clock
         self._next_weights_check = 0.0
         self._next_heartbeat = 0.0
@@ -75,73 +94,139 @@ class Worker:
         self._engine_restarts = 0
 
     def run(self, stop: threading.Event) -> None:
-        """Work until `stop` is set; a Stop raised mid-job hands the job back before returning."""
+        """Work until `stop` is set; a Stop raised mid-job hands back every job held before returning."""
         log.info("event=worker_started worker=%s", self._owner)
-        while not stop.is_set():
-            if not self._work_once():
-                stop.wait(self._full_backoff_s or self._config.worker.poll_s)
+        threads = self._config.worker.cpu_threads_per_engine
+        if threads > 1 and isinstance(self._pipeline, Stages):
+            _Overlap(self, stop, threads).run()
+        else:
+            while not stop.is_set():
+                if not self._work_once():
+                    stop.wait(self._idle_wait())
         log.info("event=worker_stopped worker=%s", self._owner)
 
+    def _idle_wait(self) -> float:
+        return self._full_backoff_s or self._config.worker.poll_s
+
     def _work_once(self) -> bool:
-        """run_once while a serve owns the state dir; a full disk pauses it with one line and a growing wait."""
+        return bool(self._guarded(self.run_once))
+
+    def _guarded(self, action: Callable[[], T]) -> T | None:
+        """`action` while a serve owns the state dir (else None), after the heartbeat; see _paused_on_full_disk."""
         if self.owner_check is not None and not self.owner_check():
-            return False
+            return None
+        return self._paused_on_full_disk(lambda: (self._heartbeat(), action())[1])
+
+    def _paused_on_full_disk(self, action: Callable[[], T]) -> T | None:
+        """A full disk pauses the worker with one line and a growing wait (None); it resumes with one line."""
         try:
-            self._heartbeat()
-            worked = self.run_once()
+            value = action()
         except (OSError, sqlite3.Error) as exc:
             if not disk_full(exc):
                 raise
             if not self._full_backoff_s:
                 log.error("event=worker_paused worker=%s reason=%s", self._owner, f"disk full: {exc}")
             self._full_backoff_s = min(max(self._full_backoff_s * 2, self._config.worker.poll_s), _MAX_BACKOFF_S)
-            return False
+            return None
         if self._full_backoff_s:
             log.info("event=worker_resumed worker=%s reason=%s", self._owner, "disk space is back")
             self._full_backoff_s = 0.0
-        return worked
+        return value
 
     def run_once(self) -> bool:
-        """Process at most one job; False when there was nothing to do."""
-        self._release_held_when_ready()
-        job = self._store.claim(self._owner, self._config.worker.lease_s, self._config.worker.max_attempts)
-        if job is None:
+        """Process at most one job, every stage in this thread; False when there was nothing to do."""
+        claimed = self._claim()
+        if claimed is None:
             return False
         try:
-            self._process(job)
+            if isinstance(self._pipeline, Stages):
+                _ = self._prepare(claimed) and self._segment(claimed) and self._finish(claimed)
+            else:
+                self._run_whole(claimed, self._pipeline)
         except Stop:
-            self._store.release(job.id, self._owner)
-            log.info("event=job_released job=%d series=%s reason=\"worker stopping\"", job.id, job.series_uid)
+            self._hand_back(claimed)
             raise
         return True
 
-    def _process(self, job: Job) -> None:
-        """Run the pipeline under a renewed lease, then record the outcome once renewal has stopped."""
+    def _claim(self) -> _Claimed | None:
+        """The next runnable job with a fresh outbox, its lease renewed from now until its outcome is recorded."""
+        self._release_held_when_ready()
+        job = self._store.claim(self._owner, self._config.worker.lease_s, self._config.worker.max_attempts)
+        if job is None:
+            return None
         log.info("event=job_started job=%d series=%s attempt=%d worker=%s", job.id, job.series_uid,
                  job.attempts, self._owner)
-        out_dir = _fresh_outbox(self._config.storage.job_outbox(job.id), job)
         try:
-            with _LeaseKeeper(self._store, job.id, self._owner, self._config.worker.lease_s):
-                result = self._pipeline(Path(job.series_dir), out_dir, self._config)
+            out_dir = _fresh_outbox(self._config.storage.job_outbox(job.id), job)
+        except BaseException:
+            with contextlib.suppress(OSError, sqlite3.Error):  # a full disk may refuse this too: the lease then expires
+                self._store.release(job.id, self._owner)
+            raise
+        lease = _LeaseKeeper(self._store, job.id, self._owner, self._config.worker.lease_s)
+        lease.start()
+        return _Claimed(job, out_dir, lease)
+
+    def _prepare(self, claimed: _Claimed) -> bool:
+        """Load the CT; False when the job has ended (failed, held or queued for a retry)."""
+        assert isinstance(self._pipeline, Stages)
+        claimed.prepared = self._attempt(claimed, lambda: self._pipeline.prepare(Path(claimed.job.series_dir)))
+        return claimed.prepared is not None
+
+    def _segment(self, claimed: _Claimed) -> bool:
+        """Run the engine on the loaded CT; False when the job has ended."""
+        assert isinstance(self._pipeline, Stages) and claimed.prepared is not None
+        prepared, claimed.prepared = claimed.prepared, None  # the CT goes on in `segmented`
+        claimed.segmented = self._attempt(claimed, lambda: self._pipeline.segment(prepared, self._config))
+        return claimed.segmented is not None
+
+    def _finish(self, claimed: _Claimed) -> bool:
+        """Measure, encode, then record completion and deliveries; True when the job is done."""
+        assert isinstance(self._pipeline, Stages) and claimed.segmented is not None
+        segmented, claimed.segmented = claimed.segmented, None
+        result = self._attempt(claimed, lambda: self._pipeline.finish(segmented, claimed.out_dir, self._config))
+        return result is not None and self._complete(claimed, result)
+
+    def _run_whole(self, claimed: _Claimed, pipeline: Pipeline) -> None:
+        result = self._attempt(claimed, lambda: pipeline(Path(claimed.job.series_dir), claimed.out_dir, self._config))
+        if result is not None:
+            self._complete(claimed, result)
+
+    def _attempt(self, claimed: _Claimed, stage: Callable[[], T]) -> T | None:
+        """Run one stage; when it raises, record the outcome once renewal has stopped and return None."""
+        job = claimed.job
+        try:
+            return stage()
         except InputError as exc:
+            claimed.lease.stop()
             self._store.fail(job.id, self._owner, f"refused input: {exc}", retry_at=None)
             log.warning("event=job_failed job=%d series=%s reason=%r", job.id, job.series_uid, f"refused input: {exc}")
         except NotReadyError as exc:  # missing weights, or a precomputed segmentation not there yet
+            claimed.lease.stop()
             self._store.hold(job.id, self._owner, str(exc))
             log.warning("event=job_held job=%d series=%s reason=%r", job.id, job.series_uid, str(exc))
         except Exception as exc:  # noqa: BLE001 - any other failure is retried, never lost
+            claimed.lease.stop()
             self._retry_or_fail(job, f"{type(exc).__name__}: {exc}")
-        else:
-            self._complete(job, result, out_dir)
+        return None
 
-    def _complete(self, job: Job, result: PipelineResult, out_dir: Path) -> None:
-        deliveries = deliveries_for(result, self._config, out_dir)
+    def _complete(self, claimed: _Claimed, result: PipelineResult) -> bool:
+        job = claimed.job
+        claimed.lease.stop()
+        deliveries = deliveries_for(result, self._config, claimed.out_dir)
         if self._store.complete(job.id, self._owner, result.measurement.to_dict(), deliveries):
             self._store.record_stage_timings(job.id, job.attempts, result.seconds)
             log.info("event=job_done job=%d series=%s deliveries=%d", job.id, job.series_uid, len(deliveries))
-        else:
-            log.warning("event=job_lease_lost job=%d series=%s reason=\"another worker took the job\"", job.id,
-                        job.series_uid)
+            return True
+        log.warning("event=job_lease_lost job=%d series=%s reason=\"another worker took the job\"", job.id,
+                    job.series_uid)
+        return False
+
+    def _hand_back(self, claimed: _Claimed) -> None:
+        """The worker is stopping: the job is queued again and the attempt does not count."""
+        claimed.lease.stop()
+        self._store.release(claimed.job.id, self._owner)
+        log.info("event=job_released job=%d series=%s reason=\"worker stopping\"", claimed.job.id,
+                 claimed.job.series_uid)
 
     def _retry_or_fail(self, job: Job, error: str) -> None:
         settings = self._config.worker
@@ -189,26 +274,136 @@ class Worker:
 
 
 class _LeaseKeeper:
-    """Renews the job's lease from a side thread for as long as the pipeline runs."""
+    """Renews the job's lease from a side thread from its claim until its outcome is recorded."""
 
     def __init__(self, store: JobStore, job_id: int, owner: str, lease_s: float) -> None:
         self._store, self._job_id, self._owner, self._lease_s = store, job_id, owner, lease_s
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._renew, name=f"lease-{job_id}", daemon=True)
 
-    def __enter__(self) -> _LeaseKeeper:
+    def start(self) -> None:
         self._thread.start()
-        return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def stop(self) -> None:
+        """Idempotent: the outcome is recorded only once renewal has stopped."""
         self._done.set()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
 
     def _renew(self) -> None:
         while not self._done.wait(self._lease_s / 3):
             if not self._store.renew(self._job_id, self._owner, self._lease_s):
                 log.warning("event=job_lease_lost job=%d worker=%s", self._job_id, self._owner)
                 return
+
+
+class _Overlap:
+    """One worker's jobs in three stages: CPU threads prepare and finish, the calling thread runs the engine.
+
+    The engine thread is the one SIGTERM interrupts (the main thread), as it is without overlap.
+    At most one job is prepared ahead of the engine: more would only hold leases other workers
+    could use. `_held` lists every job claimed and not yet ended; whatever is in it when the
+    worker stops is handed back, after the CPU threads have finished their current step.
+    """
+
+    def __init__(self, worker: Worker, stop: threading.Event, threads: int) -> None:
+        self._worker, self._stop, self._threads = worker, stop, threads
+        self._cond = threading.Condition()
+        self._ready: deque[_Claimed] = deque()  # prepared, waiting for the engine
+        self._segmented: deque[_Claimed] = deque()  # waiting to be measured and encoded
+        self._held: list[_Claimed] = []
+        self._preparing = False  # one claim-and-load at a time
+        self._next_claim = 0.0  # time.monotonic() of the next claim while there is nothing to do
+        self._closing = False
+        self._fault: BaseException | None = None
+
+    def run(self) -> None:
+        threads = [threading.Thread(target=self._cpu_loop, name=f"cpu-{n}", daemon=True) for n in range(self._threads)]
+        for thread in threads:
+            thread.start()
+        try:
+            while not self._stop.is_set():
+                claimed = self._next_for_engine()
+                if claimed is not None:
+                    ok = self._worker._segment(claimed)
+                    self._after(claimed, self._segmented if ok else None)
+        finally:
+            self._close(threads)
+
+    def _next_for_engine(self) -> _Claimed | None:
+        with self._cond:
+            if self._fault is not None:
+                raise self._fault
+            if not self._ready:
+                self._cond.wait(self._worker._config.worker.poll_s)
+                return None
+            return self._ready.popleft()
+
+    def _after(self, claimed: _Claimed, queue: deque[_Claimed] | None) -> None:
+        """The job goes on to `queue`, or has ended (None) and is no longer held."""
+        with self._cond:
+            if queue is not None:
+                queue.append(claimed)
+            else:
+                self._held.remove(claimed)
+            self._cond.notify_all()
+
+    def _cpu_loop(self) -> None:
+        try:
+            while (work := self._next_cpu_work()) is not None:
+                work()
+        except BaseException as exc:  # noqa: BLE001 - the engine thread raises it, as a worker without overlap would
+            with self._cond:
+                self._fault = self._fault or exc
+                self._closing = True
+                self._cond.notify_all()
+
+    def _next_cpu_work(self) -> Callable[[], None] | None:
+        """Finishing comes first (it frees memory and delivers); then the next claim when the engine has none ready."""
+        with self._cond:
+            while not self._closing:
+                if self._segmented:
+                    claimed = self._segmented.popleft()
+                    return lambda: self._finish(claimed)
+                if not self._preparing and not self._ready:
+                    wait = self._next_claim - time.monotonic()
+                    if wait <= 0:
+                        self._preparing = True
+                        return self._claim_and_prepare
+                    self._cond.wait(wait)
+                else:
+                    self._cond.wait()
+            return None
+
+    def _claim_and_prepare(self) -> None:
+        claimed = self._worker._guarded(self._worker._claim)
+        with self._cond:
+            if claimed is None:
+                self._preparing = False
+                self._next_claim = time.monotonic() + self._worker._idle_wait()
+                return
+            self._held.append(claimed)
+            closing = self._closing
+        ok = not closing and self._worker._prepare(claimed)
+        with self._cond:
+            self._preparing = False
+        if not closing:
+            self._after(claimed, self._ready if ok else None)
+
+    def _finish(self, claimed: _Claimed) -> None:
+        done = self._worker._paused_on_full_disk(lambda: self._worker._finish(claimed))
+        if done is not None:  # a full disk refused the record: held until handed back, or its lease expires
+            self._after(claimed, None)
+
+    def _close(self, threads: list[threading.Thread]) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        for thread in threads:
+            thread.join()
+        for claimed in self._held:
+            self._worker._hand_back(claimed)
+        self._held.clear()
 
 
 def _missing_weights(config: Config) -> tuple[str, ...]:
@@ -247,8 +442,7 @@ def run_worker(config: Config, store: JobStore, index: int = 0) -> int:
     warm_up()
     segmenter = start_segmenter(config)
     try:
-        worker = Worker(config, store, worker_id(index), functools.partial(run_pipeline, segmenter=segmenter),
-                        index=index)
+        worker = Worker(config, store, worker_id(index), Stages.with_segmenter(segmenter), index=index)
         worker.owner_check = OwnerCheck(config.storage.state_dir, config.storage.database)
         worker.engine = segmenter
         worker.run(stop)
