@@ -337,6 +337,7 @@ class _Overlap:
             if not self._ready:
                 self._cond.wait(self._worker._config.worker.poll_s)
                 return None
+            self._cond.notify_all()  # the engine took the job ready for it: time to load the next one
             return self._ready.popleft()
 
     def _after(self, claimed: _Claimed, queue: deque[_Claimed] | None) -> None:
