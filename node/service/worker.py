@@ -325,8 +325,7 @@ class _Overlap:
             while not self._stop.is_set():
                 claimed = self._next_for_engine()
                 if claimed is not None:
-                    ok = self._worker._segment(claimed)
-                    self._after(claimed, self._segmented if ok else None)
+                    self._settle(claimed, self._worker._segment, self._segmented)
         finally:
             self._close(threads)
 
@@ -339,6 +338,13 @@ class _Overlap:
                 return None
             self._cond.notify_all()  # the engine took the job ready for it: time to load the next one
             return self._ready.popleft()
+
+    def _settle(self, claimed: _Claimed, stage: Callable[[_Claimed], bool], then: deque[_Claimed] | None) -> None:
+        """Run `stage`; the job goes on to `then`, or has ended. A full disk that refused the record keeps it
+        held, in no queue: it is handed back when the worker stops, or its lease expires."""
+        went_on = self._worker._paused_on_full_disk(lambda: stage(claimed))
+        if went_on is not None:
+            self._after(claimed, then if went_on else None)
 
     def _after(self, claimed: _Claimed, queue: deque[_Claimed] | None) -> None:
         """The job goes on to `queue`, or has ended (None) and is no longer held."""
@@ -385,16 +391,16 @@ class _Overlap:
                 return
             self._held.append(claimed)
             closing = self._closing
-        ok = not closing and self._worker._prepare(claimed)
-        with self._cond:
-            self._preparing = False
-        if not closing:
-            self._after(claimed, self._ready if ok else None)
+        try:
+            if not closing:
+                self._settle(claimed, self._worker._prepare, self._ready)
+        finally:
+            with self._cond:
+                self._preparing = False
+                self._cond.notify_all()
 
     def _finish(self, claimed: _Claimed) -> None:
-        done = self._worker._paused_on_full_disk(lambda: self._worker._finish(claimed))
-        if done is not None:  # a full disk refused the record: held until handed back, or its lease expires
-            self._after(claimed, None)
+        self._settle(claimed, self._worker._finish, None)
 
     def _close(self, threads: list[threading.Thread]) -> None:
         with self._cond:
