@@ -1,10 +1,12 @@
-"""Studies per hour through the node's worker (issue 6, item 3): one worker, then several sharing the GPU.
+"""Studies per hour through the node's worker (issues 6 and 14): without and with overlap, in the same run.
 
 N phantom CT series (same pixels, their own UIDs) are spooled as the receiver spools them
 (Spool.store, then SeriesTracker turns each complete series into a job in a fresh SQLite state),
 then worker processes run node.worker.run_worker, what `paraspinal-node worker --index I` runs,
-until every job has ended. With several workers one job's CPU work (load, resampling, nnU-Net's
-pre- and post-processing, measure, encode) overlaps another job's GPU inference. With
+until every job has ended. Each mode is a (workers, `worker.cpu_threads_per_engine`) pair: with 1
+CPU thread a worker runs one job at a time; with 2 it loads the next CT and measures and encodes
+the previous job while its engine segments the current one (issue 14). With several workers each
+has its own engine, and one worker's CPU work overlaps another's GPU inference. With
 `--engine resident` (the default) each worker starts its own resident model process, once, as
 `paraspinal-node worker` does; `--engine totalsegmentator` measures the reference path.
 
@@ -12,8 +14,9 @@ Stand-in networks of the real architecture run on the machine (bench/e2e.py writ
 model process hands back the phantom's true labels so that measure and encode cost what they cost
 on a real segmentation. GPU utilisation is sampled with nvidia-smi every 0.5 s.
 
-    .venv/bin/python bench/throughput.py                               # 10 CTs, 1 then 2 workers, GPU
-    .venv/bin/python bench/throughput.py --device cpu --size 64 --slices 64 --tiny --no-body --count 2
+    .venv/bin/python bench/throughput.py                    # 10 CTs, 1 worker, 1 then 2 CPU threads, GPU
+    .venv/bin/python bench/throughput.py --workers 1 2 --cpu-threads 1 2          # all four modes
+    .venv/bin/python bench/throughput.py --device cpu --size 64 --slices 64 --tiny --no-body --count 3
 """
 
 from __future__ import annotations
@@ -82,12 +85,13 @@ class GpuSampler:
                 f"max {max(self.samples)} %, busy (>0 %) {100 * busy:.0f} % of {len(self.samples)} samples")
 
 
-def write_config(folder: Path, args: argparse.Namespace, weights: Path) -> Path:
+def write_config(folder: Path, args: argparse.Namespace, weights: Path, cpu_threads: int) -> Path:
     """The node's TOML config for this run: its own state folder, no retries so failures show at once."""
     settings = segmenter_settings(args, weights)
     segmenter = "\n".join(f"{key} = {_toml(value)}" for key, value in settings.items())
     text = (f"[storage]\nstate_dir = {_toml(folder / 'state')}\n\n[segmenter]\n{segmenter}\n\n"
-            "[worker]\nmax_attempts = 1\npoll_s = 0.2\n\n[logging]\nlevel = \"WARNING\"\n")
+            f"[worker]\nmax_attempts = 1\npoll_s = 0.2\ncpu_threads_per_engine = {cpu_threads}\n\n"
+            "[logging]\nlevel = \"WARNING\"\n")
     path = folder / "node.toml"
     path.write_text(text, encoding="utf-8")
     return path
@@ -149,7 +153,7 @@ def run_workers(config_path: Path, config, workers: int, timeout_s: float, devic
                 process.terminate()
             for process in processes:
                 process.wait()
-    _print_outcome(state, seconds, timeout_s)
+    _print_outcome(state, seconds, timeout_s, workers)
     state.close()
     owner.release()
     return seconds, sampler.summary()
@@ -160,7 +164,7 @@ def _unfinished(state) -> bool:
     return counts.get("queued", 0) + counts.get("running", 0) > 0
 
 
-def _print_outcome(state, seconds: float, timeout_s: float) -> None:
+def _print_outcome(state, seconds: float, timeout_s: float, workers: int) -> None:
     counts = state.job_counts()
     print(f"    jobs: {dict(sorted(counts.items()))}" + (f" (stopped at --timeout {timeout_s:g} s)"
                                                          if seconds >= timeout_s else ""))
@@ -171,25 +175,38 @@ def _print_outcome(state, seconds: float, timeout_s: float) -> None:
             continue
         present.append(sum(level["status"] != "absent" for level in state.job_result(job.id)["levels"]))
     print(f"    levels present per done job: {present}")
+    jobs = [job.id for job in state.jobs(limit=100000)]
+    stages: dict[str, list[float]] = {}
+    for timing in state.stage_timings(jobs):
+        stages.setdefault(timing.stage, []).append(timing.seconds)
+    print("    mean per job: " + ", ".join(f"{stage} {statistics.mean(s):.2f} s" for stage, s in stages.items()))
+    if "segment" in stages:  # how busy the engines were: what overlap is meant to raise
+        print(f"    engines busy (segment time / wall time / workers): {sum(stages['segment']) / seconds / workers:.0%}")
 
 
-def measure_mode(work: Path, args: argparse.Namespace, weights: Path, series: list[Path], workers: int) -> float:
-    """One mode in a fresh state folder; returns studies per hour."""
+def measure_mode(work: Path, args: argparse.Namespace, weights: Path, series: list[Path], mode: tuple[int, int]) -> float:
+    """One (workers, CPU threads per engine) mode in a fresh state folder; returns studies per hour."""
     from node.config import load_config
 
-    folder = work / f"node-{workers}-workers"
+    workers, cpu_threads = mode
+    folder = work / f"node-{workers}-workers-{cpu_threads}-threads"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    config_path = write_config(folder, args, weights)
+    config_path = write_config(folder, args, weights, cpu_threads)
     config = load_config(config_path, environ={})
     queue_series(config, series)
-    print(f"{workers} worker(s), {len(series)} CTs:")
+    print(f"{_name(mode)}, {len(series)} CTs:")
     seconds, utilisation = run_workers(config_path, config, workers, args.timeout, args.device)
     rate = len(series) / seconds * 3600
     print(f"    {seconds:.1f} s, {seconds / len(series):.1f} s per study, {rate:.1f} studies/hour")
     print(f"    GPU utilisation: {utilisation}")
     shutil.rmtree(folder, ignore_errors=True)
     return rate
+
+
+def _name(mode: tuple[int, int]) -> str:
+    workers, cpu_threads = mode
+    return f"{workers} worker(s) x {cpu_threads} CPU thread(s) per engine ({'overlap' if cpu_threads > 1 else 'one job at a time'})"
 
 
 def worker_main(config_path: Path, index: int) -> int:
@@ -208,8 +225,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_ct_arguments(parser)
     parser.add_argument("--count", type=int, default=10, help="CTs in a row")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
-                        help="worker counts to measure, one after the other; the gain is against the first")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1],
+                        help="worker counts to measure, one after the other; the gain is against the first mode")
+    parser.add_argument("--cpu-threads", type=int, nargs="+", default=[1, 2],
+                        help="worker.cpu_threads_per_engine values to measure for each worker count (1: no overlap)")
     parser.add_argument("--timeout", type=float, default=3000.0, help="seconds per mode before giving up")
     parser.add_argument("--config", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
@@ -221,13 +240,14 @@ def main() -> int:
     print(f"settings: {args.count} CTs {args.slices}x{args.size}x{args.size}, spacing {args.spacing or 'fitted'}, "
           f"{'tiny networks' if args.tiny else f'real architecture, patch {args.patch}'}, "
           f"crop ROI HU >= {args.crop_threshold_hu:g}, fast {args.fast}, vertebrae_body {not args.no_body}, "
-          f"workers {args.workers}")
+          f"workers {args.workers}, CPU threads per engine {args.cpu_threads}")
     with work_folder(args, "bench-throughput-") as work:
         weights = standin_weights(work, args)
         series = phantom_series(work, args, args.count)
-        rates = [measure_mode(work, args, weights, series, workers) for workers in args.workers]
-    for workers, rate in zip(args.workers[1:], rates[1:]):
-        print(f"gain of {workers} workers over {args.workers[0]}: {rate / rates[0]:.2f}x "
+        modes = [(workers, threads) for workers in args.workers for threads in args.cpu_threads]
+        rates = [measure_mode(work, args, weights, series, mode) for mode in modes]
+    for mode, rate in zip(modes[1:], rates[1:]):
+        print(f"{_name(mode)} / {_name(modes[0])}: {rate / rates[0]:.2f}x "
               f"({rates[0]:.1f} -> {rate:.1f} studies/hour)")
     return 0
 
