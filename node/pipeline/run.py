@@ -111,10 +111,6 @@ class Stages:
         """The real stages on `segmenter` (the worker's long-lived one; None: a one-off per job)."""
         return cls(prepare, functools.partial(segment_prepared, segmenter=segmenter), finish)
 
-    def run(self, ct_path: Path, out_dir: Path, config: Config) -> PipelineResult:
-        """The three in a row: what a worker without overlap runs for one job."""
-        return self.finish(self.segment(self.prepare(ct_path), config), out_dir, config)
-
 
 def _lap(seconds: dict[str, float], stage: str, started: float) -> float:
     """Record how long `stage` took since `started`; returns when the next stage starts."""

@@ -73,7 +73,11 @@ def deliveries_for(result: PipelineResult, config: Config, out_dir: Path) -> lis
 
 
 class Worker:
-    """One worker loop; `paraspinal-node worker` runs it in its own process."""
+    """One worker loop; `paraspinal-node worker` runs it in its own process.
+
+    `pipeline` is the stages of run_pipeline (the default, on a one-off segmenter per job) or, for
+    tests, one whole-pipeline callable, which runs one job at a time.
+    """
 
     owner_check: Callable[[], bool] | None = None  # run_worker sets it: work only while serve owns the state dir
     engine: Segmenter | None = None  # run_worker sets it: the long-lived segmenter whose model process restarts count
@@ -85,7 +89,9 @@ class Worker:
         self._index = index
         self._store = store
         self._owner = owner
-        self._pipeline = pipeline or Stages.with_segmenter()
+        whole = pipeline is not None and not isinstance(pipeline, Stages)
+        self._stages = pipeline if isinstance(pipeline, Stages) else Stages.with_segmenter()
+        self._whole: Pipeline | None = pipeline if whole else None  # a whole pipeline cannot overlap jobs
         self._clock = clock
         self._next_weights_check = 0.0
         self._next_heartbeat = 0.0
@@ -97,7 +103,7 @@ class Worker:
         """Work until `stop` is set; a Stop raised mid-job hands back every job held before returning."""
         log.info("event=worker_started worker=%s", self._owner)
         threads = self._config.worker.cpu_threads_per_engine
-        if threads > 1 and isinstance(self._pipeline, Stages):
+        if threads > 1 and self._whole is None:
             _Overlap(self, stop, threads).run()
         else:
             while not stop.is_set():
@@ -115,7 +121,12 @@ class Worker:
         """`action` while a serve owns the state dir (else None), after the heartbeat; see _paused_on_full_disk."""
         if self.owner_check is not None and not self.owner_check():
             return None
-        return self._paused_on_full_disk(lambda: (self._heartbeat(), action())[1])
+
+        def beat_then_act() -> T:
+            self._heartbeat()
+            return action()
+
+        return self._paused_on_full_disk(beat_then_act)
 
     def _paused_on_full_disk(self, action: Callable[[], T]) -> T | None:
         """A full disk pauses the worker with one line and a growing wait (None); it resumes with one line."""
@@ -139,10 +150,10 @@ class Worker:
         if claimed is None:
             return False
         try:
-            if isinstance(self._pipeline, Stages):
-                _ = self._prepare(claimed) and self._segment(claimed) and self._finish(claimed)
-            else:
-                self._run_whole(claimed, self._pipeline)
+            if self._whole is not None:
+                self._run_whole(claimed, self._whole)
+            elif self._prepare(claimed) and self._segment(claimed):
+                self._finish(claimed)
         except Stop:
             self._hand_back(claimed)
             raise
@@ -168,22 +179,21 @@ class Worker:
 
     def _prepare(self, claimed: _Claimed) -> bool:
         """Load the CT; False when the job has ended (failed, held or queued for a retry)."""
-        assert isinstance(self._pipeline, Stages)
-        claimed.prepared = self._attempt(claimed, lambda: self._pipeline.prepare(Path(claimed.job.series_dir)))
+        claimed.prepared = self._attempt(claimed, lambda: self._stages.prepare(Path(claimed.job.series_dir)))
         return claimed.prepared is not None
 
     def _segment(self, claimed: _Claimed) -> bool:
         """Run the engine on the loaded CT; False when the job has ended."""
-        assert isinstance(self._pipeline, Stages) and claimed.prepared is not None
+        assert claimed.prepared is not None
         prepared, claimed.prepared = claimed.prepared, None  # the CT goes on in `segmented`
-        claimed.segmented = self._attempt(claimed, lambda: self._pipeline.segment(prepared, self._config))
+        claimed.segmented = self._attempt(claimed, lambda: self._stages.segment(prepared, self._config))
         return claimed.segmented is not None
 
     def _finish(self, claimed: _Claimed) -> bool:
         """Measure, encode, then record completion and deliveries; True when the job is done."""
-        assert isinstance(self._pipeline, Stages) and claimed.segmented is not None
+        assert claimed.segmented is not None
         segmented, claimed.segmented = claimed.segmented, None
-        result = self._attempt(claimed, lambda: self._pipeline.finish(segmented, claimed.out_dir, self._config))
+        result = self._attempt(claimed, lambda: self._stages.finish(segmented, claimed.out_dir, self._config))
         return result is not None and self._complete(claimed, result)
 
     def _run_whole(self, claimed: _Claimed, pipeline: Pipeline) -> None:
