@@ -73,7 +73,7 @@ def hook_model_process() -> None:
 def _hook_resident_engine() -> None:
     import numpy as np
 
-    from node.pipeline import engine_child, roi_pipeline
+    from node.pipeline.model import engine_child, roi_pipeline
 
     truth = np.load(os.environ[TRUTH])
     times_file = Path(os.environ[MODEL_TIMES]) if os.environ.get(MODEL_TIMES) else None
@@ -106,7 +106,7 @@ def _hook_resident_engine() -> None:
 
 
 def _hook_totalsegmentator() -> None:
-    from node.pipeline import totalseg_child as segment
+    from node.pipeline.model import totalseg_child as segment
 
     original = segment.run_totalsegmentator
     times_file = Path(os.environ[MODEL_TIMES]) if os.environ.get(MODEL_TIMES) else None

@@ -45,9 +45,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from node.config import SegmenterConfig
 from node.pipeline.ct import CTVolume
 from node.pipeline.engine import ResidentEngine
-from node.pipeline.model_env import configure_totalsegmentator
+from node.pipeline.model.env import configure_totalsegmentator
+from node.pipeline.model.totalseg_child import run_totalsegmentator
 from node.pipeline.segment import TotalSegmentatorSegmenter, nifti_affine
-from node.pipeline.totalseg_child import run_totalsegmentator
 
 SCENARIOS = {  # name: (fast, vertebrae_body)
     "roi_subset": (False, False),

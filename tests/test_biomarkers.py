@@ -28,7 +28,7 @@ from node.pipeline.ct_load import load_ct
 from node.pipeline.flags import FlagState
 from node.pipeline.liver import erode_mm
 from node.pipeline.measure import fat_grade, measure
-from node.pipeline.roi_pipeline import total_step
+from node.pipeline.model.roi_pipeline import total_step
 from node.pipeline.seg_load import PrecomputedSegmenter
 from node.pipeline.segment import close_segmenter, make_segmenter
 from node.pipeline.segmentation import Segmentation

@@ -28,10 +28,11 @@ from standin_weights import TRIP_HU, sabotage_checkpoint, write_standin_weights
 
 from node.config import SegmenterConfig
 from node.labels import ROI_SUBSET
-from node.pipeline import model_process, segment, totalseg_child
+from node.pipeline import model_process, segment
 from node.pipeline.ct import CTVolume
 from node.pipeline.engine import ResidentEngine
-from node.pipeline.roi_pipeline import total_step
+from node.pipeline.model import totalseg_child
+from node.pipeline.model.roi_pipeline import total_step
 from node.pipeline.segment import SegmenterError, TotalSegmentatorSegmenter, make_segmenter
 from node.pipeline.segmentation import Segmentation
 
@@ -276,7 +277,7 @@ def test_torch_resampling_keeps_totalsegmentators_grid_and_orders():
     the CT (order 1) within 1 HU of scipy's where float rounding truncates the other way."""
     from totalsegmentator.resampling import change_spacing
 
-    from node.pipeline.gpu_resample import change_spacing_on
+    from node.pipeline.model.gpu_resample import change_spacing_on
 
     rng = np.random.default_rng(5)
     affine = np.diag([-0.9, 1.2, 2.0, 1.0])

@@ -20,7 +20,7 @@ from standin_weights import HIGH_HU, MID_HU, sabotage_checkpoint, write_standin_
 
 from node.config import SegmenterConfig
 from node.pipeline.ct import CTVolume
-from node.pipeline.model_env import prepare_totalseg_home
+from node.pipeline.model.env import prepare_totalseg_home
 from node.pipeline.segment import (
     SegmenterError,
     TotalSegmentatorSegmenter,

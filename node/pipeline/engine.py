@@ -1,6 +1,6 @@
 """The resident engine: one long-lived model process per device, supervised from the worker.
 
-The process loads each nnU-Net model once and serves job after job (node.pipeline.engine_child).
+The process loads each nnU-Net model once and serves job after job (node.pipeline.model.engine_child).
 What a fresh process per job gave us is kept: a crash, an out-of-memory error or a timeout fails
 that one job with its reason, and the process is ended (so its GPU memory is freed) and started
 again for the next job; a process that does not answer within segmenter.timeout_s is killed.
@@ -23,7 +23,7 @@ import numpy as np
 from node.config import SegmenterConfig
 from node.labels import ROI_SUBSET
 from node.pipeline.ct import CTVolume
-from node.pipeline.engine_child import Done, EngineJob, EngineSpec, Failed, Ready, engine_main
+from node.pipeline.model.engine_child import Done, EngineJob, EngineSpec, Failed, Ready, engine_main
 from node.pipeline.model_process import check_weights, error_reason, exit_reason, kill_process_group, nifti_affine
 from node.pipeline.segmentation import Segmentation, SegmenterError
 from node.weights import runs_vertebral_bodies

@@ -24,10 +24,10 @@ from node.config import SegmenterConfig
 from node.labels import ROI_SUBSET
 from node.pipeline.ct import CTVolume
 from node.pipeline.engine import ResidentEngine
+from node.pipeline.model.totalseg_child import child_main
 from node.pipeline.model_process import check_weights, error_reason, exit_reason, kill_process_group, nifti_affine
 from node.pipeline.seg_load import PrecomputedSegmenter
 from node.pipeline.segmentation import Segmentation, SegmenterError, WeightsMissingError
-from node.pipeline.totalseg_child import child_main
 from node.weights import runs_vertebral_bodies
 
 __all__ = ["Segmenter", "SegmenterError", "TotalSegmentatorSegmenter", "WeightsMissingError", "close_segmenter",

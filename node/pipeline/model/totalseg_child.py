@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from node.labels import ROI_SUBSET
-from node.pipeline.model_env import check_gpu, configure_totalsegmentator, register_trainers, time_forward_passes
+from node.pipeline.model.env import check_gpu, configure_totalsegmentator, register_trainers, time_forward_passes
 from node.process import die_with_parent
 
 VERTEBRAE_BODY_CLASS = 1  # class_map["vertebrae_body"]: 1 vertebrae_body, 2 intervertebral_discs

@@ -1,7 +1,7 @@
 """What every model process does before it touches TotalSegmentator or nnU-Net.
 
 Both engines run TotalSegmentator's models in a child process: the reference engine
-(node.pipeline.totalseg_child) and the resident engine (node.pipeline.engine_child). Both must
+(node.pipeline.model.totalseg_child) and the resident engine (node.pipeline.model.engine_child). Both must
 read weights only from the node's folder, never download, never send usage statistics, and
 never fall back to the CPU when the configured GPU is not there.
 """

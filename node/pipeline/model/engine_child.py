@@ -2,7 +2,7 @@
 
 The parent (node.pipeline.engine) sends one `EngineJob` at a time over a pipe; the CT and the
 labels travel in shared memory. Each job runs TotalSegmentator's roi_subset pipeline in memory
-(node.pipeline.roi_pipeline) with the loaded predictors, so a job costs no process start, no
+(node.pipeline.model.roi_pipeline) with the loaded predictors, so a job costs no process start, no
 model loading, no NIfTI files and no nnU-Net worker pools.
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from node.pipeline.model_env import check_gpu, configure_totalsegmentator, register_trainers, time_forward_passes
+from node.pipeline.model.env import check_gpu, configure_totalsegmentator, register_trainers, time_forward_passes
 from node.process import die_with_parent
 from node.weights import Model
 
@@ -132,7 +132,7 @@ class _Engine:
         configure_totalsegmentator(spec.weights_dir, spec.home)
         import torch
 
-        from node.pipeline.roi_pipeline import RoiPipeline, steps_for, tile_step_size
+        from node.pipeline.model.roi_pipeline import RoiPipeline, steps_for, tile_step_size
 
         register_trainers()
         check_gpu(spec.device, torch.cuda.device_count() if torch.cuda.is_available() else 0)
@@ -215,7 +215,7 @@ def _resampler(device, stages: _Stages):
 
     resample = change_spacing
     if device.type == "cuda":
-        from node.pipeline.gpu_resample import change_spacing_on
+        from node.pipeline.model.gpu_resample import change_spacing_on
 
         def resample(*args, **kwargs):
             return change_spacing_on(device, *args, **kwargs)
