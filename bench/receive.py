@@ -10,11 +10,12 @@ Receivers, alternated round by round so that disk and CPU noise hit them alike:
 - storescp: dcmtk writing each file to disk;
 - orthanc: Orthanc with its default storage settings (skipped if Orthanc is not installed).
 The sender is dcmtk storescu with TCP_NODELAY=1 (without it loopback runs at ~20 images/s).
-Every send uses a fresh series, so no receiver can short-cut a duplicate.
+Every send uses a fresh series, so no receiver can short-cut a duplicate; each receiver gets a short
+unmeasured send first (`--warmup`), so that round 1 does not time one-off start-up work.
 Prints images/s per receiver (median of the rounds), the node's ratios to the others (node/orthanc
 is the figure the README quotes), and the node's CPU time per image (all threads of this process).
 
-    .venv/bin/python bench/receive.py [--count 400] [--rounds 3]
+    .venv/bin/python bench/receive.py [--count 400] [--rounds 3] [--warmup 20]
 """
 
 from __future__ import annotations
@@ -168,6 +169,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=400, help="slices per series (default 400)")
     parser.add_argument("--rounds", type=int, default=3, help="sends per receiver (default 3)")
+    parser.add_argument("--warmup", type=int, default=20, help="slices sent to each receiver before the rounds (default 20)")
     parser.add_argument("--work-dir", type=Path, default=None, help="scratch folder (default: a temp folder)")
     args = parser.parse_args()
     if shutil.which("storescu") is None:
@@ -187,6 +189,8 @@ def main() -> int:
         node_cpu: list[float] = []
         with contextlib.ExitStack() as stack:
             ports = {name: stack.enter_context(start(work)) for name, (start, _) in peers.items()}
+            for name, (_, ae_title) in peers.items() if args.warmup > 0 else ():  # one-off start-up work: not measured
+                send(ports[name], ae_title, write_series(work / "series", args.warmup))
             for round_ in range(args.rounds):
                 for name, (_, ae_title) in peers.items():
                     files = write_series(work / "series", args.count)
