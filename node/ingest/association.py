@@ -16,6 +16,11 @@ sockets lock out every sender. The overrides here bound all of it:
   the rest is read and dropped, so the C-STORE can still be answered), and the peer is not read from
   while a complete message waits for the handler (TCP flow control holds back a pipelining peer).
 
+Speed, since a sender waits for each response: P-DATA fragments are passed on as views of the
+received PDU (not four copies), a C-STORE-RQ primitive is read from its command bytes and a
+C-STORE-RSP encoded into them directly (not through pydicom), pynetdicom's debug handlers are not
+bound, and the reactors wake on data or on a queued response instead of polling.
+
 Written against pynetdicom's private DUL, DIMSE and server internals, hence the version check below.
 """
 
@@ -276,8 +281,9 @@ class BoundedDUL(DULServiceProvider):
 
     def _is_transport_event(self) -> bool:
         """pynetdicom's check for incoming data, made to wait for it: the reactor loop no longer sleeps
-        (`_run_loop_delay` 0), so a PDU is read the moment it arrives instead of up to 1 ms later, while
-        an idle connection still wakes only every `_IDLE_S` (`_PENDING_POLL_S` before association)."""
+        (`_run_loop_delay` 0), so a PDU is read, or a queued primitive sent, the moment it is there instead
+        of up to 1 ms later, while an idle connection still wakes only every `_IDLE_S` (`_PENDING_POLL_S`
+        before association)."""
         state = self.state_machine.current_state
         if state in ("Sta1", "Sta3") or (state == "Sta6" and not self.assoc.dimse.msg_queue.empty()):
             # Sta1: the connection is over (a read would raise Evt17 again, invalid there); Sta3: the peer
