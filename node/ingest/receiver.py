@@ -57,6 +57,7 @@ from node.ingest.association import (
     dataset_overflow,
     invalid_instance_uid,
 )
+from node.ingest.counts import ReceiverCounter
 from node.ingest.dicom import CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE
 from node.ingest.spool import (
     DataSetMismatch,
@@ -170,6 +171,7 @@ class Receiver:
         self.spool = spool
         self.listener = listener
         self._tallies: dict[Association, _Tally] = {}
+        self.counter = ReceiverCounter()  # since start, for /metrics and the status page
         self._lock = threading.Lock()
         self._server: BoundedServer | None = None
         self._thread: threading.Thread | None = None
@@ -278,6 +280,7 @@ class Receiver:
             "event=association_rejected calling_ae=%s called_ae=%s peer=%s:%s reason=%s",
             calling, called, address.address, address.port, reason,
         )
+        self.counter.association(accepted=False)
         event.assoc.acse.send_reject(0x01, 0x01, diagnostic)  # rejected-permanent, by the service user
         event.assoc.kill()  # as pynetdicom does after its own rejections: waits until the RJ is sent
 
@@ -294,6 +297,7 @@ class Receiver:
 
     def _on_accepted(self, event: evt.Event) -> None:
         tally = self._tally(event.assoc)
+        self.counter.association(accepted=True)
         address = event.assoc.requestor.address_info
         log.info(
             "event=association_accepted association=%s calling_ae=%s peer=%s:%s",
@@ -304,6 +308,7 @@ class Receiver:
         """pynetdicom's own rejections; the only one the node leaves to it is the association limit."""
         calling = event.assoc.requestor.ae_title
         reason = "receiver.max_associations reached"
+        self.counter.association(accepted=False)
         address = event.assoc.requestor.address_info
         log.warning(
             "event=association_rejected calling_ae=%s peer=%s:%s reason=%s",
@@ -325,6 +330,7 @@ class Receiver:
         with self._lock:
             tally = self._tallies.pop(event.assoc, None)
         if tally is not None:
+            self.counter.association_ended()
             log.info(
                 "event=association_%s association=%s calling_ae=%s stored=%d duplicate=%d discarded=%d refused=%d",
                 how, tally.association_id, tally.calling_ae, tally.stored, tally.duplicate, tally.discarded,
@@ -341,6 +347,7 @@ class Receiver:
                                 "Enhanced CT not supported: send classic CT Image Storage")
         if sop_class != CT_IMAGE_STORAGE:  # kept or not, a discarded instance is answered as stored
             tally.discarded += 1
+            self.counter.discarded()
             log.debug("event=instance_discarded association=%s sop=%s sop_class=%s", tally.association_id, sop_uid, sop_class)
             return StoreStatus.SUCCESS
         bad_uid = invalid_instance_uid(event.request)
@@ -384,6 +391,7 @@ class Receiver:
             tally.duplicate += 1
         else:
             tally.stored += 1
+        self.counter.stored(duplicate=instance.outcome is StoreOutcome.DUPLICATE)
         log.debug(
             "event=instance_stored association=%s series=%s sop=%s outcome=%s",
             tally.association_id, instance.series_uid, instance.sop_instance_uid, instance.outcome.value,
@@ -392,6 +400,7 @@ class Receiver:
 
     def _refuse(self, tally: _Tally, sop_uid: str, status: int, reason: str) -> Dataset:
         tally.refused += 1
+        self.counter.refused(StoreStatus(status).name.lower())
         if status != StoreStatus.SOP_CLASS_NOT_SUPPORTED:  # a CT instance missing: its series must wait for the resend
             self.listener.instance_refused(tally.association_id, None, sop_uid)
         log.warning(
