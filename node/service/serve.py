@@ -163,7 +163,8 @@ class Service:
         from node.web.server import WebServer
         from node.web.status import Live
 
-        live = Live(receiver_listening=self._receiver_listening, free_disk_mb=self.spool.free_disk_mb)
+        live = Live(receiver_listening=self._receiver_listening, free_disk_mb=self.spool.free_disk_mb,
+                    receiver_totals=self.receiver.counter.totals)
         try:
             web = WebServer(self.config, self.state, live)
         except SecretError as exc:
