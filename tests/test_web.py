@@ -197,8 +197,12 @@ def test_healthz_readyz_and_metrics_answer(processed: Node) -> None:
     assert "paraspinal_receiver_listening 1.0" in processed.get("/metrics").text
 
 
-def test_metrics_count_the_processed_phantom(processed: Node) -> None:
+def test_metrics_count_the_processed_phantom(processed: Node, series: Series) -> None:
     metric = processed.metric
+    assert metric("paraspinal_instances_received_total", {"outcome": "stored"}) == len(series.files + series.scout)
+    assert metric("paraspinal_instances_received_total", {"outcome": "duplicate"}) == 0
+    assert metric("paraspinal_associations_total", {"outcome": "accepted"}) == 1
+    assert metric("paraspinal_associations_open") == 0
     assert metric("paraspinal_series_completed_total") == 2
     assert metric("paraspinal_series_skipped_total", {"rule": "series_description_exclude"}) == 1
     assert metric("paraspinal_jobs", {"status": "done"}) == 1
@@ -328,6 +332,11 @@ def test_readyz_names_what_is_not_ready(tmp_path: Path, series: Series) -> None:
         assert "FAIL weights: unknown: no worker has reported" in answer.text
         assert node.get("/healthz").status == 200
         assert node.metric("paraspinal_workers_alive") == 0
+        assert storescu(node.port, series.files[:1], "NOT-THE-NODE", "MODALITY").returncode != 0
+        assert node.metric("paraspinal_associations_total", {"outcome": "rejected"}) == 1
+        assert node.metric("paraspinal_instances_refused_total", {"reason": "out_of_resources"}) == 0
+        assert storescu(node.port, series.files[:1], "NODE", "MODALITY").returncode != 0  # disk below the watermark
+        assert node.metric("paraspinal_instances_refused_total", {"reason": "out_of_resources"}) == 1
         assert "No worker has reported yet" in node.get("/").text
     finally:
         node.stop()

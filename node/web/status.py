@@ -27,7 +27,7 @@ class Live:
 
     receiver_listening: Callable[[], bool]
     free_disk_mb: Callable[[], int]
-    receiver_totals: Callable[[], ReceiverTotals] = ReceiverTotals
+    receiver_totals: Callable[[], ReceiverTotals]
 
 
 @dataclass(frozen=True)
