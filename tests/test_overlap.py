@@ -19,8 +19,9 @@ from pathlib import Path
 import phantom
 import pytest
 from support import wait_until
+from worker_config import precomputed_worker_config
 
-from node.config import Config, ConfigError, DestinationConfig, load_config
+from node.config import Config, ConfigError, load_config
 from node.delivery.destinations import RESULTS_FOLDER
 from node.labels import roi_subset
 from node.pipeline.ct import CTVolume
@@ -59,13 +60,7 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Series], Pat
 
 @pytest.fixture
 def config(tmp_path: Path, written: tuple[list[Series], Path]) -> Config:
-    config = Config()
-    config.storage.state_dir = tmp_path / "state"
-    config.segmenter.backend = "precomputed"
-    config.segmenter.precomputed_dir = written[1]
-    config.destinations = [DestinationConfig("PACS", "127.0.0.1", 11112), DestinationConfig("VNA", "10.0.0.9", 104)]
-    config.delivery.results_dir = tmp_path / "results"
-    config.worker.retry_delay_s = 0.0
+    config = precomputed_worker_config(tmp_path, written[1])
     config.worker.poll_s = 0.05
     config.worker.cpu_threads_per_engine = 2
     return config

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import phantom
 import pytest
+from worker_config import precomputed_worker_config
 
-from node.config import Config, DestinationConfig
+from node.config import Config
 from node.delivery.destinations import RESULTS_FOLDER
 from node.pipeline.run import run_pipeline
 from node.service.worker import Stop, Worker, install_stop_handler
@@ -37,13 +38,7 @@ def series(tmp_path_factory: pytest.TempPathFactory) -> Series:
 
 @pytest.fixture
 def config(tmp_path: Path, series: Series) -> Config:
-    config = Config()
-    config.storage.state_dir = tmp_path / "state"
-    config.segmenter.backend = "precomputed"
-    config.segmenter.precomputed_dir = series.precomputed
-    config.destinations = [DestinationConfig("PACS", "127.0.0.1", 11112), DestinationConfig("VNA", "10.0.0.9", 104)]
-    config.delivery.results_dir = tmp_path / "results"
-    config.worker.retry_delay_s = 0.0
+    config = precomputed_worker_config(tmp_path, series.precomputed)
     config.worker.weights_check_s = 0.001
     return config
 
