@@ -31,8 +31,9 @@ from node.pipeline.segmentation import Segmentation
 from node.screening import LevelStatus
 
 from . import codes
-from .options import MANUFACTURER, EncodeOptions
-from .study import software_versions, source_images
+from .options import EncodeOptions
+from .seg import seg_equipment
+from .study import source_images
 
 BONE_RGB = (250, 250, 210)
 ORGAN_RGB = {"liver": (221, 130, 101), "spleen": (157, 108, 162)}
@@ -72,11 +73,7 @@ def append_bone_and_organ_segments(main: Dataset, ct: CTVolume, seg: Segmentatio
         series_instance_uid=main.SeriesInstanceUID,
         series_number=main.SeriesNumber,
         sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name="paraspinal-node",
-        software_versions=software_versions(result.software),
-        device_serial_number="none",
+        **seg_equipment(result.software),
         transfer_syntax_uid=main.file_meta.TransferSyntaxUID,
         omit_empty_frames=True,
     )

@@ -111,6 +111,12 @@ def _paint_muscle(numbers: np.ndarray, labels: np.ndarray, result: MeasurementRe
     return shared
 
 
+def seg_equipment(software: Software) -> dict[str, object]:
+    """The Enhanced General Equipment values every SEG instance of the node carries (highdicom's keywords)."""
+    return {"instance_number": 1, "manufacturer": MANUFACTURER, "manufacturer_model_name": "paraspinal-node",
+            "software_versions": software_versions(software), "device_serial_number": "none"}
+
+
 def build_seg(ct: CTVolume, segments: SegmentMap, result: MeasurementResult, options: EncodeOptions) -> hd.seg.Segmentation:
     """One SEG in the source study; frame i is derived from source image i (empty frames left out)."""
     sources = source_images(ct)
@@ -123,11 +129,7 @@ def build_seg(ct: CTVolume, segments: SegmentMap, result: MeasurementResult, opt
         series_instance_uid=hd.UID(),
         series_number=settings.seg_series_number,
         sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name="paraspinal-node",
-        software_versions=software_versions(result.software),
-        device_serial_number="none",
+        **seg_equipment(result.software),
         content_label="PARASPINAL",
         content_description="Paraspinal muscle per level T1-T10 and vertebrae",
         series_description=settings.seg_series_description,
