@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+# How an admin adds missing weights, offline; every message (worker, web page) about missing weights ends with it.
+INSTALL_FIX = ("run `paraspinal-node weights install --from <folder of release zips>` "
+               "(`paraspinal-node weights urls` lists the zips to fetch); see README 'Weights'")
+
 
 class InputError(Exception):
     """A CT or segmentation the node refuses; the message is one line for the user."""

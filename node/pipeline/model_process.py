@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from node.config import SegmenterConfig
+from node.errors import INSTALL_FIX
 from node.pipeline.ct import CTVolume
 from node.pipeline.segmentation import WeightsMissingError
 from node.weights import missing_models
@@ -31,8 +32,7 @@ def check_weights(config: SegmenterConfig) -> None:
     if missing:
         raise WeightsMissingError(
             f"TotalSegmentator weights not found in {Path(config.weights_dir).resolve()} "
-            f"(missing {', '.join(missing)}): run `paraspinal-node weights install --from <folder of release zips>` "
-            "(`paraspinal-node weights urls` lists the zips to fetch); see README 'Weights'"
+            f"(missing {', '.join(missing)}): {INSTALL_FIX}"
         )
 
 

@@ -14,11 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from node.config import Config
+from node.errors import INSTALL_FIX
 from node.ingest.counts import ReceiverTotals
 from node.state.store import DestinationTotals, JobStatus, State, WorkerRecord
 
 WORKER_STALE_S = 60.0  # a worker silent this long (heartbeat or lease renewal) is shown as gone
-WEIGHTS_FIX = "run `paraspinal-node weights urls`, fetch the zips elsewhere, then `paraspinal-node weights install --from DIR`"
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ def _weights_check(config: Config, workers: list[WorkerView]) -> Check:
                                        "start `paraspinal-node worker`")
     missing = weights_missing(workers)
     if missing:
-        return Check("weights", False, f"missing {', '.join(missing)}: {WEIGHTS_FIX}")
+        return Check("weights", False, f"missing {', '.join(missing)}: {INSTALL_FIX}")
     return Check("weights", True, "not needed (precomputed segmentations)" if config.segmenter.backend == "precomputed"
                  else "present")
 
