@@ -693,9 +693,6 @@ class State:
                            (last_id, limit))
         return [StageTiming(*r) for r in rows]
 
-    def series_count(self) -> int:
-        return self._query("SELECT COUNT(*) FROM series")[0][0]
-
     def skip_reasons(self) -> list[tuple[str, int]]:
         """(reason, skipped jobs) for every distinct reason a series was skipped."""
         return self._query("SELECT last_error, COUNT(*) FROM jobs WHERE status = 'skipped' GROUP BY last_error")
