@@ -32,10 +32,6 @@ class ContrastStatus:
     source: str  # ContrastBolusAgent, ContrastBolusRoute, ImageType, SeriesDescription, configuration or none
     detail: str  # the value the decision rests on, for the reader
 
-    @property
-    def unenhanced(self) -> bool:
-        return self.enhanced is False
-
     def why_not_assessed(self) -> str | None:
         """The reason an unenhanced-CT threshold cannot be applied, or None when it can."""
         if self.enhanced is None:
