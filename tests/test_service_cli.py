@@ -24,8 +24,8 @@ def config_file(tmp_path: Path) -> Path:
     state = open_state(tmp_path / "state" / "state.sqlite")
     state.record_series(SeriesRecord("1.2.3", "1.2", "P", "A", "20240101", "CT", "", 40, "f", "/x"))
     job = state.add_job("1.2.3", "f", "/x")
-    state.claim("w", 60, 3)
-    state.fail(job.id, "w", "refused input: no pixel data in 3 files", retry_at=None)
+    claimed = state.claim("w", 60, 3)
+    state.fail(job.id, claimed.token, "refused input: no pixel data in 3 files", retry_in_s=None)
     state.close()
     return path
 

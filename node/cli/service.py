@@ -18,7 +18,7 @@ from node.config import Config, ConfigError, load_config
 from node.logs import configure
 from node.service.owner import PRIVATE_UMASK
 from node.state.pending import pending_path, read_pending, request_completion
-from node.state.store import StateError, open_state
+from node.state.store import StateError, open_configured
 
 
 def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
@@ -82,7 +82,7 @@ def _worker(args: argparse.Namespace, config: Config) -> int:
 
     os.umask(PRIVATE_UMASK)
     configure(config.logging)
-    store = open_state(config.storage.database, create=False)
+    store = open_configured(config)
     if args.index is not None or args.count == 1:
         return run_worker(config, store, args.index or 0)
     from node.service.serve import stop_on_signals
@@ -97,7 +97,7 @@ def _worker(args: argparse.Namespace, config: Config) -> int:
 
 
 def _status(args: argparse.Namespace, config: Config) -> int:
-    state = open_state(config.storage.database, create=False)
+    state = open_configured(config)
     jobs = state.jobs(args.jobs)
     report = {
         "pending_series": [{"series": p.series_uid, "instances": p.instances, "reason": str(p.reason),
@@ -135,7 +135,7 @@ def _when(timestamp: float) -> str:
 
 
 def _retry(args: argparse.Namespace, config: Config) -> int:
-    print(open_state(config.storage.database, create=False).retry(args.job))
+    print(open_configured(config).retry(args.job))
     return ExitCode.OK
 
 
@@ -200,7 +200,7 @@ def _worklist(args: argparse.Namespace, config: Config) -> int:
     except ValueError as exc:
         print(f"paraspinal-node worklist: {exc}", file=sys.stderr)
         return ExitCode.USAGE
-    state = open_state(config.storage.database, create=False)
+    state = open_configured(config)
     rows = [worklist_row(series, job_id, result, config.measure.low_attenuation_hu)
             for series, job_id, result in state.processed(since)]
     sys.stdout.write(render(rows, args.format))

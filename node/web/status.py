@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from node.config import Config
 from node.errors import INSTALL_FIX
 from node.ingest.counts import ReceiverTotals
-from node.state.store import DestinationTotals, JobStatus, State, WorkerRecord
+from node.state.store import DestinationTotals, JobStatus, State, StateError, WorkerRecord
 
 WORKER_STALE_S = 60.0  # a worker silent this long (heartbeat or lease renewal) is shown as gone
 
@@ -87,9 +87,9 @@ def readiness(config: Config, state: State, live: Live) -> list[Check]:
     try:
         state.check_writable()
         checks.append(Check("database", True, "writable"))
-    except sqlite3.Error as exc:
-        checks.append(Check("database", False, f"cannot write {config.storage.database} ({exc}): check the disk and "
-                                               "the permissions of storage.state_dir"))
+    except (sqlite3.Error, StateError) as exc:
+        checks.append(Check("database", False, f"cannot write {state.description} ({exc}): check the disk and "
+                                               "the permissions of storage.state_dir, or the PostgreSQL server"))
     free = live.free_disk_mb()
     low = free < receiver.min_free_disk_mb
     checks.append(Check("disk", not low, f"{free} MB free, watermark receiver.min_free_disk_mb = {receiver.min_free_disk_mb} MB"
