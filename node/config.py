@@ -116,6 +116,7 @@ class SegmenterConfig:
     timeout_s: int = 3600
     engine: str = "resident"  # or "totalsegmentator": a fresh process per job calling its API (the reference)
     start_timeout_s: int = 900  # the resident engine's model process: start and load every model
+    simulated_model_s: float = 0.0  # precomputed backend only: wait this long per job, as a model would (benches)
 
 
 @dataclass
@@ -193,6 +194,9 @@ class WorkerConfig:
     poll_s: float = 1.0
     weights_check_s: float = 60.0  # how often held jobs (weights, precomputed masks) are tried again
     cpu_threads_per_engine: int = 2  # 1: one job at a time; more: load and encode other jobs while the engine runs one
+    # auto: read the spool where the series' serve runs on this host, else fetch it over DICOMweb;
+    # dicomweb: always fetch (a worker on serve's host that should behave as a remote one).
+    series_source: str = "auto"
 
 
 @dataclass
@@ -542,10 +546,14 @@ def _validate_positive(config: Config) -> None:
             raise ConfigError(f"{key} must be greater than 0, not {value}")
     if config.storage.retention_days < 0:
         raise ConfigError(f"storage.retention_days must be 0 (keep everything) or more, not {config.storage.retention_days}")
+    if config.segmenter.simulated_model_s < 0:
+        raise ConfigError(f"segmenter.simulated_model_s must be 0 or more, not {config.segmenter.simulated_model_s}")
     if config.worker.count < 0:
         raise ConfigError(f"worker.count must be 0 or more, not {config.worker.count}")
     if config.worker.retry_delay_s < 0:
         raise ConfigError(f"worker.retry_delay_s must be 0 or more, not {config.worker.retry_delay_s}")
+    if config.worker.series_source not in ("auto", "dicomweb"):
+        raise ConfigError(f"worker.series_source must be auto or dicomweb, not {config.worker.series_source!r}")
     if config.worker.cpu_threads_per_engine < 1:
         raise ConfigError(f"worker.cpu_threads_per_engine must be 1 or more, not {config.worker.cpu_threads_per_engine}: "
                           "set 1 for one job at a time, 2 to overlap jobs")

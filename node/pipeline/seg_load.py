@@ -10,6 +10,7 @@ the orientation or axis order of the mask files.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +39,10 @@ class PrecomputedSegmenter:
 
     def __init__(self, config: SegmenterConfig) -> None:
         self.root = Path(config.precomputed_dir)
+        self.model_s = config.simulated_model_s
 
     def segment(self, ct: CTVolume) -> Segmentation:
+        time.sleep(self.model_s)  # a model's time, for scale-out benches and fault tests (0 by default)
         folder = self.root / str(ct.series_uid)
         if not folder.is_dir():
             raise PrecomputedMissingError(

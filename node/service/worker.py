@@ -30,7 +30,7 @@ from types import FrameType
 from typing import TypeVar
 
 from node.config import Config
-from node.delivery.destinations import configured
+from node.delivery.destinations import DICOM_RESULTS, configured
 from node.durable import make_dirs
 from node.errors import InputError
 from node.labels import roi_subset
@@ -57,11 +57,16 @@ class Stop(BaseException):
 
 @dataclass(eq=False)
 class _Claimed:
-    """A job this worker holds: its outbox, its lease renewal, and what its stages have made so far."""
+    """A job this worker holds: its outbox, its lease renewal, and what its stages have made so far.
+
+    `remote_url` is the DICOMweb of the serve holding the series when it is not on this host: the
+    CT is fetched from there and the results go back there, from and to `out_dir`'s scratch space.
+    """
 
     job: Job
     out_dir: Path
     lease: _LeaseKeeper
+    remote_url: str | None = None
     prepared: Prepared | None = None
     segmented: Segmented | None = None
 
@@ -168,19 +173,59 @@ class Worker:
         log.info("event=job_started job=%d series=%s attempt=%d worker=%s", job.id, job.series_uid,
                  job.attempts, self._owner)
         try:
-            out_dir = _fresh_outbox(self._config.storage.job_outbox(job.id), job)
+            remote_url = self._remote_url(job)
+            if remote_url is None:
+                out_dir = _fresh_outbox(self._config.storage.job_outbox(job.id), job)
+            else:
+                out_dir = _fresh_outbox(self._config.storage.state_dir / "scratch" / f"job-{job.id}", job) / "results"
         except BaseException:
             with contextlib.suppress(OSError, sqlite3.Error):  # a full disk may refuse this too: the lease then expires
                 self._store.release(job.id, job.token)
             raise
         lease = _LeaseKeeper(self._store, job, self._config.worker.lease_s)
         lease.start()
-        return _Claimed(job, out_dir, lease)
+        return _Claimed(job, out_dir, lease, remote_url)
+
+    def _remote_url(self, job: Job) -> str | None:
+        """The DICOMweb URL to fetch the series from, or None to read serve's spool on this host."""
+        series = self._store.get_series(job.series_uid)
+        serve = self._store.get_serve(series.serve) if series is not None and series.serve else None
+        url = serve.dicomweb_url if serve is not None else ""
+        local = serve is None or serve.host == socket.gethostname()
+        if url and (self._config.worker.series_source == "dicomweb" or not local or not Path(job.series_dir).is_dir()):
+            return url
+        if not Path(job.series_dir).is_dir():
+            holder = series.serve if series is not None and series.serve else "its serve"
+            raise FileNotFoundError(f"series folder {job.series_dir} is not on this host and {holder} offers no "
+                                    "DICOMweb: set [dicomweb] enabled and url on that serve")
+        return None
 
     def _prepare(self, claimed: _Claimed) -> bool:
-        """Load the CT; False when the job has ended (failed, held or queued for a retry)."""
-        claimed.prepared = self._attempt(claimed, lambda: self._stages.prepare(Path(claimed.job.series_dir)))
+        """Load the CT (fetched first when remote); False when the job has ended (failed, held or queued for a retry)."""
+        claimed.prepared = self._attempt(claimed, lambda: self._load(claimed))
         return claimed.prepared is not None
+
+    def _load(self, claimed: _Claimed) -> Prepared:
+        if claimed.remote_url is None:
+            return self._stages.prepare(Path(claimed.job.series_dir))
+        from node.service.dicomweb_client import fetch_series
+
+        folder = claimed.out_dir.parent / "series"
+        series = self._store.get_series(claimed.job.series_uid)
+        started = time.perf_counter()
+        fetch_series(claimed.remote_url, claimed.job, series, folder, self._client_settings())
+        fetched_s = time.perf_counter() - started
+        try:
+            prepared = self._stages.prepare(folder)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        prepared.seconds["fetch"] = fetched_s
+        return prepared
+
+    def _client_settings(self):
+        from node.service.dicomweb_client import ClientSettings
+
+        return ClientSettings.from_config(self._config.dicomweb)
 
     def _segment(self, claimed: _Claimed) -> bool:
         """Run the engine on the loaded CT; False when the job has ended."""
@@ -221,15 +266,33 @@ class Worker:
 
     def _complete(self, claimed: _Claimed, result: PipelineResult) -> bool:
         job = claimed.job
+        if claimed.remote_url is not None:
+            if self._attempt(claimed, lambda: self._return_results(claimed, result)) is None:
+                return False
+            deliveries: list[NewDelivery] = []  # serve staged them when it stored the results
+        else:
+            deliveries = deliveries_for(result, self._config, claimed.out_dir)
         claimed.lease.stop()
-        deliveries = deliveries_for(result, self._config, claimed.out_dir)
-        if self._store.complete(job.id, job.token, result.measurement.to_dict(), deliveries):
+        done = self._store.complete(job.id, job.token, result.measurement.to_dict(), deliveries)
+        if claimed.remote_url is not None:
+            shutil.rmtree(claimed.out_dir.parent, ignore_errors=True)
+        if done:
             self._store.record_stage_timings(job.id, job.attempts, result.seconds)
             log.info("event=job_done job=%d series=%s deliveries=%d", job.id, job.series_uid, len(deliveries))
             return True
         log.warning("event=job_lease_lost job=%d series=%s reason=\"another worker took the job\"", job.id,
                     job.series_uid)
         return False
+
+    def _return_results(self, claimed: _Claimed, result: PipelineResult) -> bool:
+        """STOW-RS the SEG, SR and key image to the serve holding the series: it stores them and stages their deliveries."""
+        from node.service.dicomweb_client import store_results
+
+        started = time.perf_counter()
+        files = [result.files[name] for name in DICOM_RESULTS if name in result.files]
+        store_results(claimed.remote_url, claimed.job, files, self._client_settings())
+        result.seconds["stow"] = time.perf_counter() - started
+        return True
 
     def _hand_back(self, claimed: _Claimed) -> None:
         """The worker is stopping: the job is queued again and the attempt does not count."""
