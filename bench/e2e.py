@@ -1,7 +1,7 @@
 """One CT on the node's own path (issue 6, item 2): load → segment → measure → encode, in seconds per stage.
 
 Writes stand-in weights of the real architecture (tests/standin_weights.py) and a phantom DICOM
-series on the machine itself, then calls node.pipeline.run.run_pipeline, the function the worker runs,
+series on the machine itself, then calls node.run.run_pipeline, the function the worker runs,
 with the stage functions it calls wrapped by timers:
 
     load CT    node.ct_load.load_ct on the DICOM folder
@@ -277,7 +277,7 @@ class Spans:
 
 
 def run_once(series: Path, out_dir: Path, config, spans: Spans, times_file: Path, segmenter) -> None:
-    from node.pipeline.run import run_pipeline
+    from node.run import run_pipeline
 
     spans.spans.clear()
     times_file.unlink(missing_ok=True)
@@ -308,8 +308,8 @@ def report(spans: Spans, model: dict, total: float) -> None:
 
 
 def run(args: argparse.Namespace, work: Path) -> None:
+    from node import run as pipeline
     from node.config import Config, SegmenterConfig
-    from node.pipeline import run as pipeline
 
     weights = standin_weights(work, args)
     (series,) = phantom_series(work, args, 1)

@@ -1,7 +1,7 @@
 """Coded concepts and display colours shared by the SEG, the SR and the key image.
 
 Standard codes follow ../shared/reference.md (TotalSegmentator's own SNOMED mapping for the
-muscle, T11, T12, L1 and the thoracic spine; CID 7603 for T1-T10). Concepts DICOM has no code
+muscle, T11, T12, L1-L5 and the thoracic and lumbar spine; CID 7603 for T1-T10). Concepts DICOM has no code
 for (25th/75th percentile, the HU windows, the levels a total includes, QC findings) use the
 private scheme PRIVATE_SCHEME, which every object that uses it declares in its Coding Scheme
 Identification Sequence.
@@ -12,7 +12,7 @@ from __future__ import annotations
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import CodedConcept
 
-from node.labels import MEASURED_LEVELS, THORACIC
+from node.labels import SPINE, Span
 
 PRIVATE_SCHEME = "99PSNODE"
 PRIVATE_SCHEME_ITEM = CodingSchemeIdentificationItem(
@@ -44,12 +44,24 @@ LATERALITY = {
 VERTEBRA = {
     level: _sct(value, f"{level} vertebra")
     for level, value in zip(
-        (*THORACIC, "L1"),
+        SPINE,
         ("64864005", "53733008", "1626008", "73071006", "56401006", "45296009",
-         "62487009", "11068009", "82687006", "7610001", "12989004", "23215003", "66794005"),
+         "62487009", "11068009", "82687006", "7610001", "12989004", "23215003",
+         "66794005", "14293000", "36470004", "11994002", "49668003"),
     )
 }
 THORACIC_SPINE = _sct("122495006", "Thoracic spine")  # what the T1-T10 totals span; no single vertebra
+LUMBAR_SPINE = _sct("122496007", "Lumbar spine")  # what the L1-L5 totals span
+SPINE_REGION = {"thoracic": THORACIC_SPINE, "lumbar": LUMBAR_SPINE}
+
+
+def span_site(span: Span) -> CodedConcept:
+    return SPINE_REGION[span.region]
+
+
+def spine_region(level: str) -> CodedConcept:
+    """The region a vertebra lies in, for its SEG segment's Anatomic Region."""
+    return LUMBAR_SPINE if level.startswith("L") else THORACIC_SPINE
 
 VOLUME = _sct("118565006", "Volume")
 ATTENUATION = _dcm("112031", "Attenuation Coefficient")
@@ -102,9 +114,11 @@ def qc_finding(code: str) -> CodedConcept:
 
 
 # RGB 0..255; left takes the level colour, right a darker shade so the sides stay apart.
-LEVEL_RGB: dict[str, tuple[int, int, int]] = dict(zip(MEASURED_LEVELS, (
+# T11 and T12 have no muscle segment and so no colour.
+LEVEL_RGB: dict[str, tuple[int, int, int]] = dict(zip((*SPINE[:10], *SPINE[12:]), (
     (230, 25, 75), (245, 130, 48), (255, 225, 25), (60, 180, 75), (70, 240, 240),
     (0, 130, 200), (145, 30, 180), (240, 50, 230), (170, 110, 40), (128, 128, 0),
+    (250, 190, 212), (170, 255, 195), (255, 215, 180), (0, 128, 128), (220, 190, 255),
 )))
 RIGHT_SHADE = 0.7
 VERTEBRA_RGB = (241, 214, 145)

@@ -5,8 +5,9 @@ anterior-posterior depth) with each level's muscle projected onto it in the leve
 patient right on the viewer's left, head up, level names in a strip of their own beside it.
 A series too short for a readable coronal picture (a 20-slice scan is a thin strip) gets an
 axial slice through the middle of the measured muscle instead. Right: per-level volume,
-median HU and status, the T1-T10 totals marked incomplete when they miss levels, and the
-screening flag; a bone column (trabecular median HU per vertebra, with T11, T12 and L1 below the
+median HU and status, each span's totals (T1-T10, L1-L5) marked incomplete when they miss
+levels, and the T1-T10 screening flag (the only span with a muscle threshold); a bone column
+(trabecular median HU per vertebra, with the vertebrae that have no muscle row below the
 totals), the low-bone flag and, when the liver is measured, a liver line.
 """
 
@@ -22,16 +23,17 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from pydicom.dataset import Dataset  # noqa: E402
 
-from node.labels import MEASURED_LEVELS  # noqa: E402
+from node.labels import THORACIC_SPAN  # noqa: E402
 from node.pipeline.bone import BODY_MASK, VertebraResult  # noqa: E402
 from node.pipeline.ct import CTVolume  # noqa: E402
 from node.pipeline.flags import Flag, FlagState  # noqa: E402
-from node.pipeline.measure import LevelResult, MeasurementResult, MuscleStats  # noqa: E402
-from node.screening import Coverage, LevelStatus, coverage, low_attenuation  # noqa: E402
+from node.pipeline.measure import LevelResult, MeasurementResult, MuscleStats, SpanTotal  # noqa: E402
+from node.screening import Coverage, LevelStatus, low_attenuation  # noqa: E402
 
 from . import codes  # noqa: E402
 from .options import MANUFACTURER, EncodeOptions  # noqa: E402
-from .seg import MUSCLE_SEGMENTS, SegmentMap  # noqa: E402
+from .seg import SegmentMap  # noqa: E402
+from .sr import span_coverage  # noqa: E402
 from .study import character_set, copy_patient_and_study, software_versions, source_images  # noqa: E402
 
 WIDTH_PX, HEIGHT_PX, DPI = 1280, 800, 100
@@ -54,28 +56,29 @@ def render_key_image(ct: CTVolume, segments: SegmentMap, result: MeasurementResu
     """RGB uint8 [rows, columns, 3], muscle coloured as the SEG draws it."""
     figure = Figure(figsize=(WIDTH_PX / DPI, HEIGHT_PX / DPI), dpi=DPI, facecolor="black")
     canvas = FigureCanvasAgg(figure)
-    levels = _level_of_voxel(segments.numbers)
-    if not _draw_coronal(figure, ct, levels):
-        _draw_axial(figure, ct, levels)
-    totals = coverage((level.level, level.status) for level in result.levels)
-    _draw_table(figure.add_axes((0.49, 0.04, 0.50, 0.86)), result, totals, options)
+    levels = _level_of_voxel(segments)
+    if not _draw_coronal(figure, ct, levels, segments.levels):
+        _draw_axial(figure, ct, levels, segments.levels)
+    _draw_table(figure.add_axes((0.49, 0.04, 0.50, 0.86)), result, options)
     figure.text(0.5, 0.965, DERIVED_BANNER, color="yellow", ha="center", va="center", fontsize=16, weight="bold")
-    figure.text(0.5, 0.925, "Paraspinal muscle T1-T10  |  " + ", ".join(software_versions(result.software)),
+    spans = " and ".join(total.span.name for total in result.totals)
+    figure.text(0.5, 0.925, f"Paraspinal muscle {spans}  |  " + ", ".join(software_versions(result.software)),
                 color="white", ha="center", va="center", fontsize=10)
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
-def _level_of_voxel(numbers: np.ndarray) -> np.ndarray:
-    """1..10 on a level's muscle (the SEG's owner of a shared slice), 0 elsewhere."""
+def _level_of_voxel(segments: SegmentMap) -> np.ndarray:
+    """i on the muscle of segments.levels[i - 1] (the SEG's owner of a shared slice), 0 elsewhere."""
+    muscle = 2 * len(segments.levels)
     level_of_segment = np.zeros(256, dtype=np.uint8)
-    level_of_segment[1 : MUSCLE_SEGMENTS + 1] = (np.arange(MUSCLE_SEGMENTS) // 2) + 1
-    return level_of_segment[numbers]
+    level_of_segment[1 : muscle + 1] = (np.arange(muscle) // 2) + 1
+    return level_of_segment[segments.numbers]
 
 
-def _colours() -> np.ndarray:
-    colours = np.zeros((len(MEASURED_LEVELS) + 1, 4))
-    for i, level in enumerate(MEASURED_LEVELS, start=1):
+def _colours(levels: tuple[str, ...]) -> np.ndarray:
+    colours = np.zeros((len(levels) + 1, 4))
+    for i, level in enumerate(levels, start=1):
         colours[i] = (*(v / 255 for v in codes.LEVEL_RGB[level]), 0.55)
     return colours
 
@@ -100,7 +103,7 @@ def _coronal_axes(ct: CTVolume) -> tuple[int, int]:
     return lr, 3 - lr
 
 
-def _draw_coronal(figure: Figure, ct: CTVolume, level_of_voxel: np.ndarray) -> bool:
+def _draw_coronal(figure: Figure, ct: CTVolume, level_of_voxel: np.ndarray, names: tuple[str, ...]) -> bool:
     lr, ap = _coronal_axes(ct)
     spacing_lr = ct.spacing[1] if lr == 1 else ct.spacing[2]
     axes = _picture_axes(figure, ct.shape[lr] * spacing_lr, ct.shape[0] * ct.spacing[0])
@@ -111,13 +114,13 @@ def _draw_coronal(figure: Figure, ct: CTVolume, level_of_voxel: np.ndarray) -> b
     projected = level_of_voxel.max(axis=ap)  # the level seen along anterior-posterior
     plane, projected = _orient(ct, plane, lr), _orient(ct, projected, lr)
     axes.imshow(plane, cmap="gray", vmin=WINDOW_HU[0], vmax=WINDOW_HU[1], aspect="auto", interpolation="bilinear")
-    axes.imshow(_colours()[projected], aspect="auto", interpolation="nearest")
+    axes.imshow(_colours(names)[projected], aspect="auto", interpolation="nearest")
     _mark_sides(axes)
-    _label_levels(figure, axes, projected)
+    _label_levels(figure, axes, projected, names)
     return True
 
 
-def _draw_axial(figure: Figure, ct: CTVolume, level_of_voxel: np.ndarray) -> None:
+def _draw_axial(figure: Figure, ct: CTVolume, level_of_voxel: np.ndarray, names: tuple[str, ...]) -> None:
     """One axial slice, patient right on the viewer's left and anterior up, through the measured muscle."""
     with_muscle = np.flatnonzero(level_of_voxel.any(axis=(1, 2)))
     k = int(with_muscle[len(with_muscle) // 2]) if with_muscle.size else ct.shape[0] // 2
@@ -126,9 +129,9 @@ def _draw_axial(figure: Figure, ct: CTVolume, level_of_voxel: np.ndarray) -> Non
     row_mm, col_mm = (ct.spacing[2], ct.spacing[1]) if transposed else (ct.spacing[1], ct.spacing[2])
     axes = _picture_axes(figure, plane.shape[1] * col_mm, plane.shape[0] * row_mm, min_height=0.0)
     axes.imshow(plane, cmap="gray", vmin=WINDOW_HU[0], vmax=WINDOW_HU[1], aspect="auto", interpolation="bilinear")
-    axes.imshow(_colours()[levels], aspect="auto", interpolation="nearest")
+    axes.imshow(_colours(names)[levels], aspect="auto", interpolation="nearest")
     _mark_sides(axes)
-    shown = [MEASURED_LEVELS[i - 1] for i in np.unique(levels) if i > 0]
+    shown = [names[i - 1] for i in np.unique(levels) if i > 0]
     caption = f"Axial slice {k + 1} of {ct.shape[0]}" + (f": {', '.join(shown)}" if shown else ": no muscle measured")
     axes.text(0.5, -0.02, caption, color="white", transform=axes.transAxes, ha="center", va="top", fontsize=11)
 
@@ -169,11 +172,11 @@ def _orient(ct: CTVolume, image: np.ndarray, lr: int) -> np.ndarray:
     return image[:, ::-1] if lr_direction < 0 else image
 
 
-def _label_levels(figure: Figure, axes, projected: np.ndarray) -> None:
+def _label_levels(figure: Figure, axes, projected: np.ndarray, names: tuple[str, ...]) -> None:
     """Level names in the strip left of the picture, at each coloured band's vertical centre."""
     left, bottom, _, height = axes.get_position().bounds
     n_rows = projected.shape[0]
-    for i, level in enumerate(MEASURED_LEVELS, start=1):
+    for i, level in enumerate(names, start=1):
         rows = np.flatnonzero((projected == i).any(axis=1))
         if rows.size == 0:
             continue
@@ -182,15 +185,16 @@ def _label_levels(figure: Figure, axes, projected: np.ndarray) -> None:
                     va="center", fontsize=10, weight="bold")
 
 
-def _draw_table(axes, result: MeasurementResult, totals: Coverage, options: EncodeOptions) -> None:
+def _draw_table(axes, result: MeasurementResult, options: EncodeOptions) -> None:
     axes.set_axis_off()
     header = ["Level", "Volume (cm³)", "Median HU", "HU left / right", "Status", "Bone HU"]
-    levels = [level for level in result.levels if level.level in MEASURED_LEVELS]
+    levels = result.levels
     bone = {vertebra.level: _bone_cell(vertebra) for vertebra in result.vertebrae}
     rows = [[*_level_row(level), bone.pop(level.level, "-")] for level in levels]
-    rows.append([*_row("T1-T10", result.total.combined, result.total.left, result.total.right, totals.status,
-                       TOTAL_MARK[totals.status]), ""])
+    rows += [[*_total_row(result, total), ""] for total in result.totals]
     rows += [[level, "", "", "", "", cell] for level, cell in bone.items()]
+    incomplete = {len(levels) + 1 + i for i, total in enumerate(result.totals)
+                  if span_coverage(result, total.span).status is not LevelStatus.COMPLETE}
     table = axes.table(cellText=rows, colLabels=header, loc="upper center", cellLoc="center",
                        colWidths=[0.1, 0.18, 0.16, 0.22, 0.16, 0.18])
     table.auto_set_font_size(False)
@@ -200,15 +204,21 @@ def _draw_table(axes, result: MeasurementResult, totals: Coverage, options: Enco
         cell.set_facecolor("black")
         cell.set_edgecolor("#555555")
         cell.get_text().set_color("white")
-        if row == 0 or row == len(levels) + 1:
+        if row == 0 or len(levels) < row <= len(levels) + len(result.totals):
             cell.get_text().set_weight("bold")
         if column == 0 and 0 < row <= len(levels):
             cell.get_text().set_color(np.array(codes.LEVEL_RGB[levels[row - 1].level]) / 255)
-        if row == len(levels) + 1 and column == 4 and totals.status is not LevelStatus.COMPLETE:
+        if row in incomplete and column == 4:
             cell.get_text().set_color("orange")
             cell.get_text().set_fontsize(8)  # "INCOMPLETE" fits the status column
-    _draw_flag(axes, result, totals, options)
+    _draw_flag(axes, result, options)
     _draw_biomarkers(axes, result)
+
+
+def _total_row(result: MeasurementResult, total: SpanTotal) -> list[str]:
+    status = span_coverage(result, total.span).status
+    sides = total.sides
+    return _row(total.span.name, sides.combined, sides.left, sides.right, status, TOTAL_MARK[status])
 
 
 def _bone_cell(vertebra: VertebraResult) -> str:
@@ -261,15 +271,21 @@ def _hu(value: float | None) -> str:
 
 def screening_flag(result: MeasurementResult, threshold_hu: float) -> bool:
     """Raised when the T1-T10 median attenuation is below the configured threshold."""
-    return bool(low_attenuation(result.total.combined.median_hu, threshold_hu))
+    total = result.total
+    return bool(low_attenuation(None if total is None else total.combined.median_hu, threshold_hu))
 
 
-def _draw_flag(axes, result: MeasurementResult, totals: Coverage, options: EncodeOptions) -> None:
-    median, threshold = result.total.combined.median_hu, options.low_attenuation_hu
+def _draw_flag(axes, result: MeasurementResult, options: EncodeOptions) -> None:
+    """The first span's median under the table: the T1-T10 screening flag, or a span's median where no threshold exists."""
+    total = result.totals[0]
+    name, totals = total.span.name, span_coverage(result, total.span)
+    median, threshold = total.sides.combined.median_hu, options.low_attenuation_hu
     incomplete = totals.status is not LevelStatus.COMPLETE
     mark = " - INCOMPLETE" if incomplete else ""
     if median is None:
-        text, colour = "No T1-T10 muscle measured: no screening result", "orange"
+        text, colour = f"No {name} muscle measured: no screening result", "orange"
+    elif total.span != THORACIC_SPAN:
+        text, colour = f"{name} median {median:.0f} HU (no screening threshold){mark}", "orange" if incomplete else "white"
     elif screening_flag(result, threshold):
         text, colour = f"LOW MUSCLE ATTENUATION: T1-T10 median {median:.0f} HU < {threshold:g} HU{mark}", "red"
     else:
@@ -277,15 +293,15 @@ def _draw_flag(axes, result: MeasurementResult, totals: Coverage, options: Encod
     axes.text(0.5, 0.08, text, color=colour, ha="center", va="center", fontsize=12, weight="bold",
               transform=axes.transAxes, bbox={"facecolor": "black", "edgecolor": colour, "pad": 6})
     if incomplete and totals.included:
-        axes.text(0.5, 0.015, _coverage_note(totals), color="orange", ha="center", va="center", fontsize=10,
+        axes.text(0.5, 0.015, _coverage_note(name, totals), color="orange", ha="center", va="center", fontsize=10,
                   transform=axes.transAxes)
 
 
-def _coverage_note(totals: Coverage) -> str:
+def _coverage_note(name: str, totals: Coverage) -> str:
     """'T1-T10 totals cover T4-T10 only (T1, T2, T3 absent)', or name the partial levels they include."""
     if totals.missing:
-        return f"T1-T10 totals cover {totals.describe()} only"
-    return f"T1-T10 totals include partial {'level' if len(totals.partial) == 1 else 'levels'} {', '.join(totals.partial)}"
+        return f"{name} totals cover {totals.describe()} only"
+    return f"{name} totals include partial {'level' if len(totals.partial) == 1 else 'levels'} {', '.join(totals.partial)}"
 
 
 def build_key_image(ct: CTVolume, segments: SegmentMap, result: MeasurementResult, options: EncodeOptions) -> hd.sc.SCImage:

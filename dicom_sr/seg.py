@@ -1,9 +1,11 @@
-"""The DICOM Segmentation: per-level left/right paraspinal muscle, then the vertebrae T1..T10 present.
+"""The DICOM Segmentation: per-level left/right paraspinal muscle, then the vertebrae of those levels present.
 
-Segment numbers are fixed for the muscle (T1 left = 1, T1 right = 2, ... T10 right = 20) so
-the SR's group i is SEG segment i, as 3D Slicer's QuantitativeReporting assumes. Vertebrae
-follow as 21, 22, ... in T1..T10 order, only those present. An absent level's two segments
-are described but hold no voxel: nothing was measured there, and the numbering stays fixed.
+Segment numbers follow the measurement's reported levels, two per level (on chest CT fixed:
+T1 left = 1, T1 right = 2, ... T10 right = 20; on abdominal CT L1 left = 1 ... L5 right = 10;
+complete lumbar levels of a chest CT follow T10 as 21, 22, ...), so the SR's group i is SEG
+segment i, as 3D Slicer's QuantitativeReporting assumes. Vertebrae follow in level order, only
+those present. An absent level's two segments are described but hold no voxel: nothing was
+measured there, and the numbering stays fixed.
 
 Every muscle segment carries its level as Anatomic Region (the vertebra, CID 7603) and its
 side as a type modifier, so a reader that knows only codes tells the 20 segments apart.
@@ -41,7 +43,7 @@ from .study import character_set, copy_patient_and_study, software_versions, sou
 
 SIDES = ("left", "right")
 SIDE_LABEL = {"left": AUTOCHTHON_LEFT, "right": AUTOCHTHON_RIGHT}
-MUSCLE_SEGMENTS = 2 * len(MEASURED_LEVELS)
+MUSCLE_SEGMENTS = 2 * len(MEASURED_LEVELS)  # on chest CT without lumbar levels
 REFERENCED_SEGMENT_NUMBER = 0x0062000B
 
 
@@ -61,8 +63,14 @@ class SharedSlice:
     owner: str
 
 
-def muscle_segment_number(level: str, side: str) -> int:
-    return 2 * MEASURED_LEVELS.index(level) + 1 + SIDES.index(side)
+def muscle_segment_number(level: str, side: str, levels: tuple[str, ...] = MEASURED_LEVELS) -> int:
+    """`levels`: the measurement's reported levels, in order (chest CT: T1..T10)."""
+    return 2 * levels.index(level) + 1 + SIDES.index(side)
+
+
+def muscle_levels(result: MeasurementResult) -> tuple[str, ...]:
+    """The levels with muscle segments, in segment order: the measurement's reported levels."""
+    return tuple(level.level for level in result.levels)
 
 
 @dataclass(frozen=True)
@@ -70,43 +78,46 @@ class SegmentMap:
     """The SEG's segments and, on the CT grid, the segment number of every voxel (0 = none).
 
     `numbers` gives a shared slice to its upper level; `shared` lists what the lower levels
-    also hold there.
+    also hold there; `levels` are the muscle levels in segment order.
     """
 
     specs: list[SegmentSpec]
     numbers: np.ndarray  # uint8 [k, r, c]
     shared: list[SharedSlice]
+    levels: tuple[str, ...]
 
 
 def segment_map(seg: Segmentation, result: MeasurementResult) -> SegmentMap:
     """Only slab slices and vertebra bounding boxes are visited: a full pass over 10^8 voxels costs seconds."""
-    boxes = ndimage.find_objects(seg.labels, max_label=max(VERTEBRA_LABEL[level] for level in MEASURED_LEVELS))
-    present = [level for level in MEASURED_LEVELS if boxes[VERTEBRA_LABEL[level] - 1] is not None]
-    specs = [SegmentSpec(muscle_segment_number(level, side), level, side) for level in MEASURED_LEVELS for side in SIDES]
-    specs += [SegmentSpec(MUSCLE_SEGMENTS + 1 + i, level, None) for i, level in enumerate(present)]
+    levels = muscle_levels(result)
+    boxes = ndimage.find_objects(seg.labels, max_label=max(VERTEBRA_LABEL.values()))
+    present = [level for level in levels if boxes[VERTEBRA_LABEL[level] - 1] is not None]
+    specs = [SegmentSpec(muscle_segment_number(level, side, levels), level, side) for level in levels for side in SIDES]
+    specs += [SegmentSpec(2 * len(levels) + 1 + i, level, None) for i, level in enumerate(present)]
     numbers = np.zeros(seg.labels.shape, dtype=np.uint8)
-    shared = _paint_muscle(numbers, seg.labels, result)
-    for spec in specs[MUSCLE_SEGMENTS:]:
+    shared = _paint_muscle(numbers, seg.labels, result, levels)
+    for spec in specs[2 * len(levels):]:
         box = boxes[VERTEBRA_LABEL[spec.level] - 1]
         numbers[box][seg.labels[box] == VERTEBRA_LABEL[spec.level]] = spec.number
-    return SegmentMap(specs, numbers, shared)
+    return SegmentMap(specs, numbers, shared, levels)
 
 
-def _paint_muscle(numbers: np.ndarray, labels: np.ndarray, result: MeasurementResult) -> list[SharedSlice]:
+def _paint_muscle(numbers: np.ndarray, labels: np.ndarray, result: MeasurementResult,
+                  levels: tuple[str, ...]) -> list[SharedSlice]:
     """Upper levels are painted last and so win slices shared by two slabs."""
     owner: dict[int, str] = {}
-    for level in result.levels:  # T1 first: the first level to claim a slice owns it
-        if level.slab is not None and level.level in MEASURED_LEVELS:
+    for level in result.levels:  # cranial first: the first level to claim a slice owns it
+        if level.slab is not None:
             for k in range(level.slab.first_slice, level.slab.last_slice + 1):
                 owner.setdefault(k, level.level)
     shared = []
     for level in reversed(result.levels):
-        if level.slab is None or level.level not in MEASURED_LEVELS:
+        if level.slab is None:
             continue
         k = slice(level.slab.first_slice, level.slab.last_slice + 1)
         part, target = labels[k], numbers[k]
         for side in SIDES:
-            target[part == SIDE_LABEL[side]] = muscle_segment_number(level.level, side)
+            target[part == SIDE_LABEL[side]] = muscle_segment_number(level.level, side, levels)
         shared += [SharedSlice(j, level.level, owner[j]) for j in range(k.start, k.stop) if owner[j] != level.level]
     return shared
 
@@ -131,7 +142,7 @@ def build_seg(ct: CTVolume, segments: SegmentMap, result: MeasurementResult, opt
         sop_instance_uid=hd.UID(),
         **seg_equipment(result.software),
         content_label="PARASPINAL",
-        content_description="Paraspinal muscle per level T1-T10 and vertebrae",
+        content_description=f"Paraspinal muscle per level {', '.join(t.span.name for t in result.totals)} and vertebrae",
         series_description=settings.seg_series_description,
         institution_name=options.institution_name,
         transfer_syntax_uid=JPEG2000Lossless if settings.jpeg2000 else ExplicitVRLittleEndian,
@@ -140,17 +151,17 @@ def build_seg(ct: CTVolume, segments: SegmentMap, result: MeasurementResult, opt
     )
     copy_patient_and_study(ct.datasets[0], seg)
     if not settings.labelmap:
-        _add_shared_frames(seg, segments.shared, [str(ds.SOPInstanceUID) for ds in sources])
+        _add_shared_frames(seg, segments, [str(ds.SOPInstanceUID) for ds in sources])
     return seg
 
 
-def _add_shared_frames(seg: Dataset, shared: list[SharedSlice], source_uids: list[str]) -> None:
+def _add_shared_frames(seg: Dataset, segments: SegmentMap, source_uids: list[str]) -> None:
     """Store a shared slice's frame again under the lower level's segment, keeping segment-major order.
 
     On a shared slice both levels hold all of a side's muscle, so the lower level's frame is the
     upper level's frame, bit for bit; only its segment number differs.
     """
-    frames = list(seg.PerFrameFunctionalGroupsSequence)
+    frames, shared = list(seg.PerFrameFunctionalGroupsSequence), segments.shared
     if not shared or not frames:
         return
     pointers = [int(item.DimensionIndexPointer) for item in seg.DimensionIndexSequence]
@@ -159,11 +170,11 @@ def _add_shared_frames(seg: Dataset, shared: list[SharedSlice], source_uids: lis
     order = list(range(len(frames)))
     for cut in shared:
         for side in SIDES:
-            found = index.get((muscle_segment_number(cut.owner, side), source_uids[cut.k]))
+            found = index.get((muscle_segment_number(cut.owner, side, segments.levels), source_uids[cut.k]))
             if found is None:  # no muscle of this side on the slice
                 continue
             item = copy.deepcopy(frames[found])
-            number = muscle_segment_number(cut.level, side)
+            number = muscle_segment_number(cut.level, side, segments.levels)
             item.SegmentIdentificationSequence[0].ReferencedSegmentNumber = number
             values = list(item.FrameContentSequence[0].DimensionIndexValues)
             values[segment_axis] = number
@@ -204,7 +215,7 @@ def _reordered_pixels(seg: Dataset, order: list[int]) -> bytes:
 def _describe(spec: SegmentSpec, software: Software) -> SegmentDescription:
     if spec.side is None:
         label, property_type, rgb = f"{spec.level} vertebra", codes.VERTEBRA[spec.level], codes.VERTEBRA_RGB
-        region = codes.THORACIC_SPINE
+        region = codes.spine_region(spec.level)
     else:
         label = f"{spec.level} paraspinal muscle {spec.side}"
         property_type, rgb = codes.DEEP_MUSCLE_OF_BACK, codes.side_rgb(spec.level, spec.side)

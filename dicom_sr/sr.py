@@ -1,9 +1,9 @@
 """The TID 1500 Measurement Report (Comprehensive 3D SR) carrying every number of the measurement.
 
 Groups, in this order, first for all muscle voxels and then again for the lean HU window:
-one volumetric group per level and side referencing SEG segment i (i = 1..20, through the
-source series, not by embedding every image), one group per level for both sides, and the
-T1-T10 totals for left, right and both sides.
+one volumetric group per reported level and side referencing SEG segment i (i = 1..20 on chest
+CT, through the source series, not by embedding every image), one group per level for both
+sides, and each span's totals (T1-T10, then L1-L5) for left, right and both sides.
 
 How a reader that knows only codes finds a group (checked with dcmqi's tid1500reader, which
 3D Slicer uses, and with highdicom's TID 1500 API):
@@ -11,13 +11,13 @@ How a reader that knows only codes finds a group (checked with dcmqi's tid1500re
   as its Laterality (Left, Right, Bilateral). tid1500reader writes exactly one Finding Site
   with its Laterality per group, and a second Finding Site or a nested modifier would be lost,
   so the site is where the level goes. highdicom's `finding_site=` filter finds it too.
-- The T1-T10 groups' site is the thoracic spine, which no single level's group uses; they
-  name the levels they include as "Vertebral level included" evaluations (one per level), and
+- The T1-T10 groups' site is the thoracic spine and the L1-L5 groups' the lumbar spine, which
+  no single level's group uses; they name the levels they include as "Vertebral level included" evaluations (one per level), and
   their Analysis Quality Rating is complete only when every level is.
 - Measurement Method (all voxels, or the lean window) is at group level, the only place
   tid1500reader keeps it, so each group holds one Volume and one Median.
 
-After the muscle come the bone and organ groups: one per vertebra T1..T12, L1 (Finding =
+After the muscle come the bone and organ groups: one per vertebra listed (Finding =
 Vertebral body, Finding Site = the vertebra, Measurement Method = the trabecular mask, or the
 whole-vertebra mask without vertebral bodies), then the liver and spleen parenchyma (Finding =
 Parenchyma, Finding Site = the organ) when the liver is measured. Each has its status as an
@@ -54,18 +54,18 @@ from highdicom.sr import (
 )
 from pydicom.dataset import Dataset
 
-from node.labels import MEASURED_LEVELS
+from node.labels import Span
 from node.pipeline.bone import BODY_MASK, VertebraResult
 from node.pipeline.ct import CTVolume
 from node.pipeline.flags import Flag
 from node.pipeline.liver import LiverResult, OrganResult
-from node.pipeline.measure import HUStats, LevelResult, MeasurementResult, MuscleStats, Sides
+from node.pipeline.measure import HUStats, LevelResult, MeasurementResult, MuscleStats, Sides, SpanTotal
 from node.screening import Coverage, LevelStatus, coverage
 
 from . import codes
 from .biomarker_seg import parenchyma_label, trabecular_label
 from .options import MANUFACTURER, EncodeOptions
-from .seg import SIDES, muscle_segment_number
+from .seg import SIDES, muscle_levels, muscle_segment_number
 from .study import character_set, copy_patient_and_study, procedure_reported, software_versions, source_images
 
 ALL_SIDES = (*SIDES, "combined")
@@ -113,7 +113,10 @@ MEASUREMENTS: dict[Window, tuple[MeasurementSpec, ...]] = {
 
 
 def tracking_label(level: str | None, side: str, window: Window = Window.ALL) -> str:
-    """Free text for people: "T3 paraspinal muscle left", "T1-T10 paraspinal muscle combined lean"."""
+    """Free text for people: "T3 paraspinal muscle left", "L1-L5 paraspinal muscle combined lean".
+
+    `level` is a level or a span's name; None is the T1-T10 span.
+    """
     return f"{level or 'T1-T10'} paraspinal muscle {side}" + ("" if window is Window.ALL else " lean")
 
 
@@ -122,17 +125,17 @@ def side_stats(sides: Sides | LevelResult, side: str) -> MuscleStats:
 
 
 def build_sr(ct: CTVolume, seg: Dataset, result: MeasurementResult, options: EncodeOptions) -> Comprehensive3DSR:
-    """`seg` is the SEG from build_seg: the volumetric groups reference its segments 1..20."""
+    """`seg` is the SEG from build_seg: the volumetric groups reference its muscle segments in order."""
     sources = source_images(ct)
     algorithm = _algorithm(result)
-    totals = coverage((level.level, level.status) for level in result.levels)
-    levels = [level for level in result.levels if level.level in MEASURED_LEVELS]
+    levels, order = result.levels, muscle_levels(result)
     groups: list = []
     for window in Window:
-        groups += [_volumetric_group(level, side, window, seg, str(sources[0].SeriesInstanceUID), algorithm)
+        groups += [_volumetric_group(level, side, window, seg, str(sources[0].SeriesInstanceUID), algorithm, order)
                    for level in levels for side in SIDES]
         groups += [_level_group(level, window, algorithm) for level in levels]
-        groups += [_total_group(result, totals, side, window, algorithm) for side in ALL_SIDES]
+        groups += [_total_group(result, total, side, window, algorithm, with_qc=i == 0)
+                   for i, total in enumerate(result.totals) for side in ALL_SIDES]
     groups += _bone_and_organ_groups(result, algorithm, seg, str(sources[0].SeriesInstanceUID))
     report = MeasurementReport(
         observation_context=_observation_context(),
@@ -193,11 +196,12 @@ def _result_texts(result: MeasurementResult) -> list[str]:
 
 
 def _volumetric_group(level: LevelResult, side: str, window: Window, seg: Dataset, series_uid: str,
-                      algorithm: AlgorithmIdentification) -> VolumetricROIMeasurementsAndQualitativeEvaluations:
+                      algorithm: AlgorithmIdentification,
+                      order: tuple[str, ...]) -> VolumetricROIMeasurementsAndQualitativeEvaluations:
     segment = ReferencedSegment(
         sop_class_uid=seg.SOPClassUID,
         sop_instance_uid=seg.SOPInstanceUID,
-        segment_number=muscle_segment_number(level.level, side),
+        segment_number=muscle_segment_number(level.level, side, order),
         source_series=SourceSeriesForSegmentation(series_uid),
     )
     return VolumetricROIMeasurementsAndQualitativeEvaluations(
@@ -225,20 +229,27 @@ def _level_group(level: LevelResult, window: Window, algorithm: AlgorithmIdentif
     )
 
 
-def _total_group(result: MeasurementResult, totals: Coverage, side: str, window: Window,
-                 algorithm: AlgorithmIdentification) -> MeasurementsAndQualitativeEvaluations:
+def span_coverage(result: MeasurementResult, span: Span) -> Coverage:
+    """What a span's totals cover: its reported levels' statuses."""
+    return coverage((level.level, level.status) for level in result.levels if level.level in span.levels)
+
+
+def _total_group(result: MeasurementResult, total: SpanTotal, side: str, window: Window,
+                 algorithm: AlgorithmIdentification, with_qc: bool) -> MeasurementsAndQualitativeEvaluations:
+    """The measurement's QC findings go with the first span's combined group, once."""
+    totals = span_coverage(result, total.span)
     evaluations = [_rating(totals.status)]
     evaluations += [QualitativeEvaluation(name=codes.INCLUDED_LEVEL, value=codes.VERTEBRA[level]) for level in totals.included]
-    if side == "combined" and window is Window.ALL:
+    if with_qc and side == "combined" and window is Window.ALL:
         evaluations += [QualitativeEvaluation(name=codes.QUALITY_ASSESSMENT, value=codes.qc_finding(item.code))
                         for item in result.qc]
     return MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(identifier=tracking_label(None, side, window), uid=hd.UID()),
+        tracking_identifier=TrackingIdentifier(identifier=tracking_label(total.span.name, side, window), uid=hd.UID()),
         finding_type=codes.DEEP_MUSCLE_OF_BACK,
-        finding_sites=[_site(codes.THORACIC_SPINE, side)],
+        finding_sites=[_site(codes.span_site(total.span), side)],
         method=window.method,
         algorithm_id=algorithm,
-        measurements=_measurements(side_stats(result.total, side), window, totals.status),
+        measurements=_measurements(side_stats(total.sides, side), window, totals.status),
         qualitative_evaluations=evaluations,
     )
 

@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from node.labels import SPINE_LEVELS
+from node.labels import SPINE, THORACIC, spine_order
 
 
 class ConfigError(Exception):
@@ -137,13 +137,51 @@ class MeasureConfig:
     contrast_image_type: list[str] = field(default_factory=lambda: ["ANGIO", "CTA", "MAT_SPECIFIC", "MAT_REMOVED"])
     contrast_description_unenhanced: str = (
         r"(?i)non[- ]?contrast|without contrast|w/o contrast|\bc-(?![\w-])|\bnati(v|ve)\b|unenhanced|"
-        r"non[- ]?enhanced|\bnect\b|\bncct\b|\bohne\s*(km|kontrast)|low[- ]?dose|\bldct\b"
+        r"non[- ]?enhanced|\bnect\b|\bncct\b|\bohne\s*(km|kontrast)|low[- ]?dose|\bldct\b|"
+        r"sans\s*(injection|contraste)|senza\s*(mdc|mezzo\s*di\s*contrasto)|sin\s*contraste"
     )
     contrast_description_enhanced: str = (
         r"(?i)\bc\+|contrast|\bkm\b|\bke\b|kontrast|\bcta\b|angio|arteri|ven(ous|ös|os)|portal|\bpv\b|"
-        r"delayed|\bcect\b|\bmit\s*km"
+        r"delayed|\bcect\b|\bmit\s*km|avec\s*injection|\bcon\s*mdc\b"
     )
     assume_unenhanced: bool = False  # series without any contrast evidence count as unenhanced (a site's choice)
+
+
+def _levels(first: str, last: str) -> list[str]:
+    return list(SPINE[SPINE.index(first) : SPINE.index(last) + 1])
+
+
+@dataclass
+class ProtocolConfig:
+    """Which vertebral levels a kind of series reports; the first protocol whose header rule matches wins.
+
+    `levels` are reported even when absent and totalled per span (T1-T10, L1-L5); `also_levels`
+    are reported beside them when complete in the field of view; `bone_levels` are listed in
+    `vertebrae` even when absent, and every other vertebra T1-L5 when present.
+    """
+
+    name: str = ""
+    body_part: str = ""  # regular expression searched in BodyPartExamined; "" matches nothing
+    description: str = ""  # searched in SeriesDescription, StudyDescription and ProtocolName; "" matches nothing
+    levels: list[str] = field(default_factory=list)
+    also_levels: list[str] = field(default_factory=list)
+    bone_levels: list[str] = field(default_factory=list)
+
+
+def default_protocols() -> list[ProtocolConfig]:
+    """Chest CT: the MESA levels T1-T10 (and complete lumbar levels); abdominal and lumbar CT: L1-L5."""
+    return [
+        ProtocolConfig(
+            name="chest", body_part=r"(?i)chest|thorax|lung|tspine",
+            description=r"(?i)chest|thora|lung|t[hx]orax|poumon|torace|t[oó]rax|\bldct\b",
+            levels=_levels("T1", "T10"), also_levels=_levels("L1", "L5"), bone_levels=_levels("T1", "L1"),
+        ),
+        ProtocolConfig(
+            name="abdomen", body_part=r"(?i)abd|pelvis|lspine|lumbar|kidney|liver",
+            description=r"(?i)abd|lumb|pelv|l-?spine|\blws\b|bauch|becken|kidney|renal|liver|leber|urogra",
+            levels=_levels("L1", "L5"), bone_levels=_levels("L1", "L5"),
+        ),
+    ]
 
 
 @dataclass
@@ -256,6 +294,7 @@ class Config:
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
     biomarkers: BiomarkersConfig = field(default_factory=BiomarkersConfig)
+    protocols: list[ProtocolConfig] = field(default_factory=default_protocols)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     completion: CompletionConfig = field(default_factory=CompletionConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
@@ -398,6 +437,7 @@ def _validate(config: Config) -> None:
     _validate_selection(config.selection)
     _validate_operations(config)
     _validate_biomarkers(config.measure, config.biomarkers)
+    _validate_protocols(config.protocols)
     _validate_web(config.web)
     _validate_positive(config)
     if config.logging.format not in ("kv", "json"):
@@ -472,8 +512,8 @@ def _validate_receiver_network(receiver: ReceiverConfig) -> None:
 
 
 def _validate_biomarkers(measure: MeasureConfig, biomarkers: BiomarkersConfig) -> None:
-    if measure.bone_flag_level not in SPINE_LEVELS:
-        raise ConfigError(f"measure.bone_flag_level must be one of {', '.join(SPINE_LEVELS)}, not {measure.bone_flag_level!r}")
+    if measure.bone_flag_level not in SPINE:
+        raise ConfigError(f"measure.bone_flag_level must be one of T1..T12, L1..L5, not {measure.bone_flag_level!r}")
     for name in ("contrast_description_unenhanced", "contrast_description_enhanced"):
         try:
             re.compile(getattr(measure, name))
@@ -483,6 +523,31 @@ def _validate_biomarkers(measure: MeasureConfig, biomarkers: BiomarkersConfig) -
         raise ConfigError(f"biomarkers.erosion_mm must be 0 or more, not {biomarkers.erosion_mm}")
     if biomarkers.window_mad <= 0:
         raise ConfigError(f"biomarkers.window_mad must be greater than 0, not {biomarkers.window_mad}")
+
+
+def _validate_protocols(protocols: list[ProtocolConfig]) -> None:
+    """Names, patterns and levels; muscle levels must lie in a totalled span (T1-T10 or L1-L5)."""
+    if not protocols:
+        raise ConfigError("[[protocols]] is empty: leave the tables out for the defaults (chest, abdomen)")
+    for i, protocol in enumerate(protocols):
+        where = f"protocols[{i}]"
+        if not protocol.name or not protocol.levels:
+            raise ConfigError(f"{where} needs a name and levels")
+        for key in ("body_part", "description"):
+            try:
+                re.compile(getattr(protocol, key))
+            except re.error as exc:
+                raise ConfigError(f"{where}.{key} is not a valid regular expression ({exc}): fix the pattern") from None
+        for key in ("levels", "also_levels", "bone_levels"):
+            levels = getattr(protocol, key)
+            unknown = [level for level in levels if level not in SPINE]
+            if unknown:
+                raise ConfigError(f"{where}.{key}: {unknown[0]!r} is not a level (T1..T12, L1..L5)")
+            if key != "bone_levels" and any(level in THORACIC[10:] for level in levels):
+                raise ConfigError(f"{where}.{key}: T11 and T12 are in no totalled span (T1-T10, L1-L5); "
+                                  "they are reported as bone only")
+            if tuple(levels) != spine_order(levels):
+                raise ConfigError(f"{where}.{key} must list each level once, cranial first")
 
 
 def check_ae_title(key: str, title: str) -> None:

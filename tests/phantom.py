@@ -1,4 +1,4 @@
-"""Synthetic thoracic CT phantom with known truth, for voxel-exact tests of the measurement.
+"""Synthetic thoracic and abdominal CT phantoms with known truth, for voxel-exact tests of the measurement.
 
 Real CTs have no ground truth, so this phantom is built such that each trap of the published
 seed method changes the numbers when it is handled wrongly:
@@ -13,6 +13,9 @@ seed method changes the numbers when it is handled wrongly:
   to level non-monotonically, so left/right swaps, flips and level shifts all show;
 - trabecular attenuation is shifted per level (T1..T12, L1) by a non-monotonic design, so a level
   mix-up in the bone numbers shows; L1 is cut by the bottom of the field of view;
+- the abdominal phantom (``make_phantom(region="abdomen")``) holds the lower 10 mm of T10, then
+  T11..L4 and the upper 16 mm of L5 (cut by the field of view), no lungs, and its own designed
+  fat fraction per level T10..L5;
 - a liver, cut by the bottom of the field of view, has hypodense vessels and a cyst inside and a
   1.5 mm rim of its label in the surrounding fat, so that skipping the erosion or the parenchyma
   window moves its median by more than 1.5 HU; a spleen lies wholly inside the field of view.
@@ -55,7 +58,9 @@ from node.labels import (
     AUTOCHTHON_LEFT,
     AUTOCHTHON_RIGHT,
     LIVER,
+    LUMBAR,
     MEASURED_LEVELS,
+    SPINE,
     SPINE_LEVELS,
     SPLEEN,
     THORACIC,
@@ -75,6 +80,11 @@ _FAT_LEFT = (0.04, 0.06, 0.05, 0.09, 0.12, 0.10, 0.15, 0.18, 0.22, 0.25, 0.28, 0
 DESIGNED_FAT_FRACTION: dict[str, dict[str, float]] = {
     level: {"left": left, "right": round(left + 0.03, 2)} for level, left in zip(THORACIC, _FAT_LEFT)
 }
+# The abdominal phantom's own design, T10..L5: fattier caudally, as lumbar multifidus is, and non-monotonic.
+_FAT_LEFT_ABDOMEN = (0.08, 0.12, 0.09, 0.16, 0.13, 0.21, 0.19, 0.27)
+ABDOMEN_FAT_FRACTION: dict[str, dict[str, float]] = {
+    level: {"left": left, "right": round(left + 0.04, 2)} for level, left in zip(("T10", "T11", "T12", *LUMBAR), _FAT_LEFT_ABDOMEN)
+}
 
 DEFAULT_SPACING = (2.5, 0.9, 0.9)  # (dk, dr, dc) mm
 _FOV_XY_MM = 115.2  # in-plane field of view the anatomy is designed for, centred on the spine
@@ -91,7 +101,7 @@ _DISC = (70, 90)
 _TRABECULAR = (150, 300)
 # Added to every trabecular value (not the window-edge ones) per level; distinct and non-monotonic.
 TRABECULAR_SHIFT_HU: dict[str, int] = dict(zip(
-    SPINE_LEVELS, (30, 15, 40, 5, 20, -5, 10, -20, -10, -35, -25, -45, -60)))
+    SPINE, (30, 15, 40, 5, 20, -5, 10, -20, -10, -35, -25, -45, -60, -50, -70, -55, -80)))
 _TRABECULAR_ODD = (0, 1, 700, 701, -15, 730)  # edges of the 1..700 window
 _CORTICAL = (750, 1200)
 _ARCH = (400, 900)
@@ -136,19 +146,25 @@ class _Level:
         return VERTEBRA_LABEL.get(self.name, 0)
 
 
-def _design() -> tuple[list[_Level], float]:
-    """C7 (lower 10 mm), T1..T12 and L1 (upper 16 mm), with discs; returns levels and length."""
-    names = ["C7", *THORACIC, "L1"]
+REGIONS: dict[str, tuple[str, ...]] = {"chest": ("C7", *THORACIC, "L1"), "abdomen": ("T10", "T11", "T12", *LUMBAR)}
+
+
+def _design(region: str = "chest") -> tuple[list[_Level], float]:
+    """Chest: C7 (lower 10 mm), T1..T12 and L1 (upper 16 mm); abdomen: T10 (lower 10 mm), T11..L4
+    and L5 (upper 16 mm); with discs. Each vertebra has the size it has in the whole spine's design.
+    Returns levels and length."""
+    names = list(REGIONS[region])
+    first = ("C7", *SPINE).index(names[0]) - 1
     tops, heights = [], []
-    depth = 10.0 - 13.0
-    for i in range(-1, len(names) - 1):
+    depth = 10.0 - (13.0 + 0.55 * (first + 1))
+    for i in range(first, first + len(names)):
         tops.append(depth)
         heights.append(15.5 + 0.55 * i)
         depth += heights[-1] + 4.0 + 0.1 * i
     centres = [top + height / 2 for top, height in zip(tops, heights)]
     next_centres = centres[1:] + [centres[-1] + 22.0]
     levels = [_Level(name, top, top + height, 11.0 + 0.45 * i, 9.0 + 0.35 * i, after)
-              for i, (name, top, height, after) in enumerate(zip(names, tops, heights, next_centres), start=-1)]
+              for i, (name, top, height, after) in enumerate(zip(names, tops, heights, next_centres), start=first)]
     return levels, levels[-1].top + 16.0
 
 
@@ -166,6 +182,7 @@ class Phantom:
     patient_id: str = "PHANTOM-0"
     fat_fraction: dict[str, dict[str, float]] = field(default_factory=lambda: DESIGNED_FAT_FRACTION)
     organs: np.ndarray | None = None  # uint8 design codes LIVER_PARENCHYMA..SPLEEN_PARENCHYMA, 0 elsewhere
+    region: str = "chest"
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -203,14 +220,14 @@ class Phantom:
 
 
 def make_phantom(spacing: Sequence[float] | None = None, shape: Sequence[int] | None = None,
-                 seed: int = 0) -> Phantom:
-    """Build the phantom.
+                 seed: int = 0, region: str = "chest") -> Phantom:
+    """Build the phantom of `region` ("chest" or "abdomen", see REGIONS).
 
     Give `spacing` (dk, dr, dc) and the shape follows from the anatomy (default 2.5/0.9/0.9 mm,
     about 124x128x128); give `shape` alone and the spacing is chosen to fit (e.g. (400, 512, 512)
     for benches); give both and the anatomy is centred in that field, which must hold it.
     """
-    levels, length = _design()
+    levels, length = _design(region)
     extent = (length, _FOV_XY_MM, _FOV_XY_MM)
     if shape is None:
         spacing = tuple(spacing or DEFAULT_SPACING)
@@ -229,7 +246,7 @@ def make_phantom(spacing: Sequence[float] | None = None, shape: Sequence[int] | 
     depth = (nk - 1 - np.arange(nk)) * dk + dk / 2 - (nk * dk - length) / 2
     y_grid, x_grid = np.meshgrid(origin[1] + np.arange(nr) * dr, origin[0] + np.arange(nc) * dc, indexing="ij")
     painter = _Painter(x_grid, y_grid, levels, length, depth, np.random.default_rng(seed),
-                       np.random.default_rng([seed, 104729]))
+                       np.random.default_rng([seed, 104729]), region)
     hu = np.empty(shape, np.int16)
     labels = np.zeros(shape, np.uint8)
     body = np.zeros(shape, np.uint8)
@@ -237,9 +254,12 @@ def make_phantom(spacing: Sequence[float] | None = None, shape: Sequence[int] | 
     for k in range(nk):
         painter.paint(k, hu[k], labels[k], body[k], organs[k])
     painter.infiltrate_fat(hu, labels, body)
-    study_uid = str(generate_uid(entropy_srcs=["paraspinal-node phantom study", str(seed)]))
+    entropy = ["paraspinal-node phantom study", str(seed)] + ([] if region == "chest" else [region])
+    study_uid = str(generate_uid(entropy_srcs=entropy))
+    fat = DESIGNED_FAT_FRACTION if region == "chest" else ABDOMEN_FAT_FRACTION
     return Phantom(hu=hu, labels=labels, body=body, spacing=spacing, origin=origin,  # type: ignore[arg-type]
-                   seed=seed, study_uid=study_uid, patient_id=f"PHANTOM-{seed}", organs=organs)
+                   seed=seed, study_uid=study_uid, patient_id=f"PHANTOM-{seed}", organs=organs, fat_fraction=fat,
+                   region=region)
 
 
 def _rim(mask: np.ndarray) -> np.ndarray:
@@ -258,8 +278,10 @@ class _Painter:
     """Paints slices on one in-plane grid (x, y in LPS mm per [r, c]); z-invariant masks are made once."""
 
     def __init__(self, x: np.ndarray, y: np.ndarray, levels: list[_Level], length: float,
-                 depth: np.ndarray, rng: np.random.Generator, organ_rng: np.random.Generator) -> None:
+                 depth: np.ndarray, rng: np.random.Generator, organ_rng: np.random.Generator, region: str) -> None:
         self.x, self.y, self.levels, self.length, self.depth, self.rng = x, y, levels, length, depth, rng
+        self.with_lungs = region == "chest"
+        self.fat = DESIGNED_FAT_FRACTION if region == "chest" else ABDOMEN_FAT_FRACTION
         self.organ_rng = organ_rng  # organs and bone shift: the main stream stays the muscle's
         by_name = {lv.name: lv for lv in levels}
         self.liver_top = by_name["T10"].top
@@ -294,7 +316,7 @@ class _Painter:
         hu[:] = _AIR
         self.fill(hu, self.subcutaneous, _SUBCUT_FAT)
         self.fill(hu, self.inner, _SOFT)
-        if depth < self.levels[-2].centre:
+        if self.with_lungs and depth < self.levels[-2].centre:
             self.fill(hu, self.lungs, _LUNG)
         self.paint_liver(depth, hu, labels, organs)
         self.paint_spleen(depth, hu, labels, organs)
@@ -395,8 +417,8 @@ class _Painter:
     def infiltrate_fat(self, hu: np.ndarray, labels: np.ndarray, body: np.ndarray) -> None:
         """Exactly round(f * n) muscle voxels per side become fat on each slab; elsewhere per slice."""
         on_slab = np.zeros(hu.shape[0], bool)
-        thoracic = [lv for lv in self.levels if lv.name in THORACIC]
-        for lv in thoracic:
+        designed = [lv for lv in self.levels if lv.name in self.fat]
+        for lv in designed:
             ks = self.body_slices[lv.name]
             window = (hu[ks] >= BODY_WINDOW_HU[0]) & (hu[ks] <= BODY_WINDOW_HU[1])
             found = ks[((body[ks] == BODY) & (labels[ks] == lv.label) & window).any(axis=(1, 2))]
@@ -405,12 +427,12 @@ class _Painter:
             slab = slice(int(found[0]), int(found[-1]) + 1)
             on_slab[slab] = True
             for side in SIDES:
-                self.make_fat(hu[slab], labels[slab] == SIDE_LABEL[side], DESIGNED_FAT_FRACTION[lv.name][side])
-        centres = np.array([lv.centre for lv in thoracic])
+                self.make_fat(hu[slab], labels[slab] == SIDE_LABEL[side], self.fat[lv.name][side])
+        centres = np.array([lv.centre for lv in designed])
         for k in np.nonzero(~on_slab)[0]:
-            nearest = thoracic[int(np.argmin(np.abs(centres - self.depth[k])))].name
+            nearest = designed[int(np.argmin(np.abs(centres - self.depth[k])))].name
             for side in SIDES:
-                self.make_fat(hu[k], labels[k] == SIDE_LABEL[side], DESIGNED_FAT_FRACTION[nearest][side])
+                self.make_fat(hu[k], labels[k] == SIDE_LABEL[side], self.fat[nearest][side])
 
     def make_fat(self, hu: np.ndarray, mask: np.ndarray, fraction: float) -> None:
         where = np.flatnonzero(mask)
@@ -513,14 +535,16 @@ def _quantile(ordered: list[int], q: float) -> float:
 
 
 def bone_truth(phantom: Phantom, body_source: str = "vertebrae_body") -> list[dict]:
-    """The "vertebrae" list of measurements.json, naively: per level T1..T12, L1 the statistics of
+    """The "vertebrae" list of measurements.json, naively: per level T1..T12, L1 (abdomen: T1..L5) the statistics of
     every voxel of vertebrae_body ∩ vertebra ∩ 1..700 HU (the whole vertebra without bodies).
 
     Status: absent without such voxels; partial when the vertebra is on the first or last slice.
     """
     lo, hi = BODY_WINDOW_HU
     rows = []
-    for level in SPINE_LEVELS:
+    for level in SPINE_LEVELS if phantom.region == "chest" else SPINE:
+        if phantom.region != "chest" and level not in LUMBAR and not (phantom.labels == VERTEBRA_LABEL[level]).any():
+            continue  # abdominal CT lists L1..L5 and any other vertebra present
         values: list[int] = []
         vertebra = phantom.labels == VERTEBRA_LABEL[level]
         for k in range(phantom.shape[0]):
@@ -855,7 +879,7 @@ def write_masks(phantom: Phantom, folder: Path | str, form: str = "folder", orie
                 organs: bool = True) -> Path:
     """TotalSegmentator-style outputs (uint8 NIfTI); returns the folder or the multilabel file.
 
-    "folder": vertebrae_T1..T12, vertebrae_L1, autochthon_left/right, liver and spleen as binary
+    "folder": vertebrae_T1..T12, vertebrae_L1..L5, autochthon_left/right, liver and spleen as binary
     files, plus vertebrae_body and intervertebral_discs (binary, as the vertebrae_body task writes
     per class); `organs=False` leaves liver and spleen out.
     "multilabel": one file in `total` numbering, plus vertebrae_body.nii.gz beside it holding
@@ -864,7 +888,7 @@ def write_masks(phantom: Phantom, folder: Path | str, form: str = "folder", orie
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if form == "folder":
-        classes = {f"vertebrae_{lv}": VERTEBRA_LABEL[lv] for lv in SPINE_LEVELS} | {
+        classes = {f"vertebrae_{lv}": VERTEBRA_LABEL[lv] for lv in SPINE} | {
             "autochthon_left": AUTOCHTHON_LEFT, "autochthon_right": AUTOCHTHON_RIGHT}
         if organs:
             classes |= {"liver": LIVER, "spleen": SPLEEN}

@@ -343,7 +343,7 @@ def test_bone_flag_is_inclusive_and_needs_a_complete_body_mask_on_unenhanced_ct(
 
 def test_biomarker_options_are_checked(tmp_path: Path) -> None:
     config = tmp_path / "node.toml"
-    for text in ('[measure]\nbone_flag_level = "L3"\n', "[biomarkers]\nwindow_mad = 0\n",
+    for text in ('[measure]\nbone_flag_level = "L6"\n', "[biomarkers]\nwindow_mad = 0\n",
                  '[measure]\ncontrast_description_enhanced = "("\n'):
         config.write_text(text)
         with pytest.raises(ConfigError):

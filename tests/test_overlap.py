@@ -25,9 +25,9 @@ from node.config import Config, ConfigError, load_config
 from node.delivery.destinations import RESULTS_FOLDER
 from node.labels import roi_subset
 from node.pipeline.ct import CTVolume
-from node.pipeline.run import Prepared, Segmented, Stages, finish, prepare, segment_prepared
 from node.pipeline.segment import make_segmenter
 from node.pipeline.segmentation import Segmentation
+from node.run import Prepared, Segmented, Stages, finish, prepare, segment_prepared
 from node.service.worker import Stop, Worker, install_stop_handler
 from node.state.store import JobStatus, SeriesRecord, State, open_state
 

@@ -7,7 +7,10 @@ dcmtk's dsrdump. Two studies are measured and encoded once per module:
   flipped, feet-first, shuffled geometry: T1 absent, T2 and T3 partial, adjacent slabs sharing
   slices; its CT carries the patient and study attributes highdicom does not copy itself;
 - "real": the real JPEG 2000 scanner series given fresh UIDs, with masks drawn on it for T9
-  and T10 (sharing a slice) and every other level absent.
+  and T10 (sharing a slice) and every other level absent;
+- "abdomen": the abdominal phantom (T10 cut, T11..L4, L5 cut by the field of view) measured with
+  whole-vertebra slabs in the flipped, feet-first geometry: L1..L5 with their own total, L5
+  partial, adjacent lumbar slabs sharing slices.
 The SEG's masks are also read back by dcmqi in every phantom geometry.
 """
 
@@ -36,7 +39,7 @@ from dicom_sr.results import ResultFiles, write_results
 from dicom_sr.seg import build_seg, segment_map
 from dicom_sr.sr import MEASUREMENTS, Window, side_stats
 from node.config import MeasureConfig, ResultsConfig
-from node.labels import AUTOCHTHON_LEFT, AUTOCHTHON_RIGHT, MEASURED_LEVELS, VERTEBRA_LABEL
+from node.labels import AUTOCHTHON_LEFT, AUTOCHTHON_RIGHT, VERTEBRA_LABEL
 from node.pipeline.ct import CTVolume
 from node.pipeline.ct_load import load_ct
 from node.pipeline.measure import MeasurementResult, measure
@@ -99,6 +102,22 @@ def phantom_study(folder: Path) -> Study:
     return encode("phantom", folder, series.paths, labels_of)
 
 
+def abdomen_study(folder: Path) -> Study:
+    abdomen = ph.make_phantom(spacing=(2.5, 1.8, 1.8), region="abdomen")
+    layout = ph.LAYOUTS["flipped_feet_first_shuffled"]
+    header = {"BodyPartExamined": "ABDOMEN", "StudyDescription": "CT Abdomen sin contraste",
+              "ProcedureCodeSequence": [_code("24558-9", "LN", "CT Abdomen"),], **{k: v for k, v in STUDY_EXTRAS.items()
+                                                                               if k != "StudyDescription"}}
+    series = ph.write_dicom_series(abdomen, folder / "ct", layout, series_description="Phantom abdomen", header=header)
+
+    def labels_of(ct: CTVolume) -> Segmentation:
+        canonical = {uid: k for k, uid in enumerate(series.sop_instance_uids)}
+        order = [canonical[str(ds.SOPInstanceUID)] for ds in ct.datasets]
+        return Segmentation(np.ascontiguousarray(ph.to_stored(abdomen.labels[order], layout.in_plane)), None, "2.18.0")
+
+    return encode("abdomen", folder, series.paths, labels_of)
+
+
 def real_study(folder: Path, source: Path) -> Study:
     """The scanner series with new UIDs (its own are blank); pixel data and JPEG 2000 syntax unchanged."""
     (folder / "ct").mkdir(parents=True)
@@ -139,7 +158,12 @@ def real_case(tmp_path_factory, real_ct: Path) -> Study:
     return real_study(tmp_path_factory.mktemp("real"), real_ct)
 
 
-@pytest.fixture(params=["phantom", "real"])
+@pytest.fixture(scope="module")
+def abdomen_case(tmp_path_factory) -> Study:
+    return abdomen_study(tmp_path_factory.mktemp("abdomen"))
+
+
+@pytest.fixture(params=["phantom", "real", "abdomen"])
 def study(request) -> Study:
     return request.getfixturevalue(f"{request.param}_case")
 
@@ -147,7 +171,11 @@ def study(request) -> Study:
 def test_the_studies_hold_absent_partial_and_shared_slice_levels(study: Study) -> None:
     """The cases the readers must get right are really there (else the tests below prove little)."""
     statuses = {level.level: level.status for level in study.result.levels}
-    assert statuses["T1"] == "absent"
+    if study.name == "abdomen":
+        assert list(statuses) == ["L1", "L2", "L3", "L4", "L5"] and statuses["L5"] == "partial"
+        assert [total.span.name for total in study.result.totals] == ["L1-L5"]
+    else:
+        assert statuses["T1"] == "absent"
     assert "partial" in statuses.values() or study.name == "real"
     assert segment_map(study.seg, study.result).shared, "no slab shares a slice"
 
@@ -256,7 +284,6 @@ def expected_values(stats, window: Window) -> list[tuple[str, str | None, float]
 
 def expected_groups(result: MeasurementResult) -> dict[tuple, tuple[str, list, list[str]]]:
     """(site code, laterality code, method code) -> (rating code, measurements, included level codes)."""
-    totals = coverage((level.level, level.status) for level in result.levels)
     groups = {}
     for window in Window:
         for level in result.levels:
@@ -264,11 +291,13 @@ def expected_groups(result: MeasurementResult) -> dict[tuple, tuple[str, list, l
                 values = [] if level.status == "absent" else expected_values(side_stats(level, side), window)
                 key = (codes.VERTEBRA[level.level].value, codes.LATERALITY[side].value, window.method.value)
                 groups[key] = (codes.LEVEL_STATUS[level.status].value, values, [])
-        for side in SIDES:
-            values = [] if totals.status == "absent" else expected_values(side_stats(result.total, side), window)
-            key = (codes.THORACIC_SPINE.value, codes.LATERALITY[side].value, window.method.value)
-            groups[key] = (codes.LEVEL_STATUS[totals.status].value, values,
-                           [codes.VERTEBRA[level].value for level in totals.included])
+        for total in result.totals:
+            totals = coverage((lv.level, lv.status) for lv in result.levels if lv.level in total.span.levels)
+            for side in SIDES:
+                values = [] if totals.status == "absent" else expected_values(side_stats(total.sides, side), window)
+                key = (codes.span_site(total.span).value, codes.LATERALITY[side].value, window.method.value)
+                groups[key] = (codes.LEVEL_STATUS[totals.status].value, values,
+                               [codes.VERTEBRA[level].value for level in totals.included])
     return groups
 
 
@@ -313,7 +342,7 @@ def test_highdicom_finds_every_level_and_side_by_codes_with_its_numbers(study: S
     seg_uid = str(pydicom.dcmread(study.files.seg, stop_before_pixels=True).SOPInstanceUID)
     groups = [(group.finding_sites[0].value.value, group) for group in report.get_image_measurement_groups(
         finding_type=codes.DEEP_MUSCLE_OF_BACK)]
-    for level in MEASURED_LEVELS:
+    for level in (level.level for level in study.result.levels):
         volumetric = report.get_volumetric_roi_measurement_groups(finding_type=codes.DEEP_MUSCLE_OF_BACK,
                                                                   finding_site=codes.VERTEBRA[level])
         assert len(volumetric) == 4, level  # left and right, all voxels and lean
@@ -403,7 +432,7 @@ def test_key_image_picture_is_readable_labels_unclipped_and_incomplete_totals_ma
             shown = int((np.abs(strip - np.array(codes.LEVEL_RGB[level.level])).sum(axis=2) < 60).sum())
             assert (shown > 10) == (level.status != "absent"), level.level
     assert coverage((level.level, level.status) for level in study.result.levels).status == "partial"
-    assert orange_pixels(image) > 1000
+    assert orange_pixels(image) > 1000  # abdomen: the L1-L5 line, incomplete with L5 partial
 
 
 @pytest.mark.skipif(shutil.which("dsrdump") is None, reason="dcmtk missing: apt-get install dcmtk")
@@ -411,7 +440,10 @@ def test_dsrdump_parses_the_report(study: Study) -> None:
     run = subprocess.run(["dsrdump", "+U8", str(study.files.sr)], capture_output=True, text=True, timeout=60)
     errors = [line for line in run.stderr.splitlines() if line.startswith("E:")]
     assert run.returncode == 0 and errors == [], run.stderr
-    assert '(64864005,SCT,"T1 vertebra")' in run.stdout and '(122495006,SCT,"Thoracic spine")' in run.stdout
+    first, span = study.result.levels[0].level, study.result.totals[0].span
+    site = codes.span_site(span)
+    assert f'({codes.VERTEBRA[first].value},SCT,"{first} vertebra")' in run.stdout
+    assert f'({site.value},SCT,"{site.meaning}")' in run.stdout
 
 
 # ------------------------------------------------------------------ what README says of the options

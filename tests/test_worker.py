@@ -14,7 +14,7 @@ from worker_config import precomputed_worker_config
 
 from node.config import Config
 from node.delivery.destinations import RESULTS_FOLDER
-from node.pipeline.run import run_pipeline
+from node.run import run_pipeline
 from node.service.worker import Stop, Worker, install_stop_handler
 from node.state.store import JobStatus, SeriesRecord, State, open_state
 from node.weights import MODEL_FILES, required_models

@@ -22,8 +22,8 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from node.pipeline.run import run_pipeline
     from node.pipeline.segment import SegmenterError, WeightsMissingError
+    from node.run import run_pipeline
 
     try:
         config = load_config(args.config)

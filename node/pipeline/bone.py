@@ -1,4 +1,4 @@
-"""Vertebral trabecular attenuation per level, T1–T12 and L1: the seed vBMD method's bone measure.
+"""Vertebral trabecular attenuation per level, T1–L5: the seed vBMD method's bone measure.
 
 Per level Ln the mask is the one the muscle slabs are cut from,
   vertebrae_body ∩ vertebrae_Ln ∩ (body_hu_min ≤ HU ≤ body_hu_max),
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from node.config import MeasureConfig
-from node.labels import SPINE_LEVELS, VERTEBRA_LABEL
+from node.labels import VERTEBRA_LABEL
 from node.pipeline.contrast import ContrastStatus
 from node.pipeline.ct import CTVolume
 from node.pipeline.flags import Flag
@@ -35,9 +35,10 @@ class VertebraResult:
     trabecular: HUStats
 
 
-def measure_vertebrae(ct: CTVolume, seg: Segmentation, params: MeasureConfig, boxes: list) -> list[VertebraResult]:
+def measure_vertebrae(ct: CTVolume, seg: Segmentation, params: MeasureConfig, boxes: list,
+                      levels: tuple[str, ...]) -> list[VertebraResult]:
     """`boxes` from ndimage.find_objects over the labels: only each vertebra's box is scanned."""
-    return [_vertebra(ct, seg, params, level, boxes[VERTEBRA_LABEL[level] - 1]) for level in SPINE_LEVELS]
+    return [_vertebra(ct, seg, params, level, boxes[VERTEBRA_LABEL[level] - 1]) for level in levels]
 
 
 def _vertebra(ct: CTVolume, seg: Segmentation, params: MeasureConfig, level: str, box) -> VertebraResult:

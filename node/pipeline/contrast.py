@@ -6,9 +6,10 @@ The rules, first match wins (each names its source in the result):
      not enhanced); any other agent means enhanced.
   2. ImageType (0008,0008) holding a value of `measure.contrast_image_type` (angiography,
      multi-energy iodine or virtual non-contrast images): enhanced.
-  3. SeriesDescription (0008,103E) matching `measure.contrast_description_unenhanced`, then
-     `measure.contrast_description_enhanced` (unenhanced first, so "non-contrast" is not read as
-     "contrast").
+  3. SeriesDescription (0008,103E), then StudyDescription (0008,1030), matching
+     `measure.contrast_description_unenhanced`, then `measure.contrast_description_enhanced`
+     (unenhanced first, so "non-contrast" or "sin contraste" is not read as "contrast"). The
+     series' own words come first: a study described as native may hold an enhanced series.
   4. `measure.assume_unenhanced`: unenhanced, by the site's configuration.
   5. Otherwise unknown.
 """
@@ -29,7 +30,7 @@ _NOT_INTRAVASCULAR = {"ORAL", "PO", "PER OS", "RECTAL", "PR", "ENTERAL"}
 @dataclass
 class ContrastStatus:
     enhanced: bool | None  # None: unknown
-    source: str  # ContrastBolusAgent, ContrastBolusRoute, ImageType, SeriesDescription, configuration or none
+    source: str  # ContrastBolusAgent, ContrastBolusRoute, ImageType, Series/StudyDescription, configuration or none
     detail: str  # the value the decision rests on, for the reader
 
     def why_not_assessed(self) -> str | None:
@@ -45,7 +46,9 @@ class ContrastStatus:
 def contrast_status(header: Dataset | None, rules: MeasureConfig) -> ContrastStatus:
     """`header` is any instance of the series (None for NIfTI input, which has no header)."""
     if header is not None:
-        for found in (_from_agent(header), _from_image_type(header, rules), _from_description(header, rules)):
+        found_by = (_from_agent(header), _from_image_type(header, rules),
+                    _from_description(header, "SeriesDescription", rules), _from_description(header, "StudyDescription", rules))
+        for found in found_by:
             if found is not None:
                 return found
     if rules.assume_unenhanced:
@@ -76,12 +79,12 @@ def _from_image_type(header: Dataset, rules: MeasureConfig) -> ContrastStatus | 
     return ContrastStatus(True, "ImageType", "\\".join(hits)) if hits else None
 
 
-def _from_description(header: Dataset, rules: MeasureConfig) -> ContrastStatus | None:
-    description = _text(header, "SeriesDescription")
+def _from_description(header: Dataset, keyword: str, rules: MeasureConfig) -> ContrastStatus | None:
+    description = _text(header, keyword)
     if not description:
         return None
     if rules.contrast_description_unenhanced and re.search(rules.contrast_description_unenhanced, description):
-        return ContrastStatus(False, "SeriesDescription", description)
+        return ContrastStatus(False, keyword, description)
     if rules.contrast_description_enhanced and re.search(rules.contrast_description_enhanced, description):
-        return ContrastStatus(True, "SeriesDescription", description)
+        return ContrastStatus(True, keyword, description)
     return None

@@ -1,12 +1,13 @@
-"""Paraspinal muscle volume and attenuation per thoracic level: the published "seed" method.
+"""Paraspinal muscle volume and attenuation per vertebral level: the published "seed" method.
 
 Pure numpy on arrays already in memory. The method (reference: the MESA paraspinal study and
-its vBMD code) is, per level Tn:
-  body mask = vertebrae_body ∩ vertebrae_Tn ∩ (body_hu_min ≤ HU ≤ body_hu_max)
+its vBMD code) is, per level (T1–T10 there; the same rule at L1–L5):
+  body mask = vertebrae_body ∩ vertebrae_<level> ∩ (body_hu_min ≤ HU ≤ body_hu_max)
   slab      = min..max slice index k containing the body mask
   muscle    = (autochthon_left ∪ autochthon_right) on the slab's slices
-and T1–T10 is the muscle on the union of the ten slabs. Attenuation is the median HU of all
-muscle voxels with no HU window (the `lean` block adds the −29..150 HU window users ask for).
+and a span's total (T1–T10, L1–L5) is the muscle on the union of its levels' slabs. Attenuation
+is the median HU of all muscle voxels with no HU window (the `lean` block adds the −29..150 HU
+window users ask for). Which levels are reported is the series' protocol (node.pipeline.protocol).
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ import numpy as np
 from scipy import ndimage
 
 from node import __version__
-from node.config import BiomarkersConfig, MeasureConfig
-from node.labels import AUTOCHTHON_LEFT, AUTOCHTHON_RIGHT, MEASURED_LEVELS, VERTEBRA_LABEL
+from node.config import BiomarkersConfig, MeasureConfig, ProtocolConfig, default_protocols
+from node.labels import AUTOCHTHON_LEFT, AUTOCHTHON_RIGHT, SPANS, SPINE, THORACIC_SPAN, VERTEBRA_LABEL, Span, spine_order
 from node.pipeline.bone import VertebraResult, bone_flag, measure_vertebrae
 from node.pipeline.contrast import ContrastStatus, contrast_status
 from node.pipeline.ct import CTVolume
 from node.pipeline.flags import Flag
 from node.pipeline.liver import LiverResult, measure_liver
+from node.pipeline.protocol import choose_protocol
 from node.pipeline.segmentation import Segmentation
 from node.pipeline.stats import HUStats, hu_stats
 from node.screening import LevelStatus
@@ -75,6 +77,14 @@ class LevelResult:
 
 
 @dataclass
+class SpanTotal:
+    """A span's muscle on the union of its reported levels' slabs; measurements.json names it `Span.key`."""
+
+    span: Span
+    sides: Sides
+
+
+@dataclass
 class QCFinding:
     code: str
     message: str
@@ -98,40 +108,60 @@ class Software:
 
 @dataclass
 class MeasurementResult:
-    levels: list[LevelResult]
-    total: Sides
+    levels: list[LevelResult]  # the protocol's levels, then complete others it names, cranial first
+    totals: list[SpanTotal]  # one per span with a reported level, cranial first
     qc: list[QCFinding]
     method: Method
     source: dict
     software: Software
-    vertebrae: list[VertebraResult] = field(default_factory=list)  # trabecular bone T1–T12, L1
+    vertebrae: list[VertebraResult] = field(default_factory=list)  # the protocol's bone levels and any other present
     contrast: ContrastStatus | None = None
     bone_flag: Flag | None = None
     liver: LiverResult | None = None  # with [biomarkers] liver only
+    protocol: str = ""  # which protocol chose the levels, and why; logged, not in measurements.json
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Each total under its span's key right after `levels`, as chest results always had `total`."""
+        data = dataclasses.asdict(self)
+        del data["protocol"]
+        totals = {total.span.key: dataclasses.asdict(total.sides) for total in self.totals}
+        del data["totals"]
+        return {"levels": data.pop("levels"), **totals, **data}
 
     def level(self, name: str) -> LevelResult:
         return next(level for level in self.levels if level.level == name)
 
+    def span_total(self, span: Span) -> Sides | None:
+        return next((total.sides for total in self.totals if total.span == span), None)
 
-def measure(ct: CTVolume, seg: Segmentation, params: MeasureConfig,
-            biomarkers: BiomarkersConfig | None = None) -> MeasurementResult:
+    @property
+    def total(self) -> Sides | None:
+        """The T1–T10 total, None when the series' protocol does not report thoracic levels."""
+        return self.span_total(THORACIC_SPAN)
+
+
+def measure(ct: CTVolume, seg: Segmentation, params: MeasureConfig, biomarkers: BiomarkersConfig | None = None,
+            protocols: list[ProtocolConfig] | None = None) -> MeasurementResult:
+    """`protocols` default to node.config's (chest T1–T10, abdominal L1–L5)."""
     if seg.labels.shape != ct.hu.shape or (seg.body is not None and seg.body.shape != ct.hu.shape):
         raise ValueError(f"segmentation shape {seg.labels.shape} differs from CT shape {ct.hu.shape}")
     boxes = ndimage.find_objects(seg.labels, max_label=AUTOCHTHON_RIGHT)
+    header = ct.datasets[0] if ct.datasets else None
+    present = {level for level in SPINE if boxes[VERTEBRA_LABEL[level] - 1] is not None}
+    choice = choose_protocol(header, present, protocols or default_protocols())
+    protocol = choice.protocol
     muscle = _InPlaneBox.around(boxes[AUTOCHTHON_LEFT - 1], boxes[AUTOCHTHON_RIGHT - 1], ct.shape)
-    levels = [_measure_level(ct, seg, params, name, boxes[VERTEBRA_LABEL[name] - 1], muscle) for name in MEASURED_LEVELS]
-    slab_slices = _union_of_slabs(levels, ct.shape[0])
-    total = _muscle_on_slices(ct, seg, params, slab_slices, muscle)
-    vertebrae = measure_vertebrae(ct, seg, params, boxes)
-    contrast = contrast_status(ct.datasets[0] if ct.datasets else None, params)
+    levels = [_measure_level(ct, seg, params, name, boxes[VERTEBRA_LABEL[name] - 1], muscle)
+              for name in spine_order([*protocol.levels, *protocol.also_levels])]
+    levels = [level for level in levels if level.level in protocol.levels or level.status is LevelStatus.COMPLETE]
+    every_vertebra = measure_vertebrae(ct, seg, params, boxes, SPINE)
+    vertebrae = [v for v in every_vertebra if v.level in protocol.bone_levels or v.status is not LevelStatus.ABSENT]
+    contrast = contrast_status(header, params)
     liver = measure_liver(ct, seg, biomarkers, boxes, contrast) if biomarkers is not None and biomarkers.liver else None
     return MeasurementResult(
         levels=levels,
-        total=total,
-        qc=_qc_findings(ct, seg, params, levels),
+        totals=_span_totals(ct, seg, params, levels, muscle),
+        qc=_qc_findings(ct, seg, params, levels, protocol),
         method=Method(
             name=METHOD_NAME,
             vertebral_body_source="vertebrae_body" if seg.body is not None else "whole_vertebra",
@@ -153,9 +183,20 @@ def measure(ct: CTVolume, seg: Segmentation, params: MeasureConfig,
         software=Software(paraspinal_node=__version__, totalsegmentator=seg.totalsegmentator_version),
         vertebrae=vertebrae,
         contrast=contrast,
-        bone_flag=bone_flag(vertebrae, params, contrast),
+        bone_flag=bone_flag(every_vertebra, params, contrast),
         liver=liver,
+        protocol=f"{protocol.name} ({choice.reason})",
     )
+
+
+def _span_totals(ct: CTVolume, seg: Segmentation, params: MeasureConfig, levels: list[LevelResult],
+                 muscle: _InPlaneBox | None) -> list[SpanTotal]:
+    totals = []
+    for span in SPANS:
+        included = [level for level in levels if level.level in span.levels]
+        if included:
+            totals.append(SpanTotal(span, _muscle_on_slices(ct, seg, params, _union_of_slabs(included, ct.shape[0]), muscle)))
+    return totals
 
 
 def _liver_parameters(biomarkers: BiomarkersConfig | None) -> dict[str, float | str]:
@@ -268,33 +309,34 @@ def fat_grade(fraction: float | None) -> str | None:
     return "normal" if fraction < 0.10 else "moderate" if fraction <= 0.50 else "severe"
 
 
-def _qc_findings(ct: CTVolume, seg: Segmentation, params: MeasureConfig, levels: list[LevelResult]) -> list[QCFinding]:
+def _qc_findings(ct: CTVolume, seg: Segmentation, params: MeasureConfig, levels: list[LevelResult],
+                 protocol: ProtocolConfig) -> list[QCFinding]:
     found: list[QCFinding] = []
     present = [level for level in levels if level.slab is not None]
     if seg.body is None:
         found.append(QCFinding("whole_vertebra_bodies", "vertebrae_body not available: slabs use the whole-vertebra masks"))
     if not present:
-        found.append(QCFinding("no_levels", "none of T1–T10 was found in this series"))
+        found.append(QCFinding("no_levels", f"none of {protocol.levels[0]}–{protocol.levels[-1]} was found in this series"))
     thickness = ct.slice_thickness if ct.slice_thickness is not None else ct.spacing[0]
     if thickness > params.max_slice_thickness_mm:
         found.append(QCFinding("slice_thickness", f"slice thickness {thickness:.1f} mm is above {params.max_slice_thickness_mm:.1f} mm"))
     if ct.shape[0] < params.min_slices:
         found.append(QCFinding("too_few_slices", f"{ct.shape[0]} slices, fewer than {params.min_slices}"))
-    found += _order_findings(ct, present)
+    found += _order_findings(ct, present, [level.level for level in levels])
     found += _height_findings(params, present)
     found += _overlap_findings(present)
     return found
 
 
-def _order_findings(ct: CTVolume, present: list[LevelResult]) -> list[QCFinding]:
-    """T1 must lie above T2 and so on, and no level may be missing between two found ones."""
+def _order_findings(ct: CTVolume, present: list[LevelResult], reported: list[str]) -> list[QCFinding]:
+    """T1 must lie above T2 and so on, and no reported level may be missing between two found ones."""
     found = []
     height = [ct.superior_sign * (level.slab.first_slice + level.slab.last_slice) / 2 for level in present]
     for upper, lower, h_upper, h_lower in zip(present, present[1:], height, height[1:]):
         if h_upper <= h_lower:
             found.append(QCFinding("level_order", f"{upper.level} is not above {lower.level}: labels out of cranio-caudal order"))
     if present:
-        names = list(MEASURED_LEVELS)
+        names = reported
         span = names[names.index(present[0].level) : names.index(present[-1].level) + 1]
         missing = [name for name in span if name not in {level.level for level in present}]
         if missing:

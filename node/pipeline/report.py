@@ -1,8 +1,9 @@
 """Write a measurement result as measurements.json and measurements.csv, atomically.
 
-The CSV has one row per structure: T1..T10 (muscle and trabecular bone), T1-T10 (muscle), T11,
-T12 and L1 (bone only), then liver and spleen (their parenchyma in the first statistics columns)
-when the liver is measured. Cells that do not apply are empty.
+The CSV has one row per structure: each reported level (muscle and trabecular bone; T1..T10 on
+chest CT, L1..L5 on abdominal CT), each span total (T1-T10, L1-L5; muscle), the other vertebrae
+listed (bone only: T11, T12, L1 on chest CT), then liver and spleen (their parenchyma in the
+first statistics columns) when the liver is measured. Cells that do not apply are empty.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from node.screening import LevelStatus, coverage
 STAT_COLUMNS = ("voxels", "volume_cm3", "median_hu", "mean_hu", "sd_hu", "p25_hu", "p75_hu", "fat_fraction", "fat_grade")
 LEAN_COLUMNS = ("voxels", "volume_cm3", "median_hu", "mean_hu", "sd_hu", "p25_hu", "p75_hu")
 BONE_COLUMNS = ("status", "mask", *LEAN_COLUMNS)
-TOTAL_ROW = "T1-T10"
 
 
 def csv_header() -> list[str]:
@@ -39,9 +39,10 @@ def csv_rows(result: MeasurementResult) -> list[list]:
     blank_bone = [""] * len(BONE_COLUMNS)
     rows = [[level.level, level.status, *_side_cells(level.status, level.combined, level.left, level.right),
              *bone.pop(level.level, blank_bone)] for level in result.levels]
-    total_status = coverage((level.level, level.status) for level in result.levels).status
-    rows.append([TOTAL_ROW, total_status, *_side_cells(total_status, result.total.combined, result.total.left, result.total.right),
-                 *blank_bone])
+    for total in result.totals:
+        status = coverage((level.level, level.status) for level in result.levels if level.level in total.span.levels).status
+        sides = total.sides
+        rows.append([total.span.name, status, *_side_cells(status, sides.combined, sides.left, sides.right), *blank_bone])
     muscle_blank = [""] * (len(csv_header()) - 2 - len(BONE_COLUMNS))
     rows += [[level, "", *muscle_blank, *cells] for level, cells in bone.items()]
     if result.liver is not None:

@@ -34,9 +34,9 @@ from node.delivery.destinations import DICOM_RESULTS, configured
 from node.durable import make_dirs
 from node.errors import InputError
 from node.labels import roi_subset
-from node.pipeline.run import PipelineResult, Prepared, Segmented, Stages
 from node.pipeline.segment import Segmenter, close_segmenter, make_segmenter
 from node.pipeline.segmentation import NotReadyError, SegmenterError
+from node.run import PipelineResult, Prepared, Segmented, Stages
 from node.service.ids import worker_id
 from node.service.owner import DatabaseReplaced, OwnerCheck
 from node.state.store import Job, JobStore, NewDelivery, WorkerReport, disk_full

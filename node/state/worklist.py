@@ -1,4 +1,4 @@
-"""The screening worklist: one row per processed series with T1–T10 figures and the flag.
+"""The screening worklist: one row per processed series with T1–T10 and L1–L5 figures and the flag.
 
 The flag is raised when the T1–T10 median attenuation of the combined muscle is below
 `measure.low_attenuation_hu` (the seed study's lowest quartile had a median of 4 HU against
@@ -6,8 +6,10 @@ The flag is raised when the T1–T10 median attenuation of the combined muscle i
 level is; the levels they include), come from node.screening, as on the key image and in the SR.
 An absent level has no figures, not a volume of 0. A series processed again after it grew is
 listed with its latest result.
-Bone (trabecular median per vertebra, the low-bone flag) and liver columns follow; the bone and
-liver flags read "low", "not_low" or "not_assessed" as the measurement decided them.
+The L1–L5 columns (abdominal CT, or complete lumbar levels of a chest CT) follow the same rules
+and are blank where no lumbar level was reported. Bone (trabecular median per vertebra T1–L5,
+the low-bone flag) and liver columns follow; the bone and liver flags read "low", "not_low" or
+"not_assessed" as the measurement decided them.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import re
 from datetime import date
 from typing import Any
 
-from node.labels import MEASURED_LEVELS, SPINE_LEVELS
+from node.labels import LUMBAR_SPAN, SPINE, THORACIC_SPAN, Span
 from node.screening import LevelStatus, coverage, low_attenuation
 from node.state.store import SeriesRecord
 
@@ -39,11 +41,19 @@ def parse_since(text: str) -> str:
 
 
 def columns() -> list[str]:
-    per_level = [f"{level}_{name}" for level in MEASURED_LEVELS for name in ("median_hu", "volume_cm3", "status")]
     return ["patient_id", "accession", "study_date", "series_instance_uid", "job",
-            *per_level, "t1_t10_median_hu", "t1_t10_volume_cm3", "t1_t10_status", "t1_t10_levels", "low_attenuation",
-            *[f"{level}_bone_hu" for level in SPINE_LEVELS], "contrast", "bone_flag_level", "bone_flag",
+            *_span_columns(THORACIC_SPAN), "low_attenuation", *_span_columns(LUMBAR_SPAN),
+            *[f"{level}_bone_hu" for level in SPINE], "contrast", "bone_flag_level", "bone_flag",
             "liver_status", "liver_median_hu", "spleen_median_hu", "liver_minus_spleen_hu", "liver_flag"]
+
+
+def _span_columns(span: Span) -> list[str]:
+    per_level = [f"{level}_{name}" for level in span.levels for name in ("median_hu", "volume_cm3", "status")]
+    return [*per_level, *(f"{_prefix(span)}_{name}" for name in ("median_hu", "volume_cm3", "status", "levels"))]
+
+
+def _prefix(span: Span) -> str:
+    return span.name.lower().replace("-", "_")
 
 
 def worklist_row(series: SeriesRecord, job_id: int, result: dict[str, Any], low_attenuation_hu: float) -> dict:
@@ -51,32 +61,41 @@ def worklist_row(series: SeriesRecord, job_id: int, result: dict[str, Any], low_
     row: dict[str, Any] = {"patient_id": series.patient_id, "accession": series.accession,
                            "study_date": _iso_date(series.study_date), "series_instance_uid": series.series_uid,
                            "job": job_id}
+    row.update(_span_cells(THORACIC_SPAN, result))
+    row["low_attenuation"] = low_attenuation(row["t1_t10_median_hu"], low_attenuation_hu)
+    row.update(_span_cells(LUMBAR_SPAN, result))
+    row.update(_bone_and_liver(result))
+    return row
+
+
+def _span_cells(span: Span, result: dict[str, Any]) -> dict[str, Any]:
+    """A span's level and total cells; a level the result does not list counts as absent."""
     levels = {level["level"]: level for level in result.get("levels", [])}
+    cells: dict[str, Any] = {}
     statuses = []
-    for name in MEASURED_LEVELS:
+    for name in span.levels:
         level = levels.get(name, {})
         status = LevelStatus(level.get("status", LevelStatus.ABSENT))
         combined = {} if status is LevelStatus.ABSENT else level.get("combined") or {}
-        row[f"{name}_median_hu"] = combined.get("median_hu")
-        row[f"{name}_volume_cm3"] = combined.get("volume_cm3")
-        row[f"{name}_status"] = str(status)
+        cells[f"{name}_median_hu"] = combined.get("median_hu")
+        cells[f"{name}_volume_cm3"] = combined.get("volume_cm3")
+        cells[f"{name}_status"] = str(status)
         statuses.append((name, status))
     totals = coverage(statuses)
-    total = {} if totals.status is LevelStatus.ABSENT else (result.get("total") or {}).get("combined") or {}
-    row["t1_t10_median_hu"] = total.get("median_hu")
-    row["t1_t10_volume_cm3"] = total.get("volume_cm3")
-    row["t1_t10_status"] = str(totals.status)
-    row["t1_t10_levels"] = totals.describe()
-    row["low_attenuation"] = low_attenuation(total.get("median_hu"), low_attenuation_hu)
-    row.update(_bone_and_liver(result))
-    return row
+    total = {} if totals.status is LevelStatus.ABSENT else (result.get(span.key) or {}).get("combined") or {}
+    prefix = _prefix(span)
+    cells[f"{prefix}_median_hu"] = total.get("median_hu")
+    cells[f"{prefix}_volume_cm3"] = total.get("volume_cm3")
+    cells[f"{prefix}_status"] = str(totals.status)
+    cells[f"{prefix}_levels"] = totals.describe()
+    return cells
 
 
 def _bone_and_liver(result: dict[str, Any]) -> dict[str, Any]:
     """Blank for results measured before the node reported bone and liver, and with the liver off."""
     vertebrae = {vertebra["level"]: vertebra for vertebra in result.get("vertebrae") or []}
     row: dict[str, Any] = {f"{level}_bone_hu": (vertebrae.get(level, {}).get("trabecular") or {}).get("median_hu")
-                           for level in SPINE_LEVELS}
+                           for level in SPINE}
     enhanced = (result.get("contrast") or {}).get("enhanced", "missing")
     row["contrast"] = {True: "enhanced", False: "unenhanced", None: "unknown"}.get(enhanced)
     flag = result.get("bone_flag") or {}

@@ -1,5 +1,8 @@
 """One series from disk to results on disk: load → segment → measure → encode.
 
+The orchestration sits above both the computation (node.pipeline) and the encoders (dicom_sr),
+so the pipeline never imports the encoders and each can be used and tested alone.
+
 Both `paraspinal-node measure` and the worker run exactly this, so a result made by hand and
 one made by the node are the same computation. The pipeline is cut into three stages where the
 engine starts and ends (prepare on the CPU, segment on the engine, finish on the CPU), so that a
@@ -76,14 +79,15 @@ def finish(segmented: Segmented, out_dir: Path, config: Config, dicom: bool = Tr
     seconds = dict(segmented.seconds)
     ct, seg = segmented.ct, segmented.seg
     started = time.perf_counter()
-    result = measure(ct, seg, config.measure, config.biomarkers)
+    result = measure(ct, seg, config.measure, config.biomarkers, config.protocols)
     json_path, csv_path = write_reports(result, out_dir)
     files = {"measurements_json": json_path, "measurements_csv": csv_path}
     started = _lap(seconds, "measure", started)
     if dicom:  # NIfTI input is refused here in one line, after the reports are written
         files.update(_encode(ct, seg, result, out_dir, config))
         _lap(seconds, "encode", started)
-    log.info("event=measured series=%s levels_present=%d", ct.series_uid, sum(lv.status is not LevelStatus.ABSENT for lv in result.levels))
+    log.info("event=measured series=%s levels_present=%d protocol=%s", ct.series_uid,
+             sum(lv.status is not LevelStatus.ABSENT for lv in result.levels), result.protocol)
     return PipelineResult(result, files, seconds)
 
 
@@ -130,6 +134,7 @@ def segment(ct: CTVolume, config: Config, segmenter: Segmenter | None = None) ->
 
 
 def _encode(ct: CTVolume, seg: Segmentation, result: MeasurementResult, out_dir: Path, config: Config) -> dict[str, Path]:
+    """Imported here: `measure --no-dicom` and NIfTI input never load highdicom and matplotlib."""
     from dicom_sr.options import EncodeOptions
     from dicom_sr.results import write_results
 
