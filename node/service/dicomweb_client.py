@@ -13,6 +13,7 @@ and writes each instance as received into a folder the CT loader reads.
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 import stat
@@ -118,7 +119,7 @@ def fetch_series(base_url: str, job, series, into: Path, settings: ClientSetting
             if ds.get("SeriesInstanceUID") != series.series_uid:
                 raise TransferError(f"{what}: serve sent an instance of series {ds.get('SeriesInstanceUID')}")
             written.append(into / f"{sop_uid}.dcm")
-            ds.save_as(written[-1], enforce_file_format=False)
+            _write_as_received(ds, written[-1])
             count += 1
         if count != series.instances:
             raise TransferError(f"{what}: {count} of {series.instances} instances arrived")
@@ -153,6 +154,18 @@ def store_results(base_url: str, job, files: list[Path], settings: ClientSetting
         return _check_stored(what, client.store_instances(datasets, study_instance_uid=study_uid), wanted)
 
     return _with_retries(what, settings, once)
+
+
+def _write_as_received(ds: pydicom.FileDataset, path: Path) -> None:
+    """The instance's bytes exactly as serve sent them (the library parsed them from an in-memory buffer,
+    which pydicom keeps as `ds.buffer`), without encoding the data set again; a plain write, as the
+    folder is a scratch copy."""
+    buffer = getattr(ds, "buffer", None)
+    if isinstance(buffer, io.BytesIO):
+        with open(path, "wb") as file:
+            file.write(buffer.getbuffer())
+    else:  # a library version that reads otherwise: encode the data set as read
+        ds.save_as(path, enforce_file_format=False)
 
 
 def _check_stored(what: str, answer: pydicom.Dataset, wanted: list[str]) -> list[str]:
