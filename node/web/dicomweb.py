@@ -39,7 +39,7 @@ from starlette.routing import Route
 from node.config import Config
 from node.delivery.destinations import DicomPeer, configured
 from node.durable import make_dirs, write_atomic
-from node.state.store import NewDelivery, State, StateError
+from node.state.store import NewDelivery, State
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +132,8 @@ class DicomwebSite:
     async def _check_lease(self, job_id: int, token: int) -> None:
         try:
             current = await run_in_threadpool(self.state.lease_is_current, job_id, token)
-        except StateError as exc:
-            raise Refusal(503, f"the state database is unavailable, try again: {exc}") from None
+        except Exception as exc:  # StateError, or the database driver's own while it reconnects
+            raise _unavailable(exc) from None
         if not current:
             raise Refusal(409, f"job {job_id} attempt {token} does not hold the job's lease (expired, completed or "
                                "claimed again): drop the job", lease=True)
@@ -174,8 +174,8 @@ class DicomwebSite:
             staged = [NewDelivery(peer.key, str(item.path)) for item in stored for peer in self._peers]
             try:
                 current = await run_in_threadpool(self.state.stage_deliveries, job_id, token, staged)
-            except StateError as exc:
-                raise Refusal(503, f"the state database is unavailable, try again: {exc}") from None
+            except Exception as exc:
+                raise _unavailable(exc) from None
             if not current:
                 raise Refusal(409, f"job {job_id} attempt {token} lost its lease while storing: nothing staged, "
                                    "drop the job", lease=True)
@@ -257,6 +257,11 @@ class DicomwebSite:
             log.error("event=dicomweb_store_failed file=%s reason=\"%s\"", target, exc.strerror or exc)
             return Failed(sop_class, sop_uid, OUT_OF_RESOURCES, f"cannot write {target.name}: {exc.strerror or exc}")
         return Stored(sop_class, sop_uid, target)
+
+
+def _unavailable(exc: Exception) -> Refusal:
+    text = str(exc).strip().splitlines()
+    return Refusal(503, f"the state database is unavailable, try again ({text[0] if text else type(exc).__name__})")
 
 
 def _check_accept(accept: str) -> None:

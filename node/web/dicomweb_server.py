@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 START_TIMEOUT_S = 10.0
 
 
+class ListenerError(Exception):
+    """The listener cannot start; the message names the setting to change."""
+
+
 def exposure_warning(dicomweb: DicomwebConfig) -> str | None:
     """A line for the log when CT images and the worker token would cross the network unencrypted."""
     if dicomweb.tls_certificate is not None or is_loopback(dicomweb.bind):
@@ -47,9 +51,13 @@ class DicomwebServer:
         self.port: int | None = None
 
     def start(self) -> None:
-        """Listen and serve in a background thread; OSError when the address cannot be bound."""
+        """Listen and serve in a background thread; ListenerError when the address or TLS files cannot be used."""
         web = self._config.dicomweb
-        sock = _bind(web.bind, web.port)
+        try:
+            sock = _bind(web.bind, web.port)
+        except OSError as exc:
+            raise ListenerError(f"cannot serve DICOMweb on {web.bind}:{web.port} ({exc.strerror or exc}): stop what "
+                                "uses the port or change dicomweb.port / dicomweb.bind") from None
         self.port = sock.getsockname()[1]
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
         tls = {}
@@ -63,7 +71,8 @@ class DicomwebServer:
             settings.load()  # reads the certificate and key now, so a bad file refuses the start in one line
         except (OSError, ssl.SSLError) as exc:
             sock.close()
-            raise OSError(f"cannot use dicomweb.tls_certificate / tls_private_key / ca_certificates: {exc}") from None
+            raise ListenerError(f"cannot use dicomweb.tls_certificate, tls_private_key or ca_certificates ({exc}): "
+                                "give readable PEM files, the key matching the certificate") from None
         self._server = uvicorn.Server(settings)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, name="dicomweb",
                                         daemon=True)
