@@ -30,6 +30,9 @@ from dicomweb_client import DICOMwebClient
 from node.config import DicomwebConfig
 
 log = logging.getLogger(__name__)
+# dicomweb-client's `retrying` logs every failed request as a multi-line traceback warning; this module
+# retries itself and logs one line per retry (event=dicomweb_retry).
+logging.getLogger("retrying").setLevel(logging.ERROR)
 
 CONNECT_TIMEOUT_S = 10.0
 CHUNK_BYTES = 4 << 20  # what the library reads from the socket at a time while streaming
@@ -227,13 +230,30 @@ def _http_error(what: str, exc: requests.HTTPError) -> Exception:
 def _reason(response: requests.Response | None) -> str:
     if response is None:
         return "no response"
-    if "json" in response.headers.get("content-type", ""):
-        return response.headers.get("Warning", "").partition('"')[2].rstrip('"') or response.reason
+    if "json" in response.headers.get("content-type", ""):  # a STOW-RS answer: the refused instances and why
+        warning = response.headers.get("Warning", "").partition('"')[2].rstrip('"')
+        try:
+            answer = pydicom.Dataset.from_json(response.json())
+            failed = [f"{item.get('ReferencedSOPInstanceUID', '?')} (0x{int(item.get('FailureReason', 0)):04X})"
+                      for item in answer.get("FailedSOPSequence", [])]
+        except (ValueError, TypeError, KeyError):
+            failed = []
+        return "; ".join(filter(None, [", ".join(failed), warning])) or response.reason
     return response.text.strip().splitlines()[0][:300] if response.text.strip() else response.reason
 
 
+class _Session(requests.Session):
+    """requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE override a session's CA file; dicomweb.ca_certificates wins."""
+
+    def merge_environment_settings(self, url, proxies, stream, verify, cert):  # noqa: ANN001, ANN201
+        merged = super().merge_environment_settings(url, proxies, stream, verify, cert)
+        if self.verify is not True:
+            merged["verify"] = self.verify
+        return merged
+
+
 def _client(url: str, settings: ClientSettings) -> DICOMwebClient:
-    session = requests.Session()
+    session = _Session()
     session.verify = str(settings.ca_certificates) if settings.ca_certificates is not None else True
     if settings.client_certificate is not None:
         session.cert = (str(settings.client_certificate), str(settings.client_private_key))
