@@ -61,6 +61,19 @@ class ReceiverConfig:
 
 
 @dataclass
+class StateConfig:
+    """Where jobs, deliveries and workers are recorded: SQLite in storage.state_dir, or one shared PostgreSQL."""
+
+    database: str = ""  # empty: SQLite at <storage.state_dir>/state.sqlite; "postgresql://user@host:5432/db" to scale out
+    password_file: Path | None = None  # the PostgreSQL password, one line (or libpq's ~/.pgpass); never in the TOML
+    serve_name: str = ""  # this serve's name in a shared state; empty: <host name>-<receiver.ae_title>
+
+    @property
+    def shared(self) -> bool:
+        return self.database.startswith(("postgresql://", "postgres://"))
+
+
+@dataclass
 class DestinationConfig:
     ae_title: str = ""
     host: str = ""
@@ -258,6 +271,7 @@ class Config:
     receiver: ReceiverConfig = field(default_factory=ReceiverConfig)
     destinations: list[DestinationConfig] = field(default_factory=list)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    state: StateConfig = field(default_factory=StateConfig)
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
     biomarkers: BiomarkersConfig = field(default_factory=BiomarkersConfig)
@@ -400,6 +414,7 @@ def _validate(config: Config) -> None:
         if not 0 < dest.port < 65536:
             raise ConfigError(f"destinations[{i}].port must be 1..65535, not {dest.port}")
     _validate_receiver_network(config.receiver)
+    _validate_state(config.state)
     _validate_selection(config.selection)
     _validate_operations(config)
     _validate_biomarkers(config.measure, config.biomarkers)
@@ -427,6 +442,14 @@ def _validate_selection(selection: SelectionConfig) -> None:
         raise ConfigError("selection.slice_thickness_min_mm must not exceed selection.slice_thickness_max_mm")
     if selection.min_slices < 1:
         raise ConfigError("selection.min_slices must be at least 1")
+
+
+def _validate_state(state: StateConfig) -> None:
+    if state.database and not state.shared:
+        raise ConfigError(f"state.database must be empty (SQLite in storage.state_dir) or a postgresql:// URL, not "
+                          f"{state.database.split('@')[-1]!r}")
+    if state.password_file is not None and not state.shared:
+        raise ConfigError("state.password_file is only used with a postgresql:// state.database: remove it")
 
 
 def _validate_web(web: WebConfig) -> None:

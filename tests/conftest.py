@@ -76,3 +76,19 @@ def phantom_masks(tmp_path_factory: pytest.TempPathFactory, phantom: ph.Phantom)
         return written[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One real PostgreSQL server for the session (tests/postgres.py)."""
+    import postgres as pg
+
+    server = pg.start_postgres()
+    yield server
+    pg.remove(server)
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    """A fresh, empty database on the session's server."""
+    return postgres_server.fresh_database()

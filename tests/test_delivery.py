@@ -91,8 +91,8 @@ def state(config: Config, clock: Clock) -> Iterator[State]:
 def finished_job(state: State, files: list[Path], destination: str) -> int:
     state.record_series(SeriesRecord("1.2.3", "1.2", "P", "A", "20240101", "CT", "", 1, "f", "/x"))
     job = state.add_job("1.2.3", "f", "/x")
-    state.claim("w", 60, 3)
-    state.complete(job.id, "w", {}, [NewDelivery(destination, str(f)) for f in files])
+    claimed = state.claim("w", 60, 3)
+    state.complete(job.id, claimed.token, {}, [NewDelivery(destination, str(f)) for f in files])
     return job.id
 
 

@@ -32,8 +32,9 @@ class Site(TrackerSite):
         outbox = self.storage.job_outbox(job_id) / "attempt-0"
         outbox.mkdir(parents=True)
         (outbox / "sr.dcm").write_bytes(b"result")
-        assert self.state.claim("w", 60, 3).id == job_id
-        self.state.complete(job_id, "w", {}, [NewDelivery("PACS@127.0.0.1:104", str(outbox / "sr.dcm"))])
+        claimed = self.state.claim("w", 60, 3)
+        assert claimed.id == job_id
+        self.state.complete(job_id, claimed.token, {}, [NewDelivery("PACS@127.0.0.1:104", str(outbox / "sr.dcm"))])
         (delivery,) = self.state.deliveries(job_id)
         if delivery_status == "sent":
             self.state.mark_sent(delivery.id)
@@ -76,8 +77,8 @@ def test_a_pending_delivery_keeps_the_images_and_the_results(site: Site) -> None
 def test_a_job_queued_again_by_retry_keeps_its_images(site: Site) -> None:
     site.send(4, "a1")
     (job_id,) = site.complete_after_release("a1")
-    site.state.claim("w", 60, 3)
-    site.state.fail(job_id, "w", "segmenter crashed", retry_at=None)
+    claimed = site.state.claim("w", 60, 3)
+    site.state.fail(job_id, claimed.token, "segmenter crashed", retry_in_s=None)
     site.clock.now += 11 * DAY
     site.state.retry(job_id)
     assert site.housekeeper.run_once() == (0, 0)
@@ -114,8 +115,8 @@ def test_a_series_sent_again_after_pruning_is_processed_and_retried_normally(sit
     site.send(4, "a3")
     (again,) = site.complete_after_release("a3")
     assert again != first and len(site.spooled()) == 4
-    site.state.claim("w", 60, 3)
-    site.state.fail(again, "w", "segmenter crashed", retry_at=None)
+    claimed = site.state.claim("w", 60, 3)
+    site.state.fail(again, claimed.token, "segmenter crashed", retry_in_s=None)
     assert site.state.retry(again) == f"job {again} queued again"
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +17,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from node.cli.main import main
-from node.state.store import JobStatus, SeriesRecord, open_state
+from node.state.store import JobStatus, SeriesRecord, WorkerReport, open_state
 
 
 @pytest.fixture
@@ -24,8 +27,8 @@ def config_file(tmp_path: Path) -> Path:
     state = open_state(tmp_path / "state" / "state.sqlite")
     state.record_series(SeriesRecord("1.2.3", "1.2", "P", "A", "20240101", "CT", "", 40, "f", "/x"))
     job = state.add_job("1.2.3", "f", "/x")
-    state.claim("w", 60, 3)
-    state.fail(job.id, "w", "refused input: no pixel data in 3 files", retry_at=None)
+    claimed = state.claim("w", 60, 3)
+    state.fail(job.id, claimed.token, "refused input: no pixel data in 3 files", retry_in_s=None)
     state.close()
     return path
 
@@ -48,6 +51,33 @@ def test_status_shows_depths_errors_and_jobs(config_file: Path, capsys: pytest.C
     assert report["recent_jobs"][0]["status"] == "failed"
     assert main(["status", "--config", str(config_file)]) == 0
     assert "failed 1" in capsys.readouterr().out
+
+
+def test_status_lists_workers_with_their_host_job_and_lease(config_file: Path, capsys: pytest.CaptureFixture) -> None:
+    state = open_state(config_file.parent / "state" / "state.sqlite")
+    state.record_series(SeriesRecord("1.2.4", "1.2", "P", "A", "20240101", "CT", "", 40, "f", "/y"))
+    job = state.add_job("1.2.4", "f", "/y")
+    state.report_worker(WorkerReport("gpu2:77:0", "gpu2", 77, 0, "gpu", "resident", ()))
+    assert state.claim("gpu2:77:0", 600, 3).id == job.id
+    state.close()
+    assert main(["status", "--config", str(config_file), "--format", "json"]) == 0
+    (worker,) = json.loads(capsys.readouterr().out)["workers"]
+    assert (worker["host"], worker["state"], worker["job"], worker["device"]) == ("gpu2", "running", job.id, "gpu")
+    assert worker["lease_until"] is not None
+    assert main(["status", "--config", str(config_file)]) == 0
+    assert f"gpu2 pid 77 slot 0 on gpu: running job {job.id} lease until" in capsys.readouterr().out
+
+
+def test_status_into_a_closed_pipe_exits_quietly(config_file: Path) -> None:
+    state = open_state(config_file.parent / "state" / "state.sqlite")
+    for n in range(1200):  # more than a pipe holds, so the writer is still writing when `head` exits
+        state.add_job("1.2.3", f"content-{n}", "/x")
+    state.close()
+    command = (f"{shlex.quote(sys.executable)} -m node.cli.main status --config {shlex.quote(str(config_file))} "
+               "--jobs 1200 | head -1")
+    done = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True, timeout=60)
+    assert done.stderr == "" and done.returncode == 0
+    assert done.stdout.startswith("jobs:")
 
 
 def test_retry_requeues_and_unknown_job_is_a_usage_error(config_file: Path, capsys: pytest.CaptureFixture) -> None:

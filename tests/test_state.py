@@ -9,7 +9,17 @@ from pathlib import Path
 import pytest
 from support import Clock
 
-from node.state.store import SCHEMA_VERSION, DeliveryStatus, JobStatus, NewDelivery, SeriesRecord, State, StateError, open_state
+from node.state.store import (
+    SCHEMA_VERSION,
+    DeliveryStatus,
+    JobStatus,
+    NewDelivery,
+    RunOutcome,
+    SeriesRecord,
+    State,
+    StateError,
+    open_state,
+)
 
 
 def series(uid: str = "1.2.3", date: str = "20240105") -> SeriesRecord:
@@ -65,8 +75,9 @@ def test_skipped_job_keeps_its_reason(state: State) -> None:
 
 
 def test_claim_is_exclusive_across_connections(tmp_path: Path, state: State) -> None:
-    for n in range(20):
-        state.add_job("1.2.3", f"f{n}", "/x")
+    for n in range(20):  # one series each: a series runs one job at a time
+        state.record_series(series(f"1.2.{n + 10}"))
+        state.add_job(f"1.2.{n + 10}", "f", "/x")
     others = [open_state(tmp_path / "state.sqlite") for _ in range(4)]
     claimed: list[int] = []
 
@@ -84,13 +95,15 @@ def test_claim_is_exclusive_across_connections(tmp_path: Path, state: State) -> 
 
 def test_expired_lease_requeues_then_fails_after_max_attempts(state: State, clock: Clock) -> None:
     job = state.add_job("1.2.3", "f", "/x")
-    assert state.claim("dead", lease_s=10, max_attempts=2).id == job.id
+    dead = state.claim("dead", lease_s=10, max_attempts=2)
+    assert dead.id == job.id
     clock.now += 5
     assert state.claim("other", 10, 2) is None  # lease still valid
     clock.now += 10
     again = state.claim("other", 10, 2)
     assert again.id == job.id and again.attempts == 2 and again.lease_owner == "other"
-    assert not state.renew(job.id, "dead", 10)
+    assert again.token > dead.token
+    assert not state.renew(job.id, dead.token, 10)
     clock.now += 20
     assert state.claim("third", 10, 2) is None
     final = state.get_job(job.id)
@@ -99,19 +112,20 @@ def test_expired_lease_requeues_then_fails_after_max_attempts(state: State, cloc
 
 def test_renew_keeps_the_job(state: State, clock: Clock) -> None:
     job = state.add_job("1.2.3", "f", "/x")
-    state.claim("w", 10, 3)
+    claimed = state.claim("w", 10, 3)
     for _ in range(5):
         clock.now += 8
-        assert state.renew(job.id, "w", 10)
+        assert state.renew(job.id, claimed.token, 10)
     assert state.claim("other", 10, 3) is None
 
 
 def test_complete_records_result_and_deliveries_once(state: State) -> None:
     job = state.add_job("1.2.3", "f", "/x")
-    state.claim("w", 60, 3)
+    claimed = state.claim("w", 60, 3)
     wanted = [NewDelivery("PACS@h:104", "/out/seg.dcm"), NewDelivery("PACS@h:104", "/out/sr.dcm")]
-    assert state.complete(job.id, "w", {"levels": []}, wanted)
-    assert not state.complete(job.id, "w", {"levels": []}, wanted)
+    assert state.complete(job.id, claimed.token, {"levels": []}, wanted)
+    # the same attempt completing again (its first answer was lost) changes nothing
+    assert state.complete(job.id, claimed.token, {"levels": [1]}, wanted + [NewDelivery("PACS@h:104", "/out/x.dcm")])
     assert state.get_job(job.id).status is JobStatus.DONE
     assert state.job_result(job.id) == {"levels": []}
     assert [d.file for d in state.deliveries(job.id)] == ["/out/seg.dcm", "/out/sr.dcm"]
@@ -119,17 +133,59 @@ def test_complete_records_result_and_deliveries_once(state: State) -> None:
 
 def test_complete_by_a_worker_that_lost_the_lease_changes_nothing(state: State, clock: Clock) -> None:
     job = state.add_job("1.2.3", "f", "/x")
-    state.claim("slow", 10, 3)
+    slow = state.claim("slow", 10, 3)
     clock.now += 11
-    state.claim("fast", 10, 3)
-    assert not state.complete(job.id, "slow", {}, [NewDelivery("A@h:1", "/f")])
+    fast = state.claim("fast", 10, 3)
+    assert not state.complete(job.id, slow.token, {}, [NewDelivery("A@h:1", "/f")])
+    assert not state.stage_deliveries(job.id, slow.token, [NewDelivery("A@h:1", "/g")])
+    assert not state.fail(job.id, slow.token, "late", retry_in_s=None)
+    assert state.deliveries(job.id) == [] and state.get_job(job.id).status is JobStatus.RUNNING
+    assert state.complete(job.id, fast.token, {}, [])
+
+
+def test_a_lease_expired_but_not_yet_reclaimed_cannot_complete(state: State, clock: Clock) -> None:
+    job = state.add_job("1.2.3", "f", "/x")
+    paused = state.claim("paused", 10, 3)
+    clock.now += 11
+    assert not state.lease_is_current(job.id, paused.token)
+    assert not state.complete(job.id, paused.token, {}, [NewDelivery("A@h:1", "/f")])
+    assert not state.renew(job.id, paused.token, 10)
+    assert state.claim("next", 10, 3).token > paused.token
+
+
+def test_staged_deliveries_appear_only_with_the_completion_of_the_same_token(state: State) -> None:
+    job = state.add_job("1.2.3", "f", "/x")
+    claimed = state.claim("remote", 60, 3)
+    assert state.lease_is_current(job.id, claimed.token)
+    assert state.stage_deliveries(job.id, claimed.token, [NewDelivery("A@h:1", "/outbox/seg.dcm")])
+    assert state.stage_deliveries(job.id, claimed.token, [NewDelivery("A@h:1", "/outbox/seg.dcm")])  # repeated STOW
     assert state.deliveries(job.id) == []
+    assert state.complete(job.id, claimed.token, {}, [])
+    assert [d.file for d in state.deliveries(job.id)] == ["/outbox/seg.dcm"]
+
+
+def test_one_running_job_per_series_and_every_run_recorded(state: State, clock: Clock) -> None:
+    first = state.add_job("1.2.3", "f1", "/x")
+    second = state.add_job("1.2.3", "f2", "/x")
+    claimed = state.claim("a", 10, 3)
+    assert claimed.id == first.id
+    assert state.claim("b", 10, 3) is None  # the series' other content waits for the running one
+    clock.now += 11  # a's lease expires: its run ends at the expiry
+    again = state.claim("b", 10, 3)
+    assert again.id == first.id
+    assert state.complete(first.id, again.token, {}, [])
+    assert state.claim("c", 10, 3).id == second.id
+    runs = state.runs("1.2.3")
+    assert [(r.owner, r.outcome) for r in runs] == [("a", RunOutcome.LEASE_EXPIRED), ("b", RunOutcome.DONE),
+                                                    ("c", None)]
+    assert runs[0].ended_at == runs[0].started_at + 10 <= runs[1].started_at
+    assert runs[1].ended_at <= runs[2].started_at
 
 
 def test_fail_with_retry_time_requeues_later(state: State, clock: Clock) -> None:
     job = state.add_job("1.2.3", "f", "/x")
-    state.claim("w", 60, 3)
-    state.fail(job.id, "w", "RuntimeError: boom", retry_at=clock.now + 30)
+    claimed = state.claim("w", 60, 3)
+    state.fail(job.id, claimed.token, "RuntimeError: boom", retry_in_s=30)
     assert state.claim("w", 60, 3) is None
     clock.now += 31
     assert state.claim("w", 60, 3).id == job.id
@@ -137,13 +193,13 @@ def test_fail_with_retry_time_requeues_later(state: State, clock: Clock) -> None
 
 def test_hold_release_and_stop_do_not_count_attempts(state: State) -> None:
     job = state.add_job("1.2.3", "f", "/x")
-    state.claim("w", 60, 3)
-    state.hold(job.id, "w", "weights missing")
+    claimed = state.claim("w", 60, 3)
+    state.hold(job.id, claimed.token, "weights missing")
     assert state.get_job(job.id).status is JobStatus.HELD and state.get_job(job.id).attempts == 0
     assert state.claim("w", 60, 3) is None
     assert state.release_held() == 1
-    state.claim("w", 60, 3)
-    assert state.release(job.id, "w")
+    claimed = state.claim("w", 60, 3)
+    assert state.release(job.id, claimed.token)
     assert state.get_job(job.id).status is JobStatus.QUEUED and state.get_job(job.id).attempts == 0
 
 
@@ -156,11 +212,11 @@ def test_requeue_owner_frees_a_dead_workers_job_at_once(state: State) -> None:
 
 def test_retry_requeues_failed_job_and_resends_failed_deliveries(state: State) -> None:
     job = state.add_job("1.2.3", "f", "/x")
-    state.claim("w", 60, 3)
-    state.fail(job.id, "w", "refused input: no pixels", retry_at=None)
+    claimed = state.claim("w", 60, 3)
+    state.fail(job.id, claimed.token, "refused input: no pixels", retry_in_s=None)
     assert "queued again" in state.retry(job.id)
-    state.claim("w", 60, 3)
-    state.complete(job.id, "w", {}, [NewDelivery("A@h:1", "/f")])
+    claimed = state.claim("w", 60, 3)
+    state.complete(job.id, claimed.token, {}, [NewDelivery("A@h:1", "/f")])
     delivery = state.deliveries(job.id)[0]
     state.mark_not_sent(delivery.id, "refused", None)
     assert state.deliveries(job.id)[0].status is DeliveryStatus.FAILED
@@ -174,8 +230,8 @@ def test_retry_requeues_failed_job_and_resends_failed_deliveries(state: State) -
 
 def test_sent_delivery_is_never_due_again(state: State, clock: Clock) -> None:
     job = state.add_job("1.2.3", "f", "/x")
-    state.claim("w", 60, 3)
-    state.complete(job.id, "w", {}, [NewDelivery("A@h:1", "/a"), NewDelivery("A@h:1", "/b")])
+    claimed = state.claim("w", 60, 3)
+    state.complete(job.id, claimed.token, {}, [NewDelivery("A@h:1", "/a"), NewDelivery("A@h:1", "/b")])
     first, second = state.due_deliveries()
     state.mark_sent(first.id)
     state.mark_not_sent(second.id, "association rejected", clock.now + 10)
@@ -190,8 +246,8 @@ def test_processed_lists_latest_done_job_per_series_since_a_date(state: State) -
     state.record_series(series("9.9", date="20231231"))
     for uid, content, result in (("1.2.3", "a", {"v": 1}), ("1.2.3", "b", {"v": 2}), ("9.9", "a", {"v": 3})):
         job = state.add_job(uid, content, "/x")
-        state.claim("w", 60, 3)
-        state.complete(job.id, "w", result, [])
+        claimed = state.claim("w", 60, 3)
+        state.complete(job.id, claimed.token, result, [])
     rows = state.processed(None)
     assert [(s.series_uid, r) for s, _, r in rows] == [("9.9", {"v": 3}), ("1.2.3", {"v": 2})]
     assert [s.series_uid for s, _, _ in state.processed("20240101")] == ["1.2.3"]

@@ -36,8 +36,8 @@ def config_file(tmp_path: Path) -> Path:
     for uid, patient, accession, day, measurements in rows:
         state.record_series(SeriesRecord(uid, "9", patient, accession, day, "CT", "chest", 80, "f", "/x"))
         job = state.add_job(uid, "f", "/x")
-        state.claim("w", 60, 3)
-        state.complete(job.id, "w", measurements, [])
+        claimed = state.claim("w", 60, 3)
+        state.complete(job.id, claimed.token, measurements, [])
     state.record_series(SeriesRecord("1.4", "9", "PID-D", "ACC-D", "20240301", "CT", "chest", 80, "f", "/x"))
     state.add_job("1.4", "f", "/x")  # queued, not processed: not listed
     state.close()
@@ -80,8 +80,8 @@ def test_absent_levels_have_no_figures_and_the_totals_say_what_they_cover(tmp_pa
     state = open_state(tmp_path / "state" / "state.sqlite")
     state.record_series(SeriesRecord("2.1", "9", "PID-E", "ACC-E", "20240401", "CT", "chest", 80, "f", "/x"))
     job = state.add_job("2.1", "f", "/x")
-    state.claim("w", 60, 3)
-    state.complete(job.id, "w", measurements, [])
+    claimed = state.claim("w", 60, 3)
+    state.complete(job.id, claimed.token, measurements, [])
     state.close()
     code, out, _ = run(capsys, "worklist", "--config", str(path), "--format", "json")
     (row,) = json.loads(out)

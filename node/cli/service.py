@@ -18,7 +18,8 @@ from node.config import Config, ConfigError, load_config
 from node.logs import configure
 from node.service.owner import PRIVATE_UMASK
 from node.state.pending import pending_path, read_pending, request_completion
-from node.state.store import StateError, open_state
+from node.state.store import StateError, open_configured
+from node.web.status import THROUGHPUT_WINDOW_S, WorkerView, worker_views
 
 
 def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
@@ -82,7 +83,7 @@ def _worker(args: argparse.Namespace, config: Config) -> int:
 
     os.umask(PRIVATE_UMASK)
     configure(config.logging)
-    store = open_state(config.storage.database, create=False)
+    store = open_configured(config)
     if args.index is not None or args.count == 1:
         return run_worker(config, store, args.index or 0)
     from node.service.serve import stop_on_signals
@@ -97,7 +98,7 @@ def _worker(args: argparse.Namespace, config: Config) -> int:
 
 
 def _status(args: argparse.Namespace, config: Config) -> int:
-    state = open_state(config.storage.database, create=False)
+    state = open_configured(config)
     jobs = state.jobs(args.jobs)
     report = {
         "pending_series": [{"series": p.series_uid, "instances": p.instances, "reason": str(p.reason),
@@ -105,6 +106,9 @@ def _status(args: argparse.Namespace, config: Config) -> int:
                            for p in read_pending(pending_path(config.storage.state_dir))],
         "jobs": state.job_counts(),
         "deliveries": state.delivery_counts(),
+        "workers": [_worker_row(view) for view in worker_views(state, state.now())],
+        "hosts": [{"host": h.host, "done_last_hour": h.done, "running": h.running}
+                  for h in state.host_throughput(THROUGHPUT_WINDOW_S)],
         "recent_errors": [{"kind": k, "id": i, "error": e} for k, i, e in state.recent_errors()],
         "recent_jobs": [{"id": j.id, "series": j.series_uid, "status": str(j.status), "attempts": j.attempts,
                          "updated": _when(j.updated_at), "last_error": j.last_error} for j in jobs],
@@ -113,8 +117,23 @@ def _status(args: argparse.Namespace, config: Config) -> int:
     return ExitCode.OK
 
 
+def _worker_row(view: WorkerView) -> dict:
+    report = view.record.report
+    return {"host": report.host, "pid": report.pid, "slot": report.index, "device": report.device,
+            "state": "running" if view.lease else "idle" if view.alive else "lost",
+            "job": view.job_id, "lease_until": _when(view.lease.expires_at) if view.lease else None,
+            "heartbeat": _when(view.record.heartbeat_at)}
+
+
 def _status_text(report: dict) -> str:
     lines = ["jobs:       " + _counts(report["jobs"]), "deliveries: " + _counts(report["deliveries"]), ""]
+    lines += ["workers:"] + [
+        f"  {w['host']} pid {w['pid']} slot {w['slot']} on {w['device']}: {w['state']}"
+        + (f" job {w['job']} lease until {w['lease_until']}" if w["job"] else "") + f", heartbeat {w['heartbeat']}"
+        for w in report["workers"]]
+    lines += ["hosts (last hour):"] + [f"  {h['host']}: {h['done_last_hour']} done, {h['running']} running"
+                                       for h in report["hosts"]]
+    lines += [""]
     lines += ["series being received (as serve last recorded them):"] + [
         f"  {p['series']}  {p['instances']} instances since {p['since']}: {p['why']}" for p in report["pending_series"]]
     lines += [""]
@@ -135,7 +154,7 @@ def _when(timestamp: float) -> str:
 
 
 def _retry(args: argparse.Namespace, config: Config) -> int:
-    print(open_state(config.storage.database, create=False).retry(args.job))
+    print(open_configured(config).retry(args.job))
     return ExitCode.OK
 
 
@@ -200,7 +219,7 @@ def _worklist(args: argparse.Namespace, config: Config) -> int:
     except ValueError as exc:
         print(f"paraspinal-node worklist: {exc}", file=sys.stderr)
         return ExitCode.USAGE
-    state = open_state(config.storage.database, create=False)
+    state = open_configured(config)
     rows = [worklist_row(series, job_id, result, config.measure.low_attenuation_hu)
             for series, job_id, result in state.processed(since)]
     sys.stdout.write(render(rows, args.format))

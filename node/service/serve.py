@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -29,16 +30,18 @@ from node.ingest.series import SeriesTracker
 from node.ingest.spool import Spool
 from node.ingest.watch import Watcher
 from node.service.housekeeping import Housekeeper
+from node.service.ids import serve_name
 from node.service.owner import OwnerError, StateDirOwner, check_state_present, make_private
 from node.service.supervisor import WorkerSupervisor
 from node.state.pending import pending_path
-from node.state.store import State, open_state
+from node.state.store import ServeRecord, State, open_configured
 
 log = logging.getLogger(__name__)
 
 SCHEDULER_TICK_S = 0.1  # the longest the scheduler sleeps; a series falling due wakes it sooner
 MIN_WAIT_S = 0.001
 SHUTDOWN_GRACE_S = 30.0
+SERVE_HEARTBEAT_S = 10.0  # how often serve tells the shared state it is alive, and where its DICOMweb is
 
 
 def exposure_warning(receiver: ReceiverConfig) -> str | None:
@@ -87,12 +90,14 @@ class Service:
         try:
             self.owner.acquire()
             storage = config.storage
-            check_state_present(storage.database, storage.spool_dir, storage.outbox_dir, init)
-            self.state: State = open_state(storage.database)
+            if not config.state.shared:
+                check_state_present(storage.database, storage.spool_dir, storage.outbox_dir, init)
+            self.state: State = open_configured(config, create=True, serve=serve_name(config))
         except OwnerError as exc:
             self.owner.release()
             raise StartError(str(exc)) from None
-        make_private(*(storage.database.with_name(storage.database.name + suffix) for suffix in ("", "-wal", "-shm")))
+        if not config.state.shared:
+            make_private(*(storage.database.with_name(storage.database.name + suffix) for suffix in ("", "-wal", "-shm")))
         self.spool = Spool(config.storage.spool_dir, config.storage.spool_direct_io)
         self.tracker = SeriesTracker(self.spool, self.state, config.completion, config.selection,
                                      pending_file=pending_path(config.storage.state_dir))
@@ -104,6 +109,7 @@ class Service:
         self._delivery_stop = threading.Event()
         self._delivery_thread = threading.Thread(target=self.delivery.run, args=(self._delivery_stop,),
                                                  name="delivery", daemon=True)
+        self._next_heartbeat = 0.0
         self.web = None  # the status page, /metrics and health checks; started after the receiver
         self.dicomweb = None  # WADO-RS/STOW-RS for workers on other hosts ([dicomweb] enabled)
 
@@ -131,8 +137,19 @@ class Service:
             self.tracker.tick()
             self.supervisor.check()
             self.housekeeper.tick()
+            self._heartbeat()
         except Exception:
             log.exception("event=scheduler_round_failed")
+
+    def _heartbeat(self) -> None:
+        now = time.monotonic()
+        if now < self._next_heartbeat:
+            return
+        self._next_heartbeat = now + SERVE_HEARTBEAT_S
+        self.state.register_serve(ServeRecord(self.state.serve, socket.gethostname(), self._dicomweb_url()))
+
+    def _dicomweb_url(self) -> str:
+        return ""
 
     def start(self) -> None:
         web = self._make_web() if self.config.web.enabled else None  # a bad secret file refuses the start here
@@ -152,6 +169,7 @@ class Service:
             address = f"{self.config.receiver.bind_address}:{self.config.receiver.port}"
             raise StartError(f"cannot listen on {address} ({exc.strerror or exc}): stop what uses the port or "
                              "change receiver.port / receiver.bind_address") from None
+        self._heartbeat()
         if (warning := exposure_warning(self.config.receiver)) is not None:
             log.warning("event=receiver_open_to_all reason=%s", warning)
         self.supervisor.check()

@@ -171,9 +171,9 @@ class Worker:
             out_dir = _fresh_outbox(self._config.storage.job_outbox(job.id), job)
         except BaseException:
             with contextlib.suppress(OSError, sqlite3.Error):  # a full disk may refuse this too: the lease then expires
-                self._store.release(job.id, self._owner)
+                self._store.release(job.id, job.token)
             raise
-        lease = _LeaseKeeper(self._store, job.id, self._owner, self._config.worker.lease_s)
+        lease = _LeaseKeeper(self._store, job, self._config.worker.lease_s)
         lease.start()
         return _Claimed(job, out_dir, lease)
 
@@ -208,11 +208,11 @@ class Worker:
             return stage()
         except InputError as exc:
             claimed.lease.stop()
-            self._store.fail(job.id, self._owner, f"refused input: {exc}", retry_at=None)
+            self._store.fail(job.id, job.token, f"refused input: {exc}", retry_in_s=None)
             log.warning("event=job_failed job=%d series=%s reason=%r", job.id, job.series_uid, f"refused input: {exc}")
         except NotReadyError as exc:  # missing weights, or a precomputed segmentation not there yet
             claimed.lease.stop()
-            self._store.hold(job.id, self._owner, str(exc))
+            self._store.hold(job.id, job.token, str(exc))
             log.warning("event=job_held job=%d series=%s reason=%r", job.id, job.series_uid, str(exc))
         except Exception as exc:  # noqa: BLE001 - any other failure is retried, never lost
             claimed.lease.stop()
@@ -223,7 +223,7 @@ class Worker:
         job = claimed.job
         claimed.lease.stop()
         deliveries = deliveries_for(result, self._config, claimed.out_dir)
-        if self._store.complete(job.id, self._owner, result.measurement.to_dict(), deliveries):
+        if self._store.complete(job.id, job.token, result.measurement.to_dict(), deliveries):
             self._store.record_stage_timings(job.id, job.attempts, result.seconds)
             log.info("event=job_done job=%d series=%s deliveries=%d", job.id, job.series_uid, len(deliveries))
             return True
@@ -234,19 +234,18 @@ class Worker:
     def _hand_back(self, claimed: _Claimed) -> None:
         """The worker is stopping: the job is queued again and the attempt does not count."""
         claimed.lease.stop()
-        self._store.release(claimed.job.id, self._owner)
+        self._store.release(claimed.job.id, claimed.job.token)
         log.info("event=job_released job=%d series=%s reason=\"worker stopping\"", claimed.job.id,
                  claimed.job.series_uid)
 
     def _retry_or_fail(self, job: Job, error: str) -> None:
         settings = self._config.worker
         if job.attempts >= settings.max_attempts:
-            self._store.fail(job.id, self._owner, f"failed after {job.attempts} attempts: {error}", retry_at=None)
+            self._store.fail(job.id, job.token, f"failed after {job.attempts} attempts: {error}", retry_in_s=None)
             log.error("event=job_failed job=%d series=%s attempts=%d reason=%r", job.id, job.series_uid,
                       job.attempts, error)
             return
-        retry_at = self._clock() + settings.retry_delay_s * 2 ** (job.attempts - 1)
-        self._store.fail(job.id, self._owner, error, retry_at=retry_at)
+        self._store.fail(job.id, job.token, error, retry_in_s=settings.retry_delay_s * 2 ** (job.attempts - 1))
         log.warning("event=job_retry job=%d series=%s attempt=%d reason=%r", job.id, job.series_uid,
                     job.attempts, error)
 
@@ -286,10 +285,10 @@ class Worker:
 class _LeaseKeeper:
     """Renews the job's lease from a side thread from its claim until its outcome is recorded."""
 
-    def __init__(self, store: JobStore, job_id: int, owner: str, lease_s: float) -> None:
-        self._store, self._job_id, self._owner, self._lease_s = store, job_id, owner, lease_s
+    def __init__(self, store: JobStore, job: Job, lease_s: float) -> None:
+        self._store, self._job, self._lease_s = store, job, lease_s
         self._done = threading.Event()
-        self._thread = threading.Thread(target=self._renew, name=f"lease-{job_id}", daemon=True)
+        self._thread = threading.Thread(target=self._renew, name=f"lease-{job.id}", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -302,8 +301,9 @@ class _LeaseKeeper:
 
     def _renew(self) -> None:
         while not self._done.wait(self._lease_s / 3):
-            if not self._store.renew(self._job_id, self._owner, self._lease_s):
-                log.warning("event=job_lease_lost job=%d worker=%s", self._job_id, self._owner)
+            if not self._store.renew(self._job.id, self._job.token, self._lease_s):
+                log.warning("event=job_lease_lost job=%d token=%d worker=%s", self._job.id, self._job.token,
+                            self._job.lease_owner)
                 return
 
 
@@ -460,7 +460,8 @@ def run_worker(config: Config, store: JobStore, index: int = 0) -> int:
     segmenter = start_segmenter(config)
     try:
         worker = Worker(config, store, worker_id(index), Stages.with_segmenter(segmenter), index=index)
-        worker.owner_check = OwnerCheck(config.storage.state_dir, config.storage.database)
+        if not config.state.shared:  # a shared state has no serve lock on this host to check
+            worker.owner_check = OwnerCheck(config.storage.state_dir, config.storage.database)
         worker.engine = segmenter
         worker.run(stop)
     except Stop:

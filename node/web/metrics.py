@@ -23,7 +23,7 @@ from prometheus_client.utils import floatToGoString
 from node import __version__
 from node.config import Config
 from node.state.store import JobStatus, State
-from node.web.status import Live, weights_missing, worker_views
+from node.web.status import THROUGHPUT_WINDOW_S, Live, WorkerView, weights_missing, worker_views
 
 STAGES = ("load", "segment", "measure", "encode", "deliver")
 BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
@@ -191,7 +191,7 @@ class NodeCollector(Collector):
         yield from (attempts, failures, deliveries)
 
     def _workers(self) -> Iterator[Metric]:
-        views = worker_views(self._state, time.time())
+        views = worker_views(self._state, self._state.now())
         alive = GaugeMetricFamily("paraspinal_workers_alive", "Worker processes that reported or renewed a lease "
                                   "in the last minute")
         alive.add_metric([], sum(v.alive for v in views))
@@ -204,6 +204,31 @@ class NodeCollector(Collector):
         weights = GaugeMetricFamily("paraspinal_weights_missing", "Required model folders a live worker misses")
         weights.add_metric([], len(weights_missing(views)))
         yield from (alive, restarts, engine, weights)
+        yield from self._hosts(views)
+
+    def _hosts(self, views: list[WorkerView]) -> Iterator[Metric]:
+        """Per worker host: workers by state, jobs running, jobs done in the last hour, latest heartbeat."""
+        workers = GaugeMetricFamily("paraspinal_host_workers", "Worker processes per host, by state (running, "
+                                    "idle, lost: silent and holding no live lease)", labels=["host", "state"])
+        heartbeat = GaugeMetricFamily("paraspinal_host_last_heartbeat_timestamp_seconds",
+                                      "The latest heartbeat of any worker on the host", labels=["host"])
+        by_host: dict[str, dict[str, int]] = {}
+        latest: dict[str, float] = {}
+        for view in views:
+            host = view.record.report.host
+            state = "running" if view.lease else "idle" if view.alive else "lost"
+            counts = by_host.setdefault(host, {"running": 0, "idle": 0, "lost": 0})
+            counts[state] += 1
+            latest[host] = max(latest.get(host, 0.0), view.record.heartbeat_at)
+        for host, counts in sorted(by_host.items()):
+            for state, count in counts.items():
+                workers.add_metric([host, state], count)
+            heartbeat.add_metric([host], latest[host])
+        done = GaugeMetricFamily("paraspinal_host_jobs_done_last_hour", "Jobs the host's workers finished in the "
+                                 "last hour", labels=["host"])
+        for throughput in self._state.host_throughput(THROUGHPUT_WINDOW_S):
+            done.add_metric([throughput.host], throughput.done)
+        yield from (workers, heartbeat, done)
 
     def _resources(self) -> Iterator[Metric]:
         free = GaugeMetricFamily("paraspinal_disk_free_bytes", "Free space on the spool's filesystem")

@@ -9,16 +9,16 @@ counts, free disk) comes through `Live`, which the Service fills in.
 from __future__ import annotations
 
 import sqlite3
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from node.config import Config
 from node.errors import INSTALL_FIX
 from node.ingest.counts import ReceiverTotals
-from node.state.store import DestinationTotals, JobStatus, State, WorkerRecord
+from node.state.store import DestinationTotals, HostThroughput, JobStatus, Lease, State, StateError, WorkerRecord
 
-WORKER_STALE_S = 60.0  # a worker silent this long (heartbeat or lease renewal) is shown as gone
+WORKER_STALE_S = 60.0  # a worker silent this long (heartbeat or lease renewal) is shown as lost
+THROUGHPUT_WINDOW_S = 3600.0  # jobs per host are counted over the last hour
 
 
 @dataclass(frozen=True)
@@ -42,9 +42,13 @@ class Check:
 @dataclass(frozen=True)
 class WorkerView:
     record: WorkerRecord
-    alive: bool
-    job_id: int | None  # the job it runs now
+    alive: bool  # reported or holds a live lease; otherwise lost (its host or process vanished)
+    lease: Lease | None  # the job it runs now, under which token, until when
     restarts: int  # earlier processes in the same slot on the same host
+
+    @property
+    def job_id(self) -> int | None:
+        return None if self.lease is None else self.lease.job_id
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,7 @@ class Overview:
     jobs: dict[str, int]
     oldest_queued_age_s: float | None
     workers: list[WorkerView]
+    hosts: list[HostThroughput]
     destinations: list[DestinationTotals]
     checks: list[Check]
     recent_errors: list[tuple[str, int, str]]
@@ -87,20 +92,20 @@ def readiness(config: Config, state: State, live: Live) -> list[Check]:
     try:
         state.check_writable()
         checks.append(Check("database", True, "writable"))
-    except sqlite3.Error as exc:
-        checks.append(Check("database", False, f"cannot write {config.storage.database} ({exc}): check the disk and "
-                                               "the permissions of storage.state_dir"))
+    except (sqlite3.Error, StateError) as exc:
+        checks.append(Check("database", False, f"cannot write {state.description} ({exc}): check the disk and "
+                                               "the permissions of storage.state_dir, or the PostgreSQL server"))
     free = live.free_disk_mb()
     low = free < receiver.min_free_disk_mb
     checks.append(Check("disk", not low, f"{free} MB free, watermark receiver.min_free_disk_mb = {receiver.min_free_disk_mb} MB"
                                          + (": free space or the receiver refuses images" if low else "")))
-    checks.append(_weights_check(config, worker_views(state, time.time())))
+    checks.append(_weights_check(config, worker_views(state, state.now())))
     return checks
 
 
 def worker_views(state: State, now: float) -> list[WorkerView]:
     """The latest process of each worker slot, alive when it reported or renewed a lease recently."""
-    running = state.running_owners()
+    leases = state.leases()
     latest: dict[tuple[str, int], WorkerRecord] = {}
     starts: dict[tuple[str, int], int] = {}
     for record in state.workers():
@@ -109,14 +114,14 @@ def worker_views(state: State, now: float) -> list[WorkerView]:
         starts[slot] = starts.get(slot, 0) + 1
     views = []
     for slot, record in sorted(latest.items()):
-        job = running.get(record.report.owner)
-        alive = job is not None or now - record.heartbeat_at < WORKER_STALE_S
-        views.append(WorkerView(record, alive, job, starts[slot] - 1))
+        lease = leases.get(record.report.owner)
+        alive = lease is not None or now - record.heartbeat_at < WORKER_STALE_S
+        views.append(WorkerView(record, alive, lease, starts[slot] - 1))
     return views
 
 
 def overview(config: Config, state: State, live: Live) -> Overview:
-    now = time.time()
+    now = state.now()
     oldest = state.oldest_queued_since()
     counts = state.job_counts()
     jobs = {str(status): counts.get(str(status), 0) for status in JobStatus}
@@ -128,6 +133,7 @@ def overview(config: Config, state: State, live: Live) -> Overview:
         jobs=jobs,
         oldest_queued_age_s=None if oldest is None else max(0.0, now - oldest),
         workers=workers,
+        hosts=state.host_throughput(THROUGHPUT_WINDOW_S),
         destinations=state.destination_totals(),
         checks=readiness(config, state, live),
         recent_errors=state.recent_errors(),
