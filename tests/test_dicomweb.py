@@ -16,11 +16,13 @@ import phantom as ph
 import pydicom
 import pytest
 import requests
+from dicom_peers import free_port
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from node.config import Config, ConfigError, DestinationConfig, DicomwebConfig, StorageConfig, load_config
 from node.service.dicomweb_client import ClientSettings, LeaseLost, TokenError, TransferError, fetch_series, job_url, read_token, store_results
+from node.service.serve import Service, StartError
 from node.state.store import Job, SeriesRecord, State
 from node.web.dicomweb import attempt_outbox
 from node.web.dicomweb_server import DicomwebServer
@@ -460,3 +462,36 @@ def test_serve_refuses_to_start_the_listener_with_a_readable_token_file(tmp_path
             DicomwebServer(Config(storage=StorageConfig(state_dir=tmp_path), dicomweb=dicomweb), state)
     finally:
         state.close()
+
+
+# inside serve ---------------------------------------------------------------------------------------
+
+
+def _service_config(tmp_path: Path, dicomweb_port: int) -> Config:
+    config = Config()
+    config.receiver.port, config.receiver.bind_address, config.receiver.min_free_disk_mb = free_port(), "127.0.0.1", 1
+    config.storage.state_dir = tmp_path / "state"
+    config.worker.count = 0
+    config.web.enabled = False
+    tmp_path.mkdir(exist_ok=True)
+    config.dicomweb = DicomwebConfig(enabled=True, bind="127.0.0.1", port=dicomweb_port,
+                                     url=f"http://127.0.0.1:{dicomweb_port}", token_file=_token_file(tmp_path))
+    return config
+
+
+def test_serve_runs_the_listener_from_start_to_shutdown_and_a_taken_port_refuses_the_start(tmp_path: Path) -> None:
+    port = free_port()
+    service = Service(_service_config(tmp_path, port), None)
+    service.start()
+    url = f"http://127.0.0.1:{port}/dicomweb/jobs/1/1/studies"
+    try:
+        assert requests.post(url, timeout=10).status_code == 401
+        taken = Service(_service_config(tmp_path / "second", port), None)
+        with pytest.raises(StartError, match="dicomweb.port"):
+            taken.start()  # before anything else listens
+        taken.state.close()
+        taken.owner.release()
+    finally:
+        service.shutdown()
+    with pytest.raises(requests.ConnectionError):
+        requests.post(url, timeout=10)
