@@ -182,7 +182,7 @@ class DicomwebSite:
         log.info("event=dicomweb_stored job=%d attempt=%d stored=%d failed=%d deliveries_staged=%d", job_id, token,
                  len(stored), len(failed), len(stored) * len(self._peers))
         status = 200 if not failed else 202 if stored else 409
-        headers = {"Warning": f'299 paraspinal-node "{failed[0].message}"'} if failed else {}
+        headers = {"Warning": f'299 paraspinal-node "{_header_text(failed[0].message)}"'} if failed else {}
         return Response(json.dumps(_stow_response(stored, failed)).encode(), status_code=status,
                         media_type="application/dicom+json", headers=headers)
 
@@ -257,6 +257,11 @@ class DicomwebSite:
             log.error("event=dicomweb_store_failed file=%s reason=\"%s\"", target, exc.strerror or exc)
             return Failed(sop_class, sop_uid, OUT_OF_RESOURCES, f"cannot write {target.name}: {exc.strerror or exc}")
         return Stored(sop_class, sop_uid, target)
+
+
+def _header_text(text: str) -> str:
+    """One line of printable ASCII without quotes, fit for a header value."""
+    return "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in text)[:300]
 
 
 def _unavailable(exc: Exception) -> Refusal:
