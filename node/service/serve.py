@@ -111,6 +111,7 @@ class Service:
                                                  name="delivery", daemon=True)
         self._next_heartbeat = 0.0
         self.web = None  # the status page, /metrics and health checks; started after the receiver
+        self.dicomweb = None  # WADO-RS/STOW-RS for workers on other hosts ([dicomweb] enabled)
 
     def run(self, stop: threading.Event) -> None:
         self.start()
@@ -154,13 +155,17 @@ class Service:
         web = self._make_web() if self.config.web.enabled else None  # a bad secret file refuses the start here
         removed = self.spool.remove_partial_files()
         self.tracker.recover()
-        if self.watcher is not None:  # first: a folder it cannot use refuses the start before anything listens
+        if self.config.dicomweb.enabled:  # first: a bad token, certificate or port refuses the start at once
+            self.dicomweb = self._start_dicomweb()
+        if self.watcher is not None:  # a folder it cannot use refuses the start before the receiver listens
             self.watcher.start()
         try:
             self.receiver.start()
         except OSError as exc:
             if self.watcher is not None:
                 self.watcher.stop()
+            if self.dicomweb is not None:
+                self.dicomweb.stop()
             address = f"{self.config.receiver.bind_address}:{self.config.receiver.port}"
             raise StartError(f"cannot listen on {address} ({exc.strerror or exc}): stop what uses the port or "
                              "change receiver.port / receiver.bind_address") from None
@@ -189,6 +194,18 @@ class Service:
             raise StartError(str(exc)) from None
         return web
 
+    def _start_dicomweb(self):
+        """The DICOMweb listener for remote workers, started (imported only when enabled)."""
+        from node.service.dicomweb_client import TokenError
+        from node.web.dicomweb_server import DicomwebServer, ListenerError
+
+        try:
+            server = DicomwebServer(self.config, self.state)
+            server.start()
+        except (TokenError, ListenerError) as exc:
+            raise StartError(str(exc)) from None
+        return server
+
     def _receiver_listening(self) -> bool:
         try:
             return self.receiver.port > 0
@@ -208,6 +225,8 @@ class Service:
             self._delivery_thread.join(self.config.delivery.timeout_s + SHUTDOWN_GRACE_S)
         if self.web is not None:  # up until here, so /readyz says "not listening" while the node drains
             self.web.stop()
+        if self.dicomweb is not None:  # remote workers store results until the database closes
+            self.dicomweb.stop()
         self.state.close()
         self.owner.release()
         log.info("event=node_stopped pending_series=%d", self.tracker.pending_series())
