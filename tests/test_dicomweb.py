@@ -486,6 +486,8 @@ def test_serve_runs_the_listener_from_start_to_shutdown_and_a_taken_port_refuses
     url = f"http://127.0.0.1:{port}/dicomweb/jobs/1/1/studies"
     try:
         assert requests.post(url, timeout=10).status_code == 401
+        service._heartbeat()  # what the scheduler does every SERVE_HEARTBEAT_S: workers find the URL there
+        assert [s.dicomweb_url for s in service.state.serves()] == [f"http://127.0.0.1:{port}"]
         taken = Service(_service_config(tmp_path / "second", port), None)
         with pytest.raises(StartError, match="dicomweb.port"):
             taken.start()  # before anything else listens

@@ -149,7 +149,8 @@ class Service:
         self.state.register_serve(ServeRecord(self.state.serve, socket.gethostname(), self._dicomweb_url()))
 
     def _dicomweb_url(self) -> str:
-        return ""
+        """Where remote workers fetch this serve's series and return results; empty: no DICOMweb listener."""
+        return self.config.dicomweb.url if self.dicomweb is not None else ""
 
     def start(self) -> None:
         web = self._make_web() if self.config.web.enabled else None  # a bad secret file refuses the start here
