@@ -193,6 +193,7 @@ class SeriesTracker:
         self._clock = clock
         self._pending_file = pending_file
         self._lock = threading.Lock()
+        self._record_lock = threading.Lock()
         self._pending: dict[str, _Pending] = {}
         self._refusing: dict[str, set[str]] = {}  # association -> SOP Instance UIDs refused and not yet stored
         self._recorded: list[PendingSeries] | None = None
@@ -239,6 +240,7 @@ class SeriesTracker:
                     pending.cut_off = None  # sent again in full: whole again
                 if not pending.open_associations:
                     pending.released_at = now
+        self.record_pending(force=True)  # now, not up to a second later: a kill -9 must not find it "open"
 
     def association_aborted(self, association_id: str) -> None:
         """The sender did not finish: what the association carried waits for the resend."""
@@ -340,6 +342,10 @@ class SeriesTracker:
         (at most once a second unless `force`)."""
         if self._pending_file is None or (not force and self._clock() < self._next_record):
             return
+        with self._record_lock:  # the scheduler and association threads both record: the later snapshot wins
+            self._record(force)
+
+    def _record(self, force: bool) -> None:
         self._next_record = self._clock() + _RECORD_EVERY_S
         try:
             self._take_requests()
