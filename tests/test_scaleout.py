@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import netns
 import phantom as ph
 import pydicom
 import pytest
@@ -58,14 +59,33 @@ def _all_delivered(state: State, series_count: int) -> bool:
         d.status is DeliveryStatus.SENT for d in deliveries)
 
 
-def test_faults_lose_nothing_and_send_nothing_twice(tmp_path: Path, postgres_server, postgres_url: str, cts) -> None:
+@pytest.fixture
+def network(postgres_server):
+    """Each worker on a network of its own where `ip netns` is allowed (root, as in CI); else loopback."""
+    if not netns.available():
+        yield None
+        return
+    network = netns.TestNetwork()
+    network.create()
+    postgres_server.listen_also(netns.BRIDGE_ADDRESS)
+    try:
+        yield network
+    finally:
+        network.remove()
+
+
+def test_faults_lose_nothing_and_send_nothing_twice(tmp_path: Path, postgres_server, postgres_url: str, cts,
+                                                    network) -> None:
     series, precomputed = cts
     with storescp(tmp_path / "pacs", "PACS", "-uf") as pacs_port:
-        site = Site(tmp_path / "site", postgres_url, precomputed, pacs_port, model_s=2.0, lease_s=4.0)
+        site = Site(tmp_path / "site", postgres_url, precomputed, pacs_port, model_s=2.0, lease_s=4.0, network=network)
         try:
             site.start_serve()
             workers = [site.start_worker(i) for i in range(3)]
             state = site.state()
+            if network is not None:  # each worker really is on a network of its own
+                spaces = {Path(f"/proc/{w.popen.pid}/ns/net").readlink() for w in workers}
+                assert len(spaces) == 3 and Path("/proc/self/ns/net").readlink() not in spaces
 
             # 1. kill -9 of a worker mid-job: its job runs again on another worker.
             site.send(series[0].paths)
