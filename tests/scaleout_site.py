@@ -161,6 +161,9 @@ token_file = "{self.root / 'worker-token'}"
         self.workers.append(worker)
         return worker
 
+    def count_in_worker_logs(self, text: str) -> int:
+        return sum(p.read_text().count(text) for p in self.root.glob("worker-*.log"))
+
     def send(self, files: list[Path]) -> None:
         result = storescu(self.serve_port, files, "NODE", "MODALITY")
         assert result.returncode == 0, result.stderr

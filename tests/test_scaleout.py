@@ -108,10 +108,11 @@ def test_faults_lose_nothing_and_send_nothing_twice(tmp_path: Path, postgres_ser
             _running_pid(state, exclude={pid})
             postgres_server.restart_immediate()
 
-            # 4. serve dies (kill -9) while a worker runs the job whose results it must store, then comes back.
+            # 4. serve dies (kill -9) as a worker stores its results (STOW-RS), then comes back.
+            stows = site.count_in_worker_logs("event=results_storing")
             site.send(series[3].paths)
-            wait_until(lambda: any(j.series_uid == series[3].series_uid and j.status is JobStatus.RUNNING
-                                   for j in state.jobs(100)), "the last series' job to run", WAIT_S, poll_s=0.02)
+            wait_until(lambda: site.count_in_worker_logs("event=results_storing") > stows, "a STOW to begin",
+                       WAIT_S, poll_s=0.005)
             site.serve.kill()
             time.sleep(1.0)
             site.start_serve()

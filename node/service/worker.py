@@ -293,6 +293,8 @@ class Worker:
         """STOW-RS the SEG, SR and key image to the serve holding the series: it stores them and stages their deliveries."""
         started = time.perf_counter()
         files = [result.files[name] for name in DICOM_RESULTS if name in result.files]
+        log.info("event=results_storing job=%d token=%d files=%d serve=%s", claimed.job.id, claimed.job.token,
+                 len(files), claimed.remote_url)
         store_results(claimed.remote_url, claimed.job, files, self._client_settings())
         result.seconds["stow"] = time.perf_counter() - started
         return True
