@@ -53,6 +53,7 @@ from watchdog.events import (
 from watchdog.observers import Observer
 
 from node.config import ConfigError, ReceiverConfig
+from node.ingest.dataset import DataSetProblem, check_pixel_module
 from node.ingest.dicom import CT_IMAGE_STORAGE
 from node.ingest.spool import Receipt, Spool, SpooledInstance, SpoolError, SpoolListener, StoreOutcome, read_header
 
@@ -402,6 +403,10 @@ def check_complete(raw: bytes) -> None:
         raise SpoolError(f"unreadable DICOM file: {exc}") from None
     if "PixelData" not in dataset:
         raise SpoolError("CT image has no pixel data: export the images, not only their headers")
+    try:
+        check_pixel_module(dataset)
+    except DataSetProblem as exc:
+        raise SpoolError(str(exc)) from None
     if dataset.file_meta.TransferSyntaxUID.is_encapsulated:
         if not raw.endswith(_SEQUENCE_DELIMITER):
             raise SpoolError("compressed pixel data is cut short (no sequence delimiter at the end): copy the file again")
