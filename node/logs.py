@@ -147,7 +147,6 @@ def _one_line(text: str) -> str:
 class _Budget:
     """What one association has logged, and what was held back since its last summary."""
 
-    name: str
     shown: dict[tuple[str, int, str], int] = field(default_factory=dict)
     library: int = 0
     held: int = 0
@@ -171,10 +170,10 @@ class RepeatLimiter(logging.Filter):
         with self._lock:
             show = True
             if association is not None:
-                budget = self._budgets.setdefault(association, _Budget(getattr(association, "name", "")))
+                budget = self._budgets.setdefault(association, _Budget())
                 show = self._admit(budget, record)
                 if show and budget.held and not is_library(record):  # the node's next event line, not every library one
-                    summaries.append(self._summary(budget))
+                    summaries.append(self._summary(budget, association.name))
         for summary in summaries:
             self._handler.handle(summary)
         return show
@@ -194,14 +193,15 @@ class RepeatLimiter(logging.Filter):
         """Forget associations that have ended; a summary for those with lines held back (nothing of theirs follows)."""
         with self._lock:
             ended = [association for association in self._budgets if not association.is_alive()]
-            budgets = [self._budgets.pop(association) for association in ended]
-            return [self._summary(budget) for budget in budgets if budget.held]
+            budgets = [(association.name, self._budgets.pop(association)) for association in ended]
+            return [self._summary(budget, name) for name, budget in budgets if budget.held]
 
     @staticmethod
-    def _summary(budget: _Budget) -> logging.LogRecord:
+    def _summary(budget: _Budget, association: str) -> logging.LogRecord:
+        """The line for what `budget` held back; the receiver names an association's thread after its ID."""
         record = logging.LogRecord("node.logs", logging.WARNING, __file__, 0,
-                                   "event=log_lines_held_back association_thread=%s reason=%s like=%s",
-                                   (budget.name, f"... and {budget.held:,} more lines like this", budget.like), None)
+                                   "event=log_lines_held_back association=%s reason=%s like=%s",
+                                   (association, f"... and {budget.held:,} more lines like this", budget.like), None)
         record.repeat_summary = True
         budget.held, budget.like = 0, ""
         return record
@@ -231,5 +231,15 @@ def configure(config: LoggingConfig) -> None:
     root.addHandler(handler)
     root.setLevel(config.level.upper())
     logging.captureWarnings(True)  # else warnings.warn writes raw text to stderr, past the formatter
+    threading.excepthook = _log_thread_exception  # else a thread's traceback goes to stderr raw, over many lines
     for chatty in ("pynetdicom", "highdicom"):  # per-PDU and per-module chatter at INFO
         logging.getLogger(chatty).setLevel(max(logging.WARNING, root.level))
+
+
+def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
+    """An exception no code caught in a thread, as one line (a thread that ends quietly, SystemExit, is not one)."""
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "unknown"
+    logging.getLogger("node.thread").error("event=thread_failed thread=%s", name,
+                                           exc_info=(args.exc_type, args.exc_value, args.exc_traceback))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import warnings
 
 import pytest
@@ -90,7 +91,7 @@ def test_a_library_message_quoting_a_peer_value_is_one_escaped_field(formatter: 
     assert pairs["level"] == "WARNING" and pairs["message"] == text
 
 
-def test_python_warnings_and_lines_outside_associations_all_reach_the_formatter(capsys: pytest.CaptureFixture) -> None:
+def test_warnings_thread_crashes_and_lines_outside_associations_all_reach_the_formatter(capsys: pytest.CaptureFixture) -> None:
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     try:
@@ -100,10 +101,15 @@ def test_python_warnings_and_lines_outside_associations_all_reach_the_formatter(
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             warnings.warn("value 'a\nlevel=ERROR'", UserWarning, stacklevel=1)
+        crashing = threading.Thread(target=lambda: 1 / 0, name="crashing")
+        crashing.start()
+        crashing.join()
     finally:
         logging.captureWarnings(False)
+        threading.excepthook = threading.__excepthook__
         root.handlers[:] = handlers
         root.setLevel(level)
     lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 31 and all(line.startswith("ts=") for line in lines)
-    assert fields(lines[-1])["logger"] == "py.warnings" and "level=ERROR" in fields(lines[-1])["message"]
+    assert len(lines) == 32 and all(line.startswith("ts=") for line in lines)
+    assert fields(lines[-2])["logger"] == "py.warnings" and "level=ERROR" in fields(lines[-2])["message"]
+    assert fields(lines[-1])["event"] == "thread_failed" and "ZeroDivisionError" in fields(lines[-1])["exc"]

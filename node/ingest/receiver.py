@@ -262,6 +262,7 @@ class Receiver:
             if tally is None:
                 tally = _Tally(f"assoc:{uuid.uuid4().hex[:16]}", assoc.requestor.ae_title)
                 self._tallies[assoc] = tally
+                assoc.name = tally.association_id  # the log names held-back lines by their thread's name
             return tally
 
     def _on_echo(self, event: evt.Event) -> int:
