@@ -125,9 +125,9 @@ class StabilityTracker:
 class WriteRecords:
     """The files a writer has written and not yet closed, from inotify events; fed by watchdog's thread.
 
-    A record is dropped only when its file is closed, renamed away, deleted or forgotten after being
-    processed, or (`prune`) when a scan that started after the record no longer finds the file: never
-    because a scan that started before the file appeared missed it.
+    A record is dropped only when its file is closed, renamed or deleted, or (`open_files`) when a scan
+    that started after the record no longer finds the file: never because a scan that started before
+    the file appeared missed it.
     """
 
     def __init__(self) -> None:
@@ -149,7 +149,7 @@ class WriteRecords:
             self._open.pop(path, None)
 
     def closed_tree(self, folder: Path) -> None:
-        """Everything under a folder renamed away or in: written elsewhere, or gone from here."""
+        """Forget everything under a folder renamed or deleted: nothing is written at those paths any more."""
         with self._lock:
             self._open = {p: t for p, t in self._open.items() if not p.is_relative_to(folder)}
 
