@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -374,3 +375,27 @@ def test_five_folders_copied_two_seconds_apart_complete_five_series(tmp_path: Pa
         state.close()
     assert len(jobs) == 5
     assert len(box.spooled()) == 5 * SERIES_FILES
+
+
+def test_images_the_node_cannot_read_are_rejected_with_the_receivers_reasons(inbox: Inbox, tmp_path: Path) -> None:
+    (good,) = write_ct_series(tmp_path / "staging", 1)
+    raw = good.read_bytes()
+    pixel_data = raw.index(struct.pack("<HH", 0x7FE0, 0x0010))
+    nested = (struct.pack("<HH2s2xL", 0x0040, 0xA730, b"SQ", 0xFFFFFFFF) + struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF))
+    ends = struct.pack("<HHL", 0xFFFE, 0xE00D, 0) + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
+    (inbox.dir / "deep.dcm").write_bytes(raw[:pixel_data] + nested * 5000 + ends * 5000 + raw[pixel_data:])
+    (inbox.dir / "syntax.dcm").write_bytes(raw.replace(b"1.2.840.10008.1.2.1\x00", b"1.2.3.4.5.6.7.8.9.1\x00"))
+    frames = ct_dataset(generate_uid(), generate_uid(), 0, size=16)
+    frames.NumberOfFrames, frames.PixelData = 2, bytes(2 * 16 * 16 * 2)
+    frames.save_as(inbox.dir / "frames.dcm", enforce_file_format=True)
+
+    inbox.watcher.start()
+
+    wait_until(lambda: len(list(inbox.rejected.glob("*.reason.txt"))) == 3, "all three rejected", WAIT_S)
+    reasons = {p.name.removesuffix(".reason.txt"): p.read_text().strip() for p in inbox.rejected.glob("*.reason.txt")}
+    assert reasons == {
+        "deep.dcm": "sequences nested over 32 deep",
+        "syntax.dcm": "file meta TransferSyntaxUID '1.2.3.4.5.6.7.8.9.1' is no transfer syntax: re-export the file",
+        "frames.dcm": "CT image with NumberOfFrames 2: classic is 1 frame",
+    }
+    assert inbox.spooled() == []

@@ -205,9 +205,11 @@ def read_header(raw: bytes, max_inflated: int = MAX_INFLATED_BYTES) -> Dataset:
     if len(raw) < 132 or raw[128:132] != b"DICM":
         raise SpoolError("not a DICOM Part 10 file (no 'DICM' prefix at byte 128): send DICOM files, or convert with dcmconv")
     meta_end, syntax = _file_meta(raw)
+    if syntax is not None and not UID(syntax).is_transfer_syntax:
+        raise SpoolError(f"file meta TransferSyntaxUID {syntax[:64]!r} is no transfer syntax: re-export the file")
     if syntax is not None and UID(syntax).is_deflated:
         return read_data_set_header(raw[:meta_end], BytesIO(raw[meta_end:]), syntax, max_inflated, check_pixels=False)
-    if syntax is not None and UID(syntax).is_transfer_syntax:
+    if syntax is not None:
         try:
             check_structure(memoryview(raw)[meta_end:], len(raw) - meta_end, UID(syntax))
         except DataSetProblem as exc:
