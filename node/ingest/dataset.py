@@ -176,16 +176,21 @@ def check_structure(data: bytes | memoryview, total: int, syntax: UID, limit: in
     `data` may be only the start of a data set `total` bytes long (a deflated one's inflated head).
     Refuses sequences nested deeper than `limit`, a length that runs past the data or its item,
     and an undefined length that is not a sequence's or never ends. On every image's path to its
-    acknowledgement, so the common element takes one unpack: in explicit VR one with a 2-byte
-    length, in implicit VR one of defined length at the top level (pydicom steps over a top-level
-    sequence of defined length that it was not asked for, unread).
+    acknowledgement, so the common element takes one unpack and no other check: in explicit VR a
+    top-level one with a 2-byte length, in implicit VR one of defined length at the top level
+    (pydicom steps over a top-level sequence of defined length that it was not asked for, unread).
     """
     order = "<" if syntax.is_little_endian else ">"
     explicit_header, implicit_header, long_length = (struct.Struct(order + f) for f in ("HH2sH", "HHL", "L"))
     explicit = not syntax.is_implicit_VR
     open_: list[tuple[int, int | None]] = []  # (tag, end) of each open sequence and item; end None: at its delimiter
-    at, size = 0, len(data)
+    at, last, size = 0, 0, len(data)
     while at + 8 <= size:
+        if explicit and not open_:  # the bulk of a header: checked against `total` once the walk ends
+            group, element, vr, length = explicit_header.unpack_from(data, at)
+            if vr not in _LONG_VRS and group != 0xFFFE:
+                last, at = at, at + 8 + length
+                continue
         while open_ and open_[-1][1] is not None and at >= open_[-1][1]:
             open_.pop()
         if explicit:
@@ -194,8 +199,8 @@ def check_structure(data: bytes | memoryview, total: int, syntax: UID, limit: in
         else:
             group, element, length = implicit_header.unpack_from(data, at)
             vr, plain = b"", length != _UNDEFINED and not open_  # not a sequence pydicom would read
-        if plain and group != 0xFFFE:  # the common case: one unpack
-            at += 8 + length
+        if plain and group != 0xFFFE:
+            last, at = at, at + 8 + length
             if at > total or (open_ and open_[-1][1] is not None and at > open_[-1][1]):
                 raise DataSetProblem(Problem.UNREADABLE, f"{_tag(group << 16 | element)} claims {length} bytes, more than sent")
             continue
@@ -208,6 +213,9 @@ def check_structure(data: bytes | memoryview, total: int, syntax: UID, limit: in
         at = _open_element(data, open_, tag, vr, at, total, long_length, explicit)
         if len(open_) > 2 * limit:
             raise DataSetProblem(Problem.UNREADABLE, f"sequences nested over {limit} deep")
+    if at > total:
+        group, element, _, length = explicit_header.unpack_from(data, last)
+        raise DataSetProblem(Problem.UNREADABLE, f"{_tag(group << 16 | element)} claims {length} bytes, more than sent")
     if size >= total and any(end is None for _, end in open_):
         tag = next(tag for tag, end in open_ if end is None)  # the outermost: a sequence
         raise DataSetProblem(Problem.UNREADABLE, f"{_tag(tag)} of undefined length never ends")
