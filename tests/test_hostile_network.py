@@ -361,8 +361,10 @@ _ITEM_END, _SEQUENCE_END = struct.pack("<HHL", 0xFFFE, 0xE00D, 0), struct.pack("
         (struct.pack("<HH2s2xL", 0x0040, 0xA160, b"UT", 0xFFFFFFFF) + b"abcd",
          "(0040,A160) has an undefined length but is no sequence"),
         (_SEQUENCE + struct.pack("<HHL", 0xFFFE, 0xE000, 0x7FFFFFF0), "(FFFE,E000) claims 2147483632 bytes, more than sent"),
+        (struct.pack("<HH2sH", 0x0040, 0xA160, b"LO", 0xFFFF), "(0040,A160) claims 65535 bytes, more than sent"),
     ],
-    ids=["nested-5000-deep", "undefined-length-never-ends", "undefined-length-text", "item-longer-than-sent"],
+    ids=["nested-5000-deep", "undefined-length-never-ends", "undefined-length-text", "item-longer-than-sent",
+         "element-longer-than-sent"],
 )
 def test_deep_nesting_and_broken_lengths_are_refused_naming_the_problem(make_receiver, inserted, reason) -> None:
     receiver = make_receiver()
