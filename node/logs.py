@@ -10,7 +10,8 @@ as a JSON string, so a calling AE of `Z event=echo_ok` stays one value and canno
 and a NUL or newline is written as its escape. `%r` arguments are Python reprs, quoted already.
 Libraries (pynetdicom, pydicom, Python warnings through `logging.captureWarnings`) quote peer
 values inside their own text, so a line from any logger outside `node` is never read for fields:
-its whole text is one escaped `message` value, in both formats.
+its whole text is one escaped `message` value, in both formats. An exception no code caught in a
+thread is logged too, on one line, instead of a raw traceback on stderr.
 
 A peer can make a library log once per item it sends (6,000 bogus transfer syntaxes in one
 A-ASSOCIATE-RQ were 30,000 lines), so each association may log `PER_KIND` lines of one kind
@@ -62,7 +63,7 @@ def _escaped(value: object) -> object:
     return value if isinstance(value, (int, float)) else _Escaped(value)
 
 
-def is_library(record: logging.LogRecord) -> bool:
+def _is_library(record: logging.LogRecord) -> bool:
     """A record from a logger outside the node's own (pynetdicom, pydicom, py.warnings, ...)."""
     return record.name != "node" and not record.name.startswith("node.")
 
@@ -117,7 +118,7 @@ class KeyValueFormatter(logging.Formatter):
     """`ts=... level=... logger=... event=... key=value`, exceptions escaped onto the line."""
 
     def format(self, record: logging.LogRecord) -> str:
-        text = f"message={_Escaped(_library_text(record))}" if is_library(record) else _one_line(message(record))
+        text = f"message={_Escaped(_library_text(record))}" if _is_library(record) else _one_line(message(record))
         line = f"ts={_timestamp(record)} level={record.levelname} logger={_Escaped(record.name)} {text}"
         if record.exc_info:
             line += f" exc={json.dumps(self.formatException(record.exc_info))}"
@@ -128,7 +129,7 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line: ts, level, logger, message and the message's key=value pairs."""
 
     def format(self, record: logging.LogRecord) -> str:
-        library = is_library(record)
+        library = _is_library(record)
         text = _library_text(record) if library else message(record)
         pairs = {} if library else {key: value for key, value in fields(text).items() if key not in _RESERVED}
         payload = {"ts": _timestamp(record), "level": record.levelname, "logger": record.name, **pairs,
@@ -172,7 +173,7 @@ class RepeatLimiter(logging.Filter):
             if association is not None:
                 budget = self._budgets.setdefault(association, _Budget())
                 show = self._admit(budget, record)
-                if show and budget.held and not is_library(record):  # the node's next event line, not every library one
+                if show and budget.held and not _is_library(record):  # the node's next event line, not every library one
                     summaries.append(self._summary(budget, association.name))
         for summary in summaries:
             self._handler.handle(summary)
@@ -180,7 +181,7 @@ class RepeatLimiter(logging.Filter):
 
     def _admit(self, budget: _Budget, record: logging.LogRecord) -> bool:
         kind = (record.name, record.levelno, _SHAPE.sub("\u2026", str(record.msg)))
-        library = is_library(record)
+        library = _is_library(record)
         if budget.shown.get(kind, 0) >= PER_KIND or (library and budget.library >= LIBRARY_LINES):
             budget.held += 1
             budget.like = budget.like or _library_text(record)[:200]
