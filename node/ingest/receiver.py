@@ -13,9 +13,11 @@ adapter (node/ingest/association.py). Associations are rejected when the called 
 `called_aes` (default: the node's own title), the calling AE is outside `allowed_calling_aes` (when
 set) or connects from a host `calling_ae_hosts` does not give it, and beyond `max_associations`.
 A CT data set is refused, with its reason in the ErrorComment, when it is over `max_dataset_mb`
-(0xA700), breaks the CT IOD (no Pixel Data, Pixel Data length not Rows x Columns x bits, UIDs that
+(0xA700), breaks the CT IOD or is no image the node can decode (no Pixel Data, Pixel Data length not
+Rows x Columns x bits, Rows or Columns 0, BitsAllocated not 8 or 16, several frames, UIDs that
 disagree with the request: 0xA900, as dcmtk's storescp answers a UID mismatch) or is not encoded as
-its transfer syntax says (compressed syntax over raw pixels, truncated Pixel Data, invalid UIDs: 0xC000).
+its transfer syntax says (compressed syntax over raw pixels, truncated Pixel Data, invalid UIDs,
+sequences nested too deep, lengths past the data or that never end: 0xC000).
 Only a released association is reported to the listener as ended: an
 abort (network drop, sender crash) means the sender did not finish, so its series must wait for
 the idle period rather than complete early and be processed half sent.
@@ -262,6 +264,7 @@ class Receiver:
             if tally is None:
                 tally = _Tally(f"assoc:{uuid.uuid4().hex[:16]}", assoc.requestor.ae_title)
                 self._tallies[assoc] = tally
+                assoc.name = tally.association_id  # the log names held-back lines by their thread's name
             return tally
 
     def _on_echo(self, event: evt.Event) -> int:
