@@ -37,6 +37,10 @@ __all__ = ["Segmenter", "SegmenterError", "TotalSegmentatorSegmenter", "WeightsM
 class Segmenter(Protocol):
     def segment(self, ct: CTVolume) -> Segmentation: ...
 
+    def segment_mr(self, image: CTVolume) -> Segmentation:
+        """total_mr (autochthon, discs) and vertebrae_mr (vertebrae, sacrum) on an MR series."""
+        ...
+
 
 class TotalSegmentatorSegmenter:
     """task "total" with roi_subset T1–T12 + autochthon, plus the vertebrae_body task when configured.
