@@ -10,7 +10,8 @@ the simplified Goutallier bounds: 5, 9.9, 10, 30, 50, 50.1 and 60 %. Lean and fa
 fat fraction and in total signal F + W, so ΣF/Σ(F+W), the median voxel fraction and the fat
 area all differ. A 16 mm ring of subcutaneous fat surrounds the body.
 
-Series: water, fat, in-phase (W + F) and out-phase (|W − F|), each with its own series UID and
+Series: water, fat, in-phase (W + F) and out-phase (|W − F|) (or "t2": the water image as a T2
+series without Dixon), each with its own series UID and
 one shared Frame of Reference, tagged in a vendor's style (Siemens, Philips or GE). Bad cases:
 `swapped=True` writes the fat image as the water series and the other way round; `sixth_lumbar`
 inserts an unlabelled vertebra and a second disc between L5 and the sacrum; `shift_fat` moves
@@ -53,6 +54,7 @@ _IMAGE_TYPE = {  # (vendor, image) -> ImageType, as the vendors' conformance sta
        (("water", "W"), ("fat", "F"), ("in", "IP"), ("out", "OP"))},
     **{("ge", image): ["DERIVED", "PRIMARY", "DIXON", value] for image, value in
        (("water", "WATER"), ("fat", "FAT"), ("in", "InPhase"), ("out", "OutPhase"))},
+    **{(vendor, "t2"): ["ORIGINAL", "PRIMARY", "M", "ND"] for vendor in VENDORS},  # no Dixon
 }
 _DESCRIPTION = {
     "siemens": {"water": "t1_vibe_dixon_tra_W", "fat": "t1_vibe_dixon_tra_F", "in": "t1_vibe_dixon_tra_in",
@@ -61,6 +63,8 @@ _DESCRIPTION = {
     "ge": {"water": "WATER: Ax LAVA-Flex", "fat": "FAT: Ax LAVA-Flex", "in": "InPhase: Ax LAVA-Flex",
            "out": "OutPhase: Ax LAVA-Flex"},
 }
+for _vendor in VENDORS:
+    _DESCRIPTION[_vendor]["t2"] = "t2_tse_tra"
 _MANUFACTURER = {"siemens": "SIEMENS", "philips": "Philips Medical Systems", "ge": "GE MEDICAL SYSTEMS"}
 
 
@@ -193,7 +197,7 @@ def write_study(mr: MRPhantom, folder: Path, vendor: str = "siemens", *, swapped
     frame = generate_uid(entropy_srcs=[study_uid, "frame"])
     water, fat = (mr.fat, mr.water) if swapped else (mr.water, mr.fat)
     pixels = {"water": water, "fat": fat, "in": water.astype(np.int32) + fat,
-              "out": np.abs(water.astype(np.int32) - fat)}
+              "out": np.abs(water.astype(np.int32) - fat), "t2": water}
     written, uids = {}, {}
     for number, image in enumerate(images, start=1):
         uid = generate_uid()
