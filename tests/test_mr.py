@@ -231,3 +231,18 @@ def test_dciodvfy_and_dcentvfy_are_clean_on_the_mr_outputs(outputs, build) -> No
     tool = dicom3tool(DCENTVFY, build)
     outputs_ = [result.files["seg"], result.files["sr"], result.files["keyimage"]]
     assert complaints(tool, *sources, *outputs_) - complaints(tool, *sources) == set()
+
+
+@pytest.mark.parametrize("engine", ["resident", "totalsegmentator"])
+def test_the_engines_refuse_mr_naming_the_precomputed_way(engine, tmp_path) -> None:
+    from node.config import SegmenterConfig
+    from node.pipeline.segment import SegmenterError, close_segmenter, make_segmenter
+
+    mr = mp.make_mr_phantom()
+    study = mp.write_study(mr, tmp_path / "study", images=("water",))
+    segmenter = make_segmenter(SegmenterConfig(engine=engine, weights_dir=tmp_path))
+    try:
+        with pytest.raises(SegmenterError, match="precomputed"):
+            segmenter.segment_mr(load_mr(study.series["water"]).image)
+    finally:
+        close_segmenter(segmenter)
