@@ -73,7 +73,7 @@ def gc_paused() -> Iterator[None]:
 
 def build_results(ct: CTVolume, seg: Segmentation, result: MeasurementResult, options: EncodeOptions) -> ResultObjects:
     """All three objects in memory; the SR references the SEG built here."""
-    _check_referable(ct)
+    check_referable(ct)
     segments = segment_map(seg, result)
     seg_object = build_seg(ct, segments, result, options)
     append_bone_and_organ_segments(seg_object, ct, seg, result, options)
@@ -84,7 +84,7 @@ def build_results(ct: CTVolume, seg: Segmentation, result: MeasurementResult, op
     )
 
 
-def _check_referable(ct: CTVolume) -> None:
+def check_referable(ct: CTVolume) -> None:
     """Results must point at their source; anonymisers sometimes blank the UIDs they need."""
     blank = [kw for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
              if any(not ds.get(kw) for ds in ct.datasets)]
@@ -102,11 +102,11 @@ def write_results(ct: CTVolume, seg: Segmentation, result: MeasurementResult, ou
         objects = build_results(ct, seg, result, options)
         make_dirs(out_dir)
         for dataset, path in ((objects.seg, files.seg), (objects.sr, files.sr), (objects.key_image, files.key_image)):
-            _write(dataset, path)
+            write_dataset(dataset, path)
     return files
 
 
-def _write(dataset: Dataset, path: Path) -> None:
+def write_dataset(dataset: Dataset, path: Path) -> None:
     """Durable before the worker records the job done and queues its deliveries."""
     buffer = BytesIO()
     dataset.save_as(buffer, enforce_file_format=True)

@@ -221,6 +221,9 @@ class CompletionConfig:
     # A series cut off (aborted association, refused instances) waits for its sender's resend;
     # true: the idle period completes it anyway, and the partial series is processed.
     idle_completes_partial: bool = False
+    # MR: a completed Dixon water series waits this long for its fat series (node.ingest.dixon); then it is
+    # measured without fat figures. It waits longer while a fat series of its study is still arriving.
+    dixon_partner_wait_s: float = 120.0
 
 
 @dataclass

@@ -116,15 +116,17 @@ class _Tally:
     refused: int = 0
 
 
-def presentation_contexts(accept_other_storage: bool) -> list[PresentationContext]:
-    """The SCP's contexts: Verification, CT (decodable syntaxes), Enhanced CT (to refuse clearly), others."""
+def presentation_contexts(accept_other_storage: bool,
+                          spooled: tuple[str, ...] = (CT_IMAGE_STORAGE,)) -> list[PresentationContext]:
+    """The SCP's contexts: Verification, the spooled image classes (decodable syntaxes; CT, and MR when
+    selected), Enhanced CT (to refuse clearly), others."""
     contexts = [
         build_context(Verification),
-        build_context(CT_IMAGE_STORAGE, CT_TRANSFER_SYNTAXES),
+        *(build_context(sop_class, CT_TRANSFER_SYNTAXES) for sop_class in spooled),
         build_context(ENHANCED_CT_IMAGE_STORAGE, ALL_TRANSFER_SYNTAXES),
     ]
     if accept_other_storage:
-        own = {CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE}
+        own = {*spooled, ENHANCED_CT_IMAGE_STORAGE}
         contexts += [
             build_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
             for cx in StoragePresentationContexts
@@ -168,10 +170,13 @@ def _padded(text: str, pad: bytes) -> bytes:
 class Receiver:
     """The node's storage SCP; `start()` returns once it listens, `stop()` drains it."""
 
-    def __init__(self, config: ReceiverConfig, spool: Spool, listener: SpoolListener) -> None:
+    def __init__(self, config: ReceiverConfig, spool: Spool, listener: SpoolListener,
+                 spooled: tuple[str, ...] = (CT_IMAGE_STORAGE,)) -> None:
+        """`spooled`: the image classes kept (node.ingest.dixon.spooled_sop_classes); others are discarded."""
         self.config = config
         self.spool = spool
         self.listener = listener
+        self.spooled = spooled
         self._tallies: dict[Association, _Tally] = {}
         self.counter = ReceiverCounter()  # since start, for /metrics and the status page
         self._lock = threading.Lock()
@@ -251,7 +256,7 @@ class Receiver:
         ae = CountingAE(ae_title=self.config.ae_title)
         ae.maximum_associations = self.config.max_associations
         configure_ae(ae, self._limits())
-        ae.supported_contexts = presentation_contexts(self.config.accept_other_storage)
+        ae.supported_contexts = presentation_contexts(self.config.accept_other_storage, self.spooled)
         return ae
 
     def _active(self) -> list[Association]:
@@ -348,7 +353,7 @@ class Receiver:
         if sop_class == ENHANCED_CT_IMAGE_STORAGE:
             return self._refuse(tally, sop_uid, StoreStatus.SOP_CLASS_NOT_SUPPORTED,
                                 "Enhanced CT not supported: send classic CT Image Storage")
-        if sop_class != CT_IMAGE_STORAGE:  # kept or not, a discarded instance is answered as stored
+        if sop_class not in self.spooled:  # kept or not, a discarded instance is answered as stored
             tally.discarded += 1
             self.counter.discarded()
             log.debug("event=instance_discarded association=%s sop=%s sop_class=%s", tally.association_id, sop_uid, sop_class)

@@ -25,6 +25,7 @@ from types import FrameType
 
 from node.config import Config, ReceiverConfig
 from node.delivery.loop import DeliveryLoop
+from node.ingest.dixon import spooled_sop_classes
 from node.ingest.receiver import Receiver
 from node.ingest.series import SeriesTracker
 from node.ingest.spool import Spool
@@ -101,7 +102,7 @@ class Service:
         self.spool = Spool(config.storage.spool_dir, config.storage.spool_direct_io)
         self.tracker = SeriesTracker(self.spool, self.state, config.completion, config.selection,
                                      pending_file=pending_path(config.storage.state_dir))
-        self.receiver = Receiver(config.receiver, self.spool, self.tracker)
+        self.receiver = Receiver(config.receiver, self.spool, self.tracker, spooled_sop_classes(config.selection.modalities))
         self.watcher = Watcher(config.receiver, self.spool, self.tracker) if config.receiver.watch_dir else None
         self.supervisor = WorkerSupervisor(config_path, config.worker.count, self.state)
         self.delivery = DeliveryLoop(config, self.state)
