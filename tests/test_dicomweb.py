@@ -148,7 +148,22 @@ def test_each_part_names_its_transfer_syntax_and_other_series_are_not_served(nod
     assert response.content.count(b"Content-Type: application/dicom; transfer-syntax=1.2.840.10008.1.2.1\r\n") \
         == len(node.spool)
     other = requests.get(f"{base}/studies/{node.series.study_uid}/series/1.2.3.4", headers=auth, timeout=30)
-    assert other.status_code == 404 and "not job" in other.text
+    assert other.status_code == 404 and "not of job" in other.text
+
+
+def test_a_partner_series_of_the_same_study_is_served_and_other_studies_are_not(node: Node, tmp_path: Path,
+                                                                                phantom_dicom) -> None:
+    """A Dixon water series' job may fetch the fat series beside it in the spool; nothing of another study."""
+    partner_files = _spool_series(node.config.storage.state_dir, phantom_dicom("flipped"))
+    partner = replace(node.series, series_uid=partner_files[0].parent.name, series_dir=str(partner_files[0].parent),
+                      instances=len(partner_files))
+    node.state.record_series(partner)
+    fetched = fetch_series(node.url, node.job, partner, tmp_path / "partner", node.settings)
+    assert fetched == len(partner_files)
+    stranger = replace(partner, series_uid="1.2.999.7", study_uid="1.2.999")
+    node.state.record_series(stranger)
+    with pytest.raises(TransferError, match="404"):
+        fetch_series(node.url, node.job, stranger, tmp_path / "stranger", node.settings)
     json_only = requests.get(f"{base}/studies/{node.series.study_uid}/series/{node.series.series_uid}",
                              headers={**auth, "Accept": "application/dicom+json"}, timeout=30)
     assert json_only.status_code == 406

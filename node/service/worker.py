@@ -40,13 +40,14 @@ from node.run import PipelineResult, Prepared, Segmented, Stages
 from node.service.dicomweb_client import ClientSettings, LeaseLost, fetch_series, store_results
 from node.service.ids import worker_id
 from node.service.owner import DatabaseReplaced, OwnerCheck
-from node.state.store import Job, JobStore, NewDelivery, WorkerReport, disk_full
+from node.state.store import Job, JobStore, NewDelivery, SeriesRecord, WorkerReport, disk_full
 from node.weights import missing_models
 
 log = logging.getLogger(__name__)
 
 _MAX_BACKOFF_S = 60.0
 HEARTBEAT_S = 10.0  # how often an idle worker tells the status page it is alive
+PAIRED_MODALITIES = ("MR",)  # series loaded with partners of the same study (Dixon water and fat)
 
 Pipeline = Callable[[Path, Path, Config], PipelineResult]  # a whole pipeline in one call: runs one job at a time
 T = TypeVar("T")
@@ -210,17 +211,26 @@ class Worker:
     def _load(self, claimed: _Claimed) -> Prepared:
         if claimed.remote_url is None:
             return self._stages.prepare(Path(claimed.job.series_dir))
-        folder = claimed.out_dir.parent / "series"
+        study = claimed.out_dir.parent / "study"  # laid out as serve's spool: partners beside the series
         series = self._store.get_series(claimed.job.series_uid)
         started = time.perf_counter()
-        fetch_series(claimed.remote_url, claimed.job, series, folder, self._client_settings())
+        for one in [series, *self._partners(series)]:
+            fetch_series(claimed.remote_url, claimed.job, one, study / one.series_uid, self._client_settings())
         fetched_s = time.perf_counter() - started
         try:
-            prepared = self._stages.prepare(folder)
+            prepared = self._stages.prepare(study / series.series_uid)
         finally:
-            shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(study, ignore_errors=True)
         prepared.seconds["fetch"] = fetched_s
         return prepared
+
+    def _partners(self, series: SeriesRecord) -> list[SeriesRecord]:
+        """The other series of the study the loader may pair with this one (a Dixon water series' fat partner)."""
+        if series.modality not in PAIRED_MODALITIES:
+            return []
+        return [other for other in self._store.study_series(series.study_uid)
+                if other.series_uid != series.series_uid and other.modality == series.modality
+                and other.serve == series.serve]
 
     def _client_settings(self) -> ClientSettings:
         """Read once: the token (and certificates) for every serve's DICOMweb; a missing token file fails the job."""

@@ -150,11 +150,13 @@ class DicomwebSite:
                                  media_type=f'multipart/related; type="application/dicom"; boundary={boundary}')
 
     def _series_files(self, job_id: int, study_uid: str, series_uid: str) -> list[Path]:
+        """The job's series, or another series of its study in this serve's spool (a Dixon pair's partner)."""
         job = self.state.get_job(job_id)
-        series = self.state.get_series(job.series_uid) if job is not None else None
-        if job is None or series is None or (series.study_uid, series.series_uid) != (study_uid, series_uid):
-            raise Refusal(404, f"series {series_uid} of study {study_uid} is not job {job_id}'s series")
-        folder = Path(job.series_dir)
+        own = self.state.get_series(job.series_uid) if job is not None else None
+        wanted = self.state.get_series(series_uid) if own is not None else None
+        if wanted is None or study_uid != own.study_uid or wanted.study_uid != own.study_uid or wanted.serve != own.serve:
+            raise Refusal(404, f"series {series_uid} of study {study_uid} is not of job {job_id}'s study on this serve")
+        folder = Path(wanted.series_dir)
         files = sorted(folder.glob("*.dcm")) if folder.is_dir() else []
         if not files:
             raise Refusal(404, f"series {series_uid} has no files in this serve's spool ({folder}): removed?")
