@@ -149,6 +149,9 @@ def test_each_part_names_its_transfer_syntax_and_other_series_are_not_served(nod
         == len(node.spool)
     other = requests.get(f"{base}/studies/{node.series.study_uid}/series/1.2.3.4", headers=auth, timeout=30)
     assert other.status_code == 404 and "not of job" in other.text
+    json_only = requests.get(f"{base}/studies/{node.series.study_uid}/series/{node.series.series_uid}",
+                             headers={**auth, "Accept": "application/dicom+json"}, timeout=30)
+    assert json_only.status_code == 406
 
 
 def test_a_partner_series_of_the_same_study_is_served_and_other_studies_are_not(node: Node, tmp_path: Path,
@@ -164,9 +167,6 @@ def test_a_partner_series_of_the_same_study_is_served_and_other_studies_are_not(
     node.state.record_series(stranger)
     with pytest.raises(TransferError, match="404"):
         fetch_series(node.url, node.job, stranger, tmp_path / "stranger", node.settings)
-    json_only = requests.get(f"{base}/studies/{node.series.study_uid}/series/{node.series.series_uid}",
-                             headers={**auth, "Accept": "application/dicom+json"}, timeout=30)
-    assert json_only.status_code == 406
 
 
 def test_wrong_or_missing_worker_token_is_refused_with_401(node: Node, tmp_path: Path) -> None:
