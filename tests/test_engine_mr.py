@@ -22,8 +22,9 @@ from standin_weights import MR_HIGH, MR_LOW, MR_MID, write_mr_standin_weights
 from node.config import Config, SegmenterConfig
 from node.labels import AUTOCHTHON_LEFT, AUTOCHTHON_RIGHT, VERTEBRA_LABEL
 from node.pipeline.ct import CTVolume
+from node.pipeline.engine import ResidentEngine
 from node.pipeline.segment import TotalSegmentatorSegmenter, close_segmenter, make_segmenter
-from node.pipeline.segmentation import Segmentation
+from node.pipeline.segmentation import Segmentation, WeightsMissingError
 from node.run import run_pipeline
 
 PERMUTED_FLIPPED = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, -1.0]])  # c ↔ r, slices feet-ward
@@ -114,3 +115,17 @@ def test_a_dixon_study_is_measured_on_the_resident_engine(pair, engine, tmp_path
     assert {levels[name]["status"] for name in ("L2", "L3", "L5")} == {"absent"}
     combined = levels["L4"]["combined"]
     assert combined["voxels"] > 0 and 0 < combined["fat_signal_fraction"] < 1 and combined["fat_grade"]
+
+
+def test_missing_mr_weights_do_not_hold_the_ct_jobs_of_a_ct_engine(tmp_path):
+    """An MR job on a CT engine asks for MR's folders; the next CT job asks for CT's alone (none here: no process starts)."""
+    engine = ResidentEngine(segmenter_config(tmp_path, "resident"))
+    try:
+        with pytest.raises(WeightsMissingError, match="Dataset756_mri_vertebrae_1076subj"):
+            engine.segment_mr(mr_image())
+        with pytest.raises(WeightsMissingError) as caught:
+            engine.segment(CTVolume(hu=np.zeros((4, 4, 4), np.int16), spacing=(1.0, 1.0, 1.0), origin=np.zeros(3),
+                                    direction=np.eye(3)))
+    finally:
+        engine.close()
+    assert "Dataset298" in str(caught.value) and "TotalSegMRI" not in str(caught.value)

@@ -81,9 +81,9 @@ class ResidentEngine:
 
     def _job(self, image: CTVolume, modality: str) -> Segmentation:
         with self._lock:
-            if modality not in self.modalities:
-                self.modalities = _known((*self.modalities, modality))
-            check_weights(self.config, self.modalities)
+            wanted = _known((*self.modalities, modality))
+            check_weights(self.config, wanted)  # before it sticks: missing MR weights must not hold CT jobs
+            self.modalities = wanted
             self._ensure_running(self._wanted_spec())
             try:
                 return self._run(image, modality)
