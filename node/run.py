@@ -174,7 +174,7 @@ def segment(ct: CTVolume, config: Config, segmenter: Segmenter | None = None) ->
 def segment_mr(image: CTVolume, config: Config, segmenter: Segmenter | None = None) -> Segmentation:
     if segmenter is not None:
         return segmenter.segment_mr(image)
-    one_off = make_segmenter(config.segmenter)
+    one_off = make_segmenter(config.segmenter, modalities=("MR",))  # a one-off engine loads MR's models alone
     try:
         return one_off.segment_mr(image)
     finally:

@@ -11,6 +11,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
+NO_DIXON = "not assessed: no Dixon"  # the MR fat grade of a series without a usable Dixon pair
+
 
 class LevelStatus(StrEnum):
     """How much of a level the field of view and the segmentation held.

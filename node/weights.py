@@ -2,6 +2,8 @@
 
 The node never lets TotalSegmentator download: every folder it would fetch must already be in
 `segmenter.weights_dir`. An admin fetches the release zips elsewhere and installs them offline.
+Which folders depend on selection.modalities: CT needs `total` (+ `vertebrae_body`), MR needs
+`total_mr` and `vertebrae_mr`; a CT-only site never needs the MR folders.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +24,10 @@ RELEASE_URL = "https://github.com/wasserth/TotalSegmentator/releases/download"
 # python_api.totalsegmentator crops roi_subset runs with the 6 mm model and this trainer (hard-coded there).
 CROP_TASK_ID = 298
 CROP_TRAINER = "nnUNetTrainer_4000epochs_NoMirroring"
+# On an MR task it always crops with the 3 mm total_mr model ("6mm too bad results"), this trainer.
+MR_CROP_TASK_ID = 852
+MR_CROP_TRAINER = "nnUNetTrainer_2000epochs_NoMirroring"
+CT_ONLY: tuple[str, ...] = ("CT",)  # what selection.modalities holds by default
 PLANS = "nnUNetPlans"
 CONFIGURATION = "3d_fullres"
 MODEL_FILES = ("plans.json", "dataset.json", "fold_0/checkpoint_final.pth")
@@ -60,7 +67,34 @@ def total_models(fast: bool) -> list[Model]:
 
 
 def body_model() -> Model:
-    task = TASK_CONFIGS["vertebrae_body"]
+    return _task_model("vertebrae_body")
+
+
+def total_mr_models(fast: bool) -> list[Model]:
+    """Every folder `totalsegmentator(task="total_mr", roi_subset=...)` checks: the mode's parts and the 3 mm crop model."""
+    mode = TASK_CONFIGS["total_mr"]["sub_modes"]["fast" if fast else "default"]
+    task_ids = mode["task_id"] if isinstance(mode["task_id"], list) else [mode["task_id"]]
+    models = [Model(task_id, mode["trainer"]) for task_id in task_ids]
+    crop = Model(MR_CROP_TASK_ID, MR_CROP_TRAINER)
+    return models + ([crop] if crop not in models else [])
+
+
+def vertebrae_mr_model() -> Model:
+    return _task_model("vertebrae_mr")
+
+
+def mr_models(fast: bool) -> list[Model]:
+    """total_mr (autochthon, discs) and vertebrae_mr (each vertebra): what an MR series needs."""
+    return [*total_mr_models(fast), vertebrae_mr_model()]
+
+
+def selects(modalities: Sequence[str], modality: str) -> bool:
+    """Whether selection.modalities lets `modality` through, so its models are required."""
+    return modality in {selected.upper() for selected in modalities}
+
+
+def _task_model(task_name: str) -> Model:
+    task = TASK_CONFIGS[task_name]
     return Model(task["task_id"], task["trainer"])
 
 
@@ -71,25 +105,28 @@ def runs_vertebral_bodies(config: SegmenterConfig) -> bool:
     return config.vertebral_bodies == "on"
 
 
-def _required(config: SegmenterConfig) -> list[Model]:
-    models = total_models(config.fast)
-    if config.vertebral_bodies == "on":
-        models.append(body_model())
+def _required(config: SegmenterConfig, modalities: Sequence[str]) -> list[Model]:
+    """CT's models whenever CT is selected (the default), MR's when MR is."""
+    models = []
+    if selects(modalities, "CT"):
+        models += total_models(config.fast) + ([body_model()] if config.vertebral_bodies == "on" else [])
+    if selects(modalities, "MR"):
+        models += mr_models(config.fast)
     return models
 
 
-def required_models(config: SegmenterConfig) -> list[str]:
-    """Folder names that must be in weights_dir for a run with these options."""
-    return [model.folder for model in _required(config)]
+def required_models(config: SegmenterConfig, modalities: Sequence[str] = CT_ONLY) -> list[str]:
+    """Folder names that must be in weights_dir for a run with these options and selection.modalities."""
+    return [model.folder for model in _required(config, modalities)]
 
 
-def missing_models(config: SegmenterConfig) -> list[str]:
+def missing_models(config: SegmenterConfig, modalities: Sequence[str] = CT_ONLY) -> list[str]:
     """Required folder names that are absent or lack plans.json, dataset.json or fold_0/checkpoint_final.pth."""
-    return [model.folder for model in _required(config) if not model.is_installed(config.weights_dir)]
+    return [model.folder for model in _required(config, modalities) if not model.is_installed(config.weights_dir)]
 
 
-def _optional(config: SegmenterConfig) -> list[Model]:
-    return [body_model()] if config.vertebral_bodies == "auto" else []
+def _optional(config: SegmenterConfig, modalities: Sequence[str]) -> list[Model]:
+    return [body_model()] if selects(modalities, "CT") and config.vertebral_bodies == "auto" else []
 
 
 @dataclass(frozen=True)
@@ -101,10 +138,10 @@ class ModelState:
     present: bool
 
 
-def inventory(config: SegmenterConfig) -> list[ModelState]:
+def inventory(config: SegmenterConfig, modalities: Sequence[str] = CT_ONLY) -> list[ModelState]:
     """Every folder a run with these options needs (required) or uses when present (optional)."""
-    return [ModelState(m, True, m.is_installed(config.weights_dir)) for m in _required(config)] + [
-        ModelState(m, False, m.is_installed(config.weights_dir)) for m in _optional(config)]
+    return [ModelState(m, True, m.is_installed(config.weights_dir)) for m in _required(config, modalities)] + [
+        ModelState(m, False, m.is_installed(config.weights_dir)) for m in _optional(config, modalities)]
 
 
 
@@ -138,7 +175,8 @@ def install_zip(archive: Path, weights_dir: Path) -> list[str]:
 
 
 def _expected_trainer(folder_name: str) -> str | None:
-    known = {m.folder: m.trainer for m in total_models(False) + total_models(True) + [body_model()]}
+    known = {m.folder: m.trainer for m in total_models(False) + total_models(True) + [body_model()]
+             + mr_models(False) + mr_models(True)}
     return known.get(folder_name)
 
 

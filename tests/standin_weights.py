@@ -23,6 +23,20 @@ beyond the image), so a wrong transpose, flip or reorientation changes the label
 as a network that kills or blocks its process when the CT holds metal (HU ≥ TRIP_HU), so a test
 can crash the model process in the middle of one job and not the next.
 
+The MR stand-ins (`write_mr_standin_weights`: total_mr's 850/851 parts and 852 crop model, and
+vertebrae_mr's 756) are step functions of the MR signal S the same way; they normalise with a
+fixed window (MR_PROPERTIES, nnU-Net's CTNormalization) so that the steps sit at known signal
+values, whatever the real MR models normalise with (the layout is what the node must find):
+
+    852 (3 mm crop) labels S ≥ MR_HIGH autochthon_left, so the ROI is that region (+20 mm);
+    850 labels S ≥ MR_LOW intervertebral_discs; 851 labels S ≥ MR_MID autochthon_left and
+    S ≥ MR_HIGH autochthon_right, over 850 where it is not background;
+    756 labels S ≥ MR_LOW vertebrae_L4 and S ≥ MR_HIGH sacrum.
+
+With `oriented=True`, 850 labels spinal_cord, 851 iliopsoas_left (both outside the node's
+roi_subset, so 0 in the result) and 756 vertebrae_L1 where S rises by more than RISE_HU along
+the first axis.
+
 `real_architecture=True` writes the 1.5 mm and 3 mm networks at their real size (InstanceNorm, features
 32…320, patch 128³ / 112×112×128) for benchmarks: with InstanceNorm a pass-through would be normalised
 per patch, so those give a constant class instead (292 T1, 294 autochthon_left, 305 vertebrae_body,
@@ -45,13 +59,23 @@ import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from totalsegmentator.map_tasks_config import TASK_CONFIGS, TASK_ID_WEIGHTS_CONFIGS
-from totalsegmentator.map_to_binary import class_map, class_map_5_parts, map_taskid_to_partname_ct
+from totalsegmentator.map_to_binary import (
+    class_map,
+    class_map_5_parts,
+    class_map_parts_mr,
+    map_taskid_to_partname_ct,
+    map_taskid_to_partname_mr,
+)
 
 MID_HU = 0.0
 HIGH_HU = 600.0
 # The 3 mm model's CT normalisation (reference.md); x = (clip(HU) - mean) / std.
 CT_PROPERTIES = {"max": 3071.0, "min": -1024.0, "mean": -50.387, "median": 30.0, "std": 503.392,
                  "percentile_00_5": -1004.0, "percentile_99_5": 1588.0}
+# The MR stand-ins' fixed window on the signal (x = (clip(S) - mean) / std), and their steps.
+MR_PROPERTIES = {"max": 4000.0, "min": 0.0, "mean": 500.0, "median": 500.0, "std": 400.0,
+                 "percentile_00_5": 0.0, "percentile_99_5": 2000.0}
+MR_LOW, MR_MID, MR_HIGH = 200.0, 600.0, 1000.0
 OFFSET = 4.0  # keeps the pass-through positive, on LeakyReLU's linear side (x ≥ -2 after clipping)
 SLOPE = 20.0
 RISE_HU = 250.0
@@ -83,6 +107,8 @@ REAL_6MM = Arch((32, 64, 128, 256, 320), (64, 64, 64), norm=False)
 
 PARTS = {tid: map_taskid_to_partname_ct[tid] for tid in (291, 292, 293, 294, 295)}
 BODY_TASK = TASK_CONFIGS["vertebrae_body"]
+VERTEBRAE_MR = TASK_CONFIGS["vertebrae_mr"]
+MR_TASKS = (850, 851, 852, VERTEBRAE_MR["task_id"])
 
 RULES: dict[int, Rule] = {
     291: Rule(None),
@@ -92,9 +118,16 @@ RULES: dict[int, Rule] = {
     295: Rule(None),
     297: Rule("vertebrae_T1", ((MID_HU, "autochthon_left"), (HIGH_HU, "autochthon_right"))),
     BODY_TASK["task_id"]: Rule("intervertebral_discs", ((HIGH_HU, "vertebrae_body"),)),
+    850: Rule(None, ((MR_LOW, "intervertebral_discs"),)),
+    851: Rule(None, ((MR_MID, "autochthon_left"), (MR_HIGH, "autochthon_right"))),
+    852: Rule(None, ((MR_HIGH, "autochthon_left"),)),
+    VERTEBRAE_MR["task_id"]: Rule(None, ((MR_LOW, "vertebrae_L4"), (MR_HIGH, "sacrum"))),
 }
 ORIENTED_RULES: dict[int, Rule] = {292: replace(RULES[292], rising="vertebrae_T2"),
-                                   297: replace(RULES[297], rising="vertebrae_T2")}
+                                   297: replace(RULES[297], rising="vertebrae_T2"),
+                                   850: replace(RULES[850], rising="spinal_cord"),  # not in the roi_subset: 0
+                                   851: replace(RULES[851], rising="iliopsoas_left"),
+                                   VERTEBRAE_MR["task_id"]: replace(RULES[VERTEBRAE_MR["task_id"]], rising="vertebrae_L1")}
 CONSTANT_RULES: dict[int, Rule] = {291: Rule("liver"), 292: Rule("vertebrae_T1"), 294: Rule("autochthon_left"),
                                    297: Rule("autochthon_left"), BODY_TASK["task_id"]: Rule("vertebrae_body")}
 
@@ -102,9 +135,10 @@ CONSTANT_RULES: dict[int, Rule] = {291: Rule("liver"), 292: Rule("vertebrae_T1")
 def _classes(task_id: int) -> dict[int, str]:
     if task_id in PARTS:
         return class_map_5_parts[PARTS[task_id]]
-    if task_id == BODY_TASK["task_id"]:
-        return class_map["vertebrae_body"]
-    return class_map["total"]
+    if task_id in map_taskid_to_partname_mr:
+        return class_map_parts_mr[map_taskid_to_partname_mr[task_id]]
+    return class_map[{BODY_TASK["task_id"]: "vertebrae_body", 852: "total_mr",
+                      VERTEBRAE_MR["task_id"]: "vertebrae_mr"}.get(task_id, "total")]
 
 
 def _trainer(task_id: int) -> str:
@@ -112,15 +146,22 @@ def _trainer(task_id: int) -> str:
         return CROP_TRAINER
     if task_id == BODY_TASK["task_id"]:
         return BODY_TASK["trainer"]
-    return TASK_CONFIGS["total"]["sub_modes"]["fast" if task_id == 297 else "default"]["trainer"]
+    if task_id == VERTEBRAE_MR["task_id"]:
+        return VERTEBRAE_MR["trainer"]
+    task = "total_mr" if task_id in MR_TASKS else "total"
+    return TASK_CONFIGS[task]["sub_modes"]["fast" if task_id in (297, 852) else "default"]["trainer"]
 
 
 def _spacing(task_id: int) -> float:
-    return {297: 3.0, 298: 6.0}.get(task_id, 1.5)
+    return {297: 3.0, 298: 6.0, 852: 3.0}.get(task_id, 1.5)
+
+
+def _properties(task_id: int) -> dict[str, float]:
+    return MR_PROPERTIES if task_id in MR_TASKS else CT_PROPERTIES
 
 
 def _arch(task_id: int, real_architecture: bool, part_patch: tuple[int, int, int] | None) -> Arch:
-    if not real_architecture or task_id in (293, 295):  # never run for the node's roi_subset (291: with the liver)
+    if not real_architecture or task_id in (293, 295, *MR_TASKS):  # never run for the node's CT roi_subset
         return TINY
     arch = {297: REAL_3MM, 298: REAL_6MM}.get(task_id, REAL_PART)
     return replace(arch, patch=part_patch) if part_patch and arch is REAL_PART else arch
@@ -146,7 +187,7 @@ def _arch_kwargs(arch: Arch) -> dict:
     }
 
 
-def _plans(folder: str, arch: Arch, spacing: float) -> dict:
+def _plans(folder: str, arch: Arch, spacing: float, properties: dict[str, float]) -> dict:
     resampling = {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None}
     return {
         "dataset_name": folder,
@@ -182,21 +223,22 @@ def _plans(folder: str, arch: Arch, spacing: float) -> dict:
         },
         "experiment_planner_used": "ExperimentPlanner",
         "label_manager": "LabelManager",
-        "foreground_intensity_properties_per_channel": {"0": CT_PROPERTIES},
+        "foreground_intensity_properties_per_channel": {"0": properties},
     }
 
 
-def _dataset_json(classes: dict[int, str]) -> dict:
+def _dataset_json(classes: dict[int, str], channel: str) -> dict:
     labels = {"background": 0, **{name: index for index, name in sorted(classes.items())}}
-    return {"channel_names": {"0": "CT"}, "labels": labels, "numTraining": 1, "file_ending": ".nii.gz"}
+    return {"channel_names": {"0": channel}, "labels": labels, "numTraining": 1, "file_ending": ".nii.gz"}
 
 
-def _normalised(hu: float) -> float:
-    clipped = min(max(hu, CT_PROPERTIES["percentile_00_5"]), CT_PROPERTIES["percentile_99_5"])
-    return (clipped - CT_PROPERTIES["mean"]) / CT_PROPERTIES["std"]
+def _normalised(hu: float, properties: dict[str, float] = CT_PROPERTIES) -> float:
+    clipped = min(max(hu, properties["percentile_00_5"]), properties["percentile_99_5"])
+    return (clipped - properties["mean"]) / properties["std"]
 
 
-def _network(arch: Arch, rule: Rule, classes: dict[int, str]) -> torch.nn.Module:
+def _network(arch: Arch, rule: Rule, classes: dict[int, str],
+             properties: dict[str, float] = CT_PROPERTIES) -> torch.nn.Module:
     index = {name: i for i, name in classes.items()}
     plans_arch = _arch_kwargs(arch)
     net = get_network_from_plans("dynamic_network_architectures.architectures.unet.PlainConvUNet", plans_arch,
@@ -214,12 +256,12 @@ def _network(arch: Arch, rule: Rule, classes: dict[int, str]) -> torch.nn.Module
         for threshold, name in rule.steps:
             # each step's line rises above the previous one exactly at its threshold
             slope += SLOPE
-            bias -= SLOPE * (_normalised(threshold - 0.5) + OFFSET)
+            bias -= SLOPE * (_normalised(threshold - 0.5, properties) + OFFSET)
             seg.weight[index[name], 0, 0, 0, 0] = slope
             seg.bias[index[name]] = bias
         if rule.rising:  # far above every step's line once the rise passes RISE_HU
             seg.weight[index[rule.rising], 1, 0, 0, 0] = RISE_SLOPE
-            seg.bias[index[rule.rising]] = -RISE_SLOPE * RISE_HU / CT_PROPERTIES["std"]
+            seg.bias[index[rule.rising]] = -RISE_SLOPE * RISE_HU / properties["std"]
     return net
 
 
@@ -260,12 +302,13 @@ def write_model(weights_dir: Path, task_id: int, real_architecture: bool = False
     classes = _classes(task_id)
     model_dir = Path(weights_dir) / folder / f"{_trainer(task_id)}__nnUNetPlans__3d_fullres"
     (model_dir / "fold_0").mkdir(parents=True, exist_ok=True)
-    plans = _plans(folder, arch, _spacing(task_id))
-    dataset = _dataset_json(classes)
+    properties = _properties(task_id)
+    plans = _plans(folder, arch, _spacing(task_id), properties)
+    dataset = _dataset_json(classes, "MR" if task_id in MR_TASKS else "CT")
     (model_dir / "plans.json").write_text(json.dumps(plans, indent=2))
     (model_dir / "dataset.json").write_text(json.dumps(dataset, indent=2))
     checkpoint = {
-        "network_weights": _network(arch, rule, classes).state_dict(),
+        "network_weights": _network(arch, rule, classes, properties).state_dict(),
         "trainer_name": _trainer(task_id),
         "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": 0, "dataset_json": dataset},
         "inference_allowed_mirroring_axes": None,
@@ -284,6 +327,14 @@ def write_standin_weights(weights_dir: Path, *, fast: bool = True, vertebrae_bod
     tasks = list(TOTAL_TASKS) + ([297] if fast else []) + ([BODY_TASK["task_id"]] if vertebrae_body else [])
     for task_id in tasks:
         write_model(weights_dir, task_id, real_architecture, part_patch, crop_threshold_hu, oriented)
+    return Path(weights_dir)
+
+
+def write_mr_standin_weights(weights_dir: Path, *, fast: bool = False, oriented: bool = False) -> Path:
+    """Every folder an MR series needs: total_mr's parts (or its 3 mm model with `fast`), its crop model, vertebrae_mr."""
+    tasks = ([852] if fast else [850, 851, 852]) + [VERTEBRAE_MR["task_id"]]
+    for task_id in tasks:
+        write_model(weights_dir, task_id, oriented=oriented)
     return Path(weights_dir)
 
 

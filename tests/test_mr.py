@@ -20,6 +20,8 @@ from node.ingest.dixon import DixonRole, dixon_role
 from node.labels import AUTOCHTHON_LEFT, AUTOCHTHON_RIGHT, LUMBAR, VERTEBRA_LABEL
 from node.pipeline.mr_load import load_mr
 from node.run import PipelineResult, run_pipeline
+from node.state.store import SeriesRecord
+from node.state.worklist import columns, render, worklist_row
 
 SIDES = ("left", "right", "combined")
 SIDE_LABEL = {"left": AUTOCHTHON_LEFT, "right": AUTOCHTHON_RIGHT}
@@ -42,6 +44,14 @@ def measured(study: Path, masks: Path, out: Path, dicom: bool = False) -> tuple[
 
 def qc_codes(data: dict) -> set[str]:
     return {item["code"] for item in data["qc"]}
+
+
+def worklist(data: dict) -> dict:
+    """The worklist row and its CSV line for this measurements.json."""
+    series = SeriesRecord("1.2", "1.1", "MRPH19", "MR000019", "20240305", "MR", "t1_vibe_dixon_tra_W", 80, "f", "/x")
+    row = worklist_row(series, 7, data, 10.0)
+    header, line = render([row], "csv").splitlines()
+    return {"row": row, "csv": dict(zip(header.split(","), line.split(","), strict=True))}
 
 
 @pytest.mark.parametrize(("image_type", "description", "role"), [
@@ -98,6 +108,16 @@ def test_grade_is_right_at_every_bound_and_the_fat_signal_fraction_within_half_a
     csv = (tmp_path / "out" / "measurements.csv").read_text().splitlines()
     assert csv[0].startswith("level,status,voxels,volume_cm3,area_cm2,fat_signal_fraction")
     assert [row.split(",")[0] for row in csv[1:]] == [*LUMBAR, "L1-L5"]
+    listed = worklist(data)
+    assert set(listed["row"]) == set(columns()) and listed["row"]["modality"] == "MR"
+    for level in data["levels"]:
+        name = level["level"]
+        assert listed["row"][f"{name}_fat_signal_fraction"] == level["combined"]["fat_signal_fraction"]
+        assert listed["csv"][f"{name}_fat_grade"] == level["combined"]["fat_grade"]
+        assert listed["csv"][f"{name}_volume_cm3"] and not listed["csv"][f"{name}_median_hu"]
+    total = data["lumbar_total"]["combined"]
+    assert (listed["row"]["l1_l5_fat_signal_fraction"], listed["row"]["l1_l5_fat_grade"]) == (
+        total["fat_signal_fraction"], total["fat_grade"])
 
 
 def test_a_water_series_in_the_spool_finds_its_fat_partner_beside_it(mr, masks, tmp_path) -> None:
@@ -121,6 +141,9 @@ def test_a_fat_series_on_another_grid_is_not_used(mr, masks, tmp_path) -> None:
     level = data["levels"][0]
     assert level["combined"]["fat_signal_fraction"] is None and level["combined"]["fat_grade"] is None
     assert level["combined"]["voxels"] == mp.truth(mr)["levels"]["L1"]["combined"]["voxels"]
+    row = worklist(data)["row"]
+    assert (row["L1_fat_signal_fraction"], row["L1_fat_grade"], row["l1_l5_fat_grade"]) == (
+        None, "not assessed: no Dixon", "not assessed: no Dixon")
 
 
 def test_a_missing_partner_and_a_t2_without_dixon_get_volume_and_area_only(mr, masks, tmp_path) -> None:
@@ -234,15 +257,19 @@ def test_dciodvfy_and_dcentvfy_are_clean_on_the_mr_outputs(outputs, build) -> No
 
 
 @pytest.mark.parametrize("engine", ["resident", "totalsegmentator"])
-def test_the_engines_refuse_mr_naming_the_precomputed_way(engine, tmp_path) -> None:
+def test_the_engines_hold_an_mr_job_naming_the_mr_weights_they_miss(engine, tmp_path) -> None:
+    """Only MR's folders are asked for: an MR job needs no CT weights (the engine path: tests/test_engine_mr.py)."""
     from node.config import SegmenterConfig
-    from node.pipeline.segment import SegmenterError, close_segmenter, make_segmenter
+    from node.pipeline.segment import WeightsMissingError, close_segmenter, make_segmenter
 
     mr = mp.make_mr_phantom()
     study = mp.write_study(mr, tmp_path / "study", images=("water",))
-    segmenter = make_segmenter(SegmenterConfig(engine=engine, weights_dir=tmp_path))
+    segmenter = make_segmenter(SegmenterConfig(engine=engine, weights_dir=tmp_path), modalities=("MR",))
     try:
-        with pytest.raises(SegmenterError, match="precomputed"):
+        with pytest.raises(WeightsMissingError) as caught:
             segmenter.segment_mr(load_mr(study.series["water"]).image)
     finally:
         close_segmenter(segmenter)
+    missing = str(caught.value)
+    assert "Dataset851_TotalSegMRI_part2_muscles_1088subj" in missing and "Dataset756_mri_vertebrae_1076subj" in missing
+    assert "Dataset29" not in missing and "weights install" in missing

@@ -17,6 +17,9 @@ PART2 = "Dataset292_TotalSegmentator_part2_vertebrae_1532subj"
 CROP = "Dataset298_TotalSegmentator_total_6mm_1559subj"
 FAST = "Dataset297_TotalSegmentator_total_3mm_1559subj"
 BODY = "Dataset305_vertebrae_discs_1559subj"
+MR_PARTS = ["Dataset850_TotalSegMRI_part1_organs_1088subj", "Dataset851_TotalSegMRI_part2_muscles_1088subj"]
+MR_3MM = "Dataset852_TotalSegMRI_total_3mm_1088subj"
+VERTEBRAE_MR = "Dataset756_mri_vertebrae_1076subj"
 
 
 def run_cli(*argv: str) -> int:
@@ -51,6 +54,30 @@ def test_required_models_follow_the_totalsegmentator_api():
     ]
     assert weights.required_models(SegmenterConfig(fast=True)) == [FAST, CROP]
     assert weights.required_models(SegmenterConfig(fast=True, vertebral_bodies="on")) == [FAST, CROP, BODY]
+
+
+def test_mr_models_are_required_only_when_mr_is_selected():
+    """total_mr with roi_subset checks its parts and always crops with the 3 mm model; vertebrae_mr is one folder."""
+    ct = weights.required_models(SegmenterConfig())
+    assert weights.required_models(SegmenterConfig(), ["CT"]) == ct
+    assert weights.required_models(SegmenterConfig(), ["CT", "mr"]) == [*ct, *MR_PARTS, MR_3MM, VERTEBRAE_MR]
+    assert weights.required_models(SegmenterConfig(), ["MR"]) == [*MR_PARTS, MR_3MM, VERTEBRAE_MR]
+    assert weights.required_models(SegmenterConfig(fast=True), ["MR"]) == [MR_3MM, VERTEBRAE_MR]
+    assert [model.url.rsplit("/", 2)[1] for model in weights.mr_models(False)] == ["v2.5.0-weights"] * 4
+
+
+def test_weights_cli_follows_selection_modalities(tmp_path, capsys):
+    toml = tmp_path / "node.toml"
+    toml.write_text('[selection]\nmodalities = ["CT", "MR"]\n[segmenter]\nfast = true\nvertebral_bodies = "off"\n')
+    assert run_cli("weights", "urls", "--config", str(toml)) == 0
+    names = [line.rsplit("/", 1)[1] for line in capsys.readouterr().out.split()]
+    assert names == [f"{FAST}.zip", f"{CROP}.zip", f"{MR_3MM}.zip", f"{VERTEBRAE_MR}.zip"]
+    zips = release_zips(tmp_path, [297, 298, 852, 756])
+    target = tmp_path / "weights"
+    assert run_cli("weights", "install", "--from", str(zips), "--config", str(toml), "--weights-dir", str(target)) == 0
+    capsys.readouterr()
+    assert run_cli("weights", "check", "--config", str(toml), "--weights-dir", str(target)) == 0
+    assert f"present  {VERTEBRAE_MR}" in capsys.readouterr().out
 
 
 def test_missing_models_counts_an_incomplete_folder_as_missing(tmp_path):

@@ -204,7 +204,7 @@ def _config_check(args: argparse.Namespace, config: Config) -> int:
     for warning in exposure_warnings(config):
         print(f"  warning: {warning}")
     if config.segmenter.backend == "totalsegmentator":
-        missing = missing_models(config.segmenter)
+        missing = missing_models(config.segmenter, config.selection.modalities)
         if missing:
             print(f"  warning: weights missing in {config.segmenter.weights_dir}: {', '.join(missing)} "
                   "(jobs will be held until `paraspinal-node weights install` adds them)")

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from node.cli.exit_codes import ExitCode
 from node.config import ConfigError, SegmenterConfig, load_config
-from node.weights import InstallError, install_zip, inventory, zips_in
+from node.weights import InstallError, ModelState, install_zip, inventory, zips_in
 
 
 def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
@@ -32,23 +33,35 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="node.toml (segmenter.weights_dir, fast, vertebral_bodies)")
+    parser.add_argument("--config", type=Path,
+                        help="node.toml (segmenter.weights_dir, fast, vertebral_bodies; selection.modalities: MR adds its models)")
     parser.add_argument("--weights-dir", type=Path, help="overrides segmenter.weights_dir")
 
 
-def _segmenter_config(args: argparse.Namespace) -> SegmenterConfig:
-    config = load_config(args.config).segmenter
+@dataclass(frozen=True)
+class _Weights:
+    """What the weights subcommands read from the config: the segmenter and which modalities are selected."""
+
+    segmenter: SegmenterConfig
+    modalities: tuple[str, ...]
+
+    def inventory(self) -> list[ModelState]:
+        return inventory(self.segmenter, self.modalities)
+
+
+def _weights_config(args: argparse.Namespace) -> _Weights:
+    config = load_config(args.config)
     if args.weights_dir is not None:
-        config.weights_dir = args.weights_dir
-    return config
+        config.segmenter.weights_dir = args.weights_dir
+    return _Weights(config.segmenter, tuple(config.selection.modalities))
 
 
-def _one_line_errors(handler: Callable[[argparse.Namespace, SegmenterConfig], int]) -> Callable[[argparse.Namespace], int]:
+def _one_line_errors(handler: Callable[[argparse.Namespace, _Weights], int]) -> Callable[[argparse.Namespace], int]:
     """Every weights subcommand reads the config the same way and reports a bad one in one line."""
 
     def run(args: argparse.Namespace) -> int:
         try:
-            return handler(args, _segmenter_config(args))
+            return handler(args, _weights_config(args))
         except (ConfigError, InstallError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return ExitCode.USAGE
@@ -56,9 +69,9 @@ def _one_line_errors(handler: Callable[[argparse.Namespace, SegmenterConfig], in
     return run
 
 
-def _report(config: SegmenterConfig) -> int:
-    print(f"weights directory: {Path(config.weights_dir).resolve()}")
-    states = inventory(config)
+def _report(config: _Weights) -> int:
+    print(f"weights directory: {Path(config.segmenter.weights_dir).resolve()}")
+    states = config.inventory()
     for state in states:
         if state.required:
             print(f"  {'present' if state.present else 'MISSING'}  {state.model.folder}")
@@ -76,21 +89,21 @@ def _report(config: SegmenterConfig) -> int:
 
 
 @_one_line_errors
-def _check(args: argparse.Namespace, config: SegmenterConfig) -> int:
+def _check(args: argparse.Namespace, config: _Weights) -> int:
     return _report(config)
 
 
 @_one_line_errors
-def _install(args: argparse.Namespace, config: SegmenterConfig) -> int:
+def _install(args: argparse.Namespace, config: _Weights) -> int:
     for archive in zips_in(args.source):
-        for name in install_zip(archive, Path(config.weights_dir)):
+        for name in install_zip(archive, Path(config.segmenter.weights_dir)):
             print(f"installed {name} from {archive.name}")
     _report(config)  # what is still missing, for the admin; the install itself succeeded
     return ExitCode.OK
 
 
 @_one_line_errors
-def _urls(args: argparse.Namespace, config: SegmenterConfig) -> int:
-    for state in inventory(config):
+def _urls(args: argparse.Namespace, config: _Weights) -> int:
+    for state in config.inventory():
         print(state.model.url)
     return ExitCode.OK

@@ -17,7 +17,7 @@ import enum
 import re
 from collections.abc import Sequence
 
-from node.ingest.dicom import CT_IMAGE_STORAGE
+from node.ingest.dicom import CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
@@ -67,8 +67,23 @@ def series_role(modality: str, image_type: Sequence[str], description: str) -> D
 
 
 def spooled_sop_classes(modalities: Sequence[str]) -> tuple[str, ...]:
-    """What the receiver keeps: CT Image Storage, and MR Image Storage when selection.modalities holds MR."""
+    """What the receiver and the watch folder keep: CT Image Storage, and MR Image Storage when
+    selection.modalities holds MR."""
     return (CT_IMAGE_STORAGE, *((MR_IMAGE_STORAGE,) if "MR" in {m.upper() for m in modalities} else ()))
+
+
+def refused_sop_classes(spooled: Sequence[str]) -> dict[str, str]:
+    """Multi-frame classes of a modality the node measures, with the reason that refuses them.
+
+    Enhanced MR is refused, not read: a multi-frame object needs its per-frame geometry, its frames
+    split into stacks and its Dixon roles read per frame, and the SEG and SR would reference frames;
+    scanners that write it can also export classic MR Image Storage, which the node reads whole.
+    """
+    refused = {ENHANCED_CT_IMAGE_STORAGE: "Enhanced CT not supported: send classic CT Image Storage"}
+    if MR_IMAGE_STORAGE in spooled:
+        refused[ENHANCED_MR_IMAGE_STORAGE] = ("Enhanced MR not supported: send classic MR Image Storage "
+                                              "(one image per slice: the scanner's or the PACS's export setting)")
+    return refused
 
 
 class DixonPairing:

@@ -3,7 +3,8 @@
 Policy, in the order a C-STORE meets it:
 - CT Image Storage is spooled as received (raw bytes, no decode) and then reported to the listener.
 - Enhanced CT Image Storage is refused with status 0x0122 and an error comment: the pipeline reads
-  single-frame CT only, and silently discarding the one series that matters would be worse.
+  single-frame CT only, and silently discarding the one series that matters would be worse. With
+  MR selected, MR Image Storage is spooled like CT and Enhanced MR is refused the same way.
 - Other storage SOP classes (scouts, dose reports) are accepted and discarded when
   `accept_other_storage` is on, so routers that forward whole studies see no failures; when it is
   off they are not offered in the presentation contexts at all.
@@ -60,7 +61,8 @@ from node.ingest.association import (
     invalid_instance_uid,
 )
 from node.ingest.counts import ReceiverCounter
-from node.ingest.dicom import CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE
+from node.ingest.dicom import CT_IMAGE_STORAGE
+from node.ingest.dixon import refused_sop_classes
 from node.ingest.spool import (
     DataSetMismatch,
     Receipt,
@@ -119,14 +121,14 @@ class _Tally:
 def presentation_contexts(accept_other_storage: bool,
                           spooled: tuple[str, ...] = (CT_IMAGE_STORAGE,)) -> list[PresentationContext]:
     """The SCP's contexts: Verification, the spooled image classes (decodable syntaxes; CT, and MR when
-    selected), Enhanced CT (to refuse clearly), others."""
+    selected), Enhanced CT (and MR when selected) to refuse clearly, others."""
     contexts = [
         build_context(Verification),
         *(build_context(sop_class, CT_TRANSFER_SYNTAXES) for sop_class in spooled),
-        build_context(ENHANCED_CT_IMAGE_STORAGE, ALL_TRANSFER_SYNTAXES),
+        *(build_context(sop_class, ALL_TRANSFER_SYNTAXES) for sop_class in refused_sop_classes(spooled)),
     ]
     if accept_other_storage:
-        own = {*spooled, ENHANCED_CT_IMAGE_STORAGE}
+        own = {*spooled, *refused_sop_classes(spooled)}
         contexts += [
             build_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
             for cx in StoragePresentationContexts
@@ -177,6 +179,7 @@ class Receiver:
         self.spool = spool
         self.listener = listener
         self.spooled = spooled
+        self._refused = refused_sop_classes(spooled)
         self._tallies: dict[Association, _Tally] = {}
         self.counter = ReceiverCounter()  # since start, for /metrics and the status page
         self._lock = threading.Lock()
@@ -350,9 +353,9 @@ class Receiver:
         tally = self._tally(event.assoc)
         sop_class = event.context.abstract_syntax
         sop_uid = event.request.AffectedSOPInstanceUID
-        if sop_class == ENHANCED_CT_IMAGE_STORAGE:
-            return self._refuse(tally, sop_uid, StoreStatus.SOP_CLASS_NOT_SUPPORTED,
-                                "Enhanced CT not supported: send classic CT Image Storage")
+        refusal = self._refused.get(sop_class)
+        if refusal is not None:
+            return self._refuse(tally, sop_uid, StoreStatus.SOP_CLASS_NOT_SUPPORTED, refusal)
         if sop_class not in self.spooled:  # kept or not, a discarded instance is answered as stored
             tally.discarded += 1
             self.counter.discarded()

@@ -55,6 +55,7 @@ from watchdog.observers import Observer
 from node.config import ConfigError, ReceiverConfig
 from node.ingest.dataset import DataSetProblem, check_pixel_module
 from node.ingest.dicom import CT_IMAGE_STORAGE
+from node.ingest.dixon import MR_IMAGE_STORAGE, refused_sop_classes
 from node.ingest.spool import Receipt, Spool, SpooledInstance, SpoolError, SpoolListener, StoreOutcome, read_header
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ _SPARSE_RATIO = 8  # a file with less than 1/8 of its size on disk is sparse: ne
 _SPARSE_MIN_BYTES = 1 << 20
 NAME_MAX = 255  # bytes in one file name (Linux and most filesystems)
 _REASON_SUFFIX = ".reason.txt"
+_STORAGE_NAMES = {CT_IMAGE_STORAGE: "CT Image Storage", MR_IMAGE_STORAGE: "MR Image Storage"}
 Stat = tuple[int, int]  # (size, mtime_ns)
 
 
@@ -168,7 +170,9 @@ class WriteRecords:
 class Watcher:
     """Runs the inbox loop in a background thread; `start()`/`stop()` like the Receiver."""
 
-    def __init__(self, config: ReceiverConfig, spool: Spool, listener: SpoolListener) -> None:
+    def __init__(self, config: ReceiverConfig, spool: Spool, listener: SpoolListener,
+                 spooled: tuple[str, ...] = (CT_IMAGE_STORAGE,)) -> None:
+        """`spooled`: the image classes kept, as the receiver's (node.ingest.dixon.spooled_sop_classes)."""
         if config.watch_dir is None:
             raise ValueError("receiver.watch_dir is not set: set it to the inbox folder to enable the watch folder")
         self.inbox = Path(config.watch_dir)
@@ -176,6 +180,8 @@ class Watcher:
         self.config = config
         self.spool = spool
         self.listener = listener
+        self.spooled = spooled
+        self._refused = refused_sop_classes(spooled)
         self._tracker = StabilityTracker(config.watch_stable_s)
         self._writes = WriteRecords() if config.watch_close_write else None
         self._wake = threading.Event()
@@ -306,8 +312,13 @@ class Watcher:
 
     def _store(self, raw: bytes) -> SpooledInstance:
         header = read_header(raw)
-        if str(header.SOPClassUID) != CT_IMAGE_STORAGE:
-            raise SpoolError(f"SOP class {header.SOPClassUID} is not CT Image Storage: only CT series are measured")
+        sop_class = str(header.SOPClassUID)
+        if sop_class in self._refused:
+            raise SpoolError(self._refused[sop_class])
+        if sop_class not in self.spooled:
+            kept = " or ".join(_STORAGE_NAMES.get(uid, uid) for uid in self.spooled)
+            raise SpoolError(f"SOP class {sop_class} is not {kept}: only those series are measured "
+                             "(selection.modalities)")
         check_complete(raw)
         return self.spool.store_parts([raw], header, Receipt(self._batch_id(), CALLING_AE, time.time()))
 

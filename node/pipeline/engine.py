@@ -26,7 +26,7 @@ from node.pipeline.ct import CTVolume
 from node.pipeline.model.engine_child import Done, EngineJob, EngineSpec, Failed, Ready, engine_main
 from node.pipeline.model_process import check_weights, error_reason, exit_reason, kill_process_group, nifti_affine
 from node.pipeline.segmentation import Segmentation, SegmenterError
-from node.weights import runs_vertebral_bodies
+from node.weights import CT_ONLY, runs_vertebral_bodies
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +37,18 @@ STOP_GRACE_S = 2.0
 class ResidentEngine:
     """Segmenter whose model process outlives the job; thread-safe, one job at a time.
 
+    `modalities` (selection.modalities) says whose models the process loads at start: CT's, MR's
+    or both. A job of another modality adds its models, once: the process is started again with
+    both sets and keeps them.
     `time_forward` makes the process time the networks' forward passes (benchmarks); the last
     job's figures are then in `last_forward_s` and `last_stages` (and, on a GPU, `last_peak_gpu_bytes`).
     """
 
-    def __init__(self, config: SegmenterConfig, time_forward: bool = False, roi_subset: tuple[str, ...] = ROI_SUBSET) -> None:
+    def __init__(self, config: SegmenterConfig, time_forward: bool = False, roi_subset: tuple[str, ...] = ROI_SUBSET,
+                 modalities: tuple[str, ...] = CT_ONLY) -> None:
         self.config = config
         self.roi_subset = roi_subset
+        self.modalities = _known(modalities)
         self.time_forward = time_forward
         self.last_forward_s: float | None = None
         self.last_stages: dict[str, float] = {}
@@ -63,24 +68,28 @@ class ResidentEngine:
 
     def start(self) -> None:
         """Start the model process and load the models now rather than on the first job (worker start)."""
-        check_weights(self.config)
+        check_weights(self.config, self.modalities)
         with self._lock:
             self._ensure_running(self._wanted_spec())
 
     def segment(self, ct: CTVolume) -> Segmentation:
-        check_weights(self.config)
+        return self._job(ct, "CT")
+
+    def segment_mr(self, image: CTVolume) -> Segmentation:
+        """total_mr (autochthon, discs) and vertebrae_mr (each vertebra) on the MR series' grid."""
+        return self._job(image, "MR")
+
+    def _job(self, image: CTVolume, modality: str) -> Segmentation:
         with self._lock:
+            wanted = _known((*self.modalities, modality))
+            check_weights(self.config, wanted)  # before it sticks: missing MR weights must not hold CT jobs
+            self.modalities = wanted
             self._ensure_running(self._wanted_spec())
             try:
-                return self._run(ct)
+                return self._run(image, modality)
             except BaseException:  # failed, or interrupted (worker stopping): never reuse a process mid-job
                 self._stop()  # a fresh process for the next job, and this one's memory back
                 raise
-
-    def segment_mr(self, image: CTVolume) -> Segmentation:
-        from node.pipeline.segment import MR_NOT_YET  # segment imports this module
-
-        raise SegmenterError(MR_NOT_YET)
 
     def close(self) -> None:
         with self._lock:
@@ -91,7 +100,7 @@ class ResidentEngine:
         return EngineSpec(
             weights_dir=Path(self.config.weights_dir).resolve(), home=Path(self._home.name), device=self.config.device,
             fast=self.config.fast, vertebral_bodies=runs_vertebral_bodies(self.config), roi_subset=self.roi_subset,
-            time_forward=self.time_forward)
+            time_forward=self.time_forward, modalities=self.modalities)
 
     def _ensure_running(self, spec: EngineSpec) -> None:
         if self._process is not None and self._process.is_alive() and spec == self._spec:
@@ -118,14 +127,14 @@ class ResidentEngine:
         self._version = reply.version
         log.info("event=engine_started pid=%d device=%s load_s=%.1f", process.pid, reply.device, reply.load_s)
 
-    def _run(self, ct: CTVolume) -> Segmentation:
+    def _run(self, ct: CTVolume, modality: str) -> Segmentation:
         hu = np.ascontiguousarray(ct.hu)
         ct_memory = SharedMemory(create=True, size=max(hu.nbytes, 1))
         out_memory = SharedMemory(create=True, size=max(2 * hu.size, 1))
         try:
             np.ndarray(hu.shape, dtype=hu.dtype, buffer=ct_memory.buf)[...] = hu
             job = EngineJob(next(self._jobs), ct_memory.name, out_memory.name, hu.shape, hu.dtype.str,
-                            tuple(tuple(row) for row in nifti_affine(ct).tolist()))
+                            tuple(tuple(row) for row in nifti_affine(ct).tolist()), modality)
             try:
                 self._conn.send(job)
             except OSError:
@@ -135,15 +144,17 @@ class ResidentEngine:
                 raise SegmenterError(error_reason(WHAT, reply.kind, reply.message))
             assert isinstance(reply, Done) and reply.job_id == job.job_id
             labels = np.ndarray(hu.shape, dtype=np.uint8, buffer=out_memory.buf).copy()
-            body = None
-            if reply.has_body:
-                body = np.ndarray(hu.shape, dtype=np.uint8, buffer=out_memory.buf, offset=hu.size).astype(bool)
+            second = None
+            if reply.has_body or modality == "MR":  # the body on CT, the discs on MR
+                second = np.ndarray(hu.shape, dtype=np.uint8, buffer=out_memory.buf, offset=hu.size).astype(bool)
         finally:
             for memory in (ct_memory, out_memory):
                 memory.close()
                 memory.unlink()
         self.last_forward_s, self.last_stages, self.last_peak_gpu_bytes = reply.forward_s, reply.stages, reply.peak_gpu_bytes
-        return Segmentation(labels=labels, body=body, totalsegmentator_version=self._version)
+        if modality == "MR":
+            return Segmentation(labels=labels, discs=second, totalsegmentator_version=self._version)
+        return Segmentation(labels=labels, body=second, totalsegmentator_version=self._version)
 
     def _receive(self, timeout_s: float, option: str, doing: str) -> Ready | Done | Failed:
         """The process's next reply; a timeout or its death raise SegmenterError with the reason."""
@@ -172,3 +183,9 @@ class ResidentEngine:
             self._process.join()
             log.info("event=engine_stopped pid=%d exitcode=%s", self._process.pid, self._process.exitcode)
         self._process = self._conn = self._spec = None
+
+
+def _known(modalities: tuple[str, ...]) -> tuple[str, ...]:
+    """The modalities the engine has models for, in a fixed order (so equal specs compare equal)."""
+    wanted = {modality.upper() for modality in modalities}
+    return tuple(modality for modality in ("CT", "MR") if modality in wanted)

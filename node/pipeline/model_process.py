@@ -13,7 +13,7 @@ from node.config import SegmenterConfig
 from node.errors import INSTALL_FIX
 from node.pipeline.ct import CTVolume
 from node.pipeline.segmentation import WeightsMissingError
-from node.weights import missing_models
+from node.weights import CT_ONLY, missing_models
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
@@ -27,8 +27,9 @@ def nifti_affine(ct: CTVolume) -> np.ndarray:
     return affine
 
 
-def check_weights(config: SegmenterConfig) -> None:
-    missing = missing_models(config)
+def check_weights(config: SegmenterConfig, modalities: tuple[str, ...] = CT_ONLY) -> None:
+    """Raises WeightsMissingError naming the folders the models of these modalities need."""
+    missing = missing_models(config, modalities)
     if missing:
         raise WeightsMissingError(
             f"TotalSegmentator weights not found in {Path(config.weights_dir).resolve()} "

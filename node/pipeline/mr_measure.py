@@ -41,7 +41,7 @@ from node.pipeline.measure import (
 from node.pipeline.mr_load import MRImages
 from node.pipeline.protocol import choose_protocol
 from node.pipeline.segmentation import Segmentation
-from node.screening import LevelStatus
+from node.screening import NO_DIXON, LevelStatus
 
 METHOD_NAME = "mr-dixon"
 FAT_VOXEL_THRESHOLD = 0.5  # a voxel is fat when F/(F+W) is at least this
@@ -49,7 +49,6 @@ GRADE_METRIC = "fat_area_fraction"
 GRADE_RULE = "simplified Goutallier (Baur et al. 2021): normal < 10 %, moderate 10-50 %, severe > 50 % fat area"
 DIXON_CAVEAT = ("2-point Dixon magnitude images give a fat signal fraction, not a proton-density fat fraction (PDFF): "
                 "noise biases low fractions upward and T1/T2* effects are not corrected")
-NO_DIXON = "not assessed: no Dixon"
 SHELL_MM = 10.0  # the outer body shell tested for subcutaneous fat (fat-water swap check)
 BODY_SIGNAL = 0.2  # of the 99th percentile of F + W: what counts as body
 METHOD_REFERENCE = ("Autochthon (total_mr) on slabs of vertebrae_mr vertebrae; fat ratio sum(F)/sum(F+W) "

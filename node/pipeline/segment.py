@@ -1,4 +1,4 @@
-"""Segmenters: a CT volume in, the node's Segmentation on the same grid out.
+"""Segmenters: a CT volume (or an MR series) in, the node's Segmentation on the same grid out.
 
 Two engines run TotalSegmentator's models, each in a child process so that a crash, an
 out-of-memory error or a hang in the model costs one job, never the node:
@@ -7,6 +7,9 @@ out-of-memory error or a hang in the model costs one job, never the node:
   runs TotalSegmentator's roi_subset pipeline in memory, job after job;
 - "totalsegmentator": a fresh process per job that calls the `totalsegmentator()` API, the
   reference whose labels the resident engine reproduces voxel for voxel on the CPU.
+
+On CT they run `total` with roi_subset (+ `vertebrae_body`); on MR `total_mr` with roi_subset
+(autochthon, discs) and `vertebrae_mr` (each vertebra), as TotalSegmentator 2.18 runs them.
 """
 
 from __future__ import annotations
@@ -28,15 +31,10 @@ from node.pipeline.model.totalseg_child import child_main
 from node.pipeline.model_process import check_weights, error_reason, exit_reason, kill_process_group, nifti_affine
 from node.pipeline.seg_load import PrecomputedSegmenter
 from node.pipeline.segmentation import Segmentation, SegmenterError, WeightsMissingError
-from node.weights import runs_vertebral_bodies
+from node.weights import CT_ONLY, runs_vertebral_bodies
 
 __all__ = ["Segmenter", "SegmenterError", "TotalSegmentatorSegmenter", "WeightsMissingError", "close_segmenter",
            "make_segmenter", "nifti_affine"]
-
-
-MR_NOT_YET = ("MR series are not segmented by this node's TotalSegmentator engines yet (total_mr and vertebrae_mr): "
-              "put their masks in segmenter.precomputed_dir/<SeriesInstanceUID>/ with segmenter.backend = "
-              '"precomputed", or use `paraspinal-node measure STUDY_DIR --seg MASKS`')
 
 
 class Segmenter(Protocol):
@@ -48,7 +46,8 @@ class Segmenter(Protocol):
 
 
 class TotalSegmentatorSegmenter:
-    """task "total" with roi_subset T1–T12 + autochthon, plus the vertebrae_body task when configured.
+    """CT: task "total" with roi_subset T1–T12 + autochthon, plus the vertebrae_body task when configured;
+    MR: task "total_mr" with roi_subset autochthon + discs, and the vertebrae_mr task.
 
     `time_forward` makes the child time the networks' forward passes (benchmarks); the last
     job's figure is then in `last_forward_s`.
@@ -61,22 +60,27 @@ class TotalSegmentatorSegmenter:
         self.last_forward_s: float | None = None
 
     def segment(self, ct: CTVolume) -> Segmentation:
-        check_weights(self.config)
-        with tempfile.TemporaryDirectory(prefix="paraspinal-seg-") as tmp:
-            job_dir = Path(tmp)
-            self._write_job(job_dir, ct)
-            _run_child(job_dir, self.config.timeout_s)
-            return self._read_result(job_dir, ct)
+        return self._job(ct, "CT")
+
+    def segment_mr(self, image: CTVolume) -> Segmentation:
+        """total_mr (autochthon, discs) and vertebrae_mr (each vertebra) on the MR series' grid."""
+        return self._job(image, "MR")
 
     def close(self) -> None:
         """Nothing stays running between jobs."""
 
-    def segment_mr(self, image: CTVolume) -> Segmentation:
-        raise SegmenterError(MR_NOT_YET)
+    def _job(self, image: CTVolume, modality: str) -> Segmentation:
+        check_weights(self.config, (modality,))
+        with tempfile.TemporaryDirectory(prefix="paraspinal-seg-") as tmp:
+            job_dir = Path(tmp)
+            self._write_job(job_dir, image, modality)
+            _run_child(job_dir, self.config.timeout_s)
+            return self._read_result(job_dir, image, modality)
 
-    def _write_job(self, job_dir: Path, ct: CTVolume) -> None:
+    def _write_job(self, job_dir: Path, ct: CTVolume, modality: str) -> None:
         np.save(job_dir / "ct.npy", ct.hu.transpose(2, 1, 0))  # (c, r, k) as NIfTI wants; written without a copy
         job = {
+            "modality": modality,
             "affine": nifti_affine(ct).tolist(),
             "weights_dir": str(Path(self.config.weights_dir).resolve()),
             "device": self.config.device,
@@ -87,31 +91,40 @@ class TotalSegmentatorSegmenter:
         }
         (job_dir / "job.json").write_text(json.dumps(job), encoding="utf-8")
 
-    def _read_result(self, job_dir: Path, ct: CTVolume) -> Segmentation:
+    def _read_result(self, job_dir: Path, ct: CTVolume, modality: str) -> Segmentation:
         result = json.loads((job_dir / "result.json").read_text(encoding="utf-8"))
         self.last_forward_s = result.get("forward_s")
         labels = np.load(job_dir / "labels.npy").transpose(2, 1, 0)
-        body_file = job_dir / "body.npy"
-        body = np.load(body_file).transpose(2, 1, 0) if body_file.exists() else None
         if labels.shape != ct.shape:
-            raise SegmenterError(f"TotalSegmentator returned shape {labels.shape} for a CT of {ct.shape}: report this bug")
-        return Segmentation(
-            labels=np.ascontiguousarray(labels, dtype=np.uint8),
-            body=None if body is None else np.ascontiguousarray(body, dtype=bool),
-            totalsegmentator_version=result["totalsegmentator_version"],
-        )
+            raise SegmenterError(f"TotalSegmentator returned shape {labels.shape} for an image of {ct.shape}: report this bug")
+        seg = Segmentation(labels=np.ascontiguousarray(labels, dtype=np.uint8),
+                           totalsegmentator_version=result["totalsegmentator_version"])
+        if modality == "MR":
+            seg.discs = _mask(job_dir / "discs.npy")
+        else:
+            seg.body = _mask(job_dir / "body.npy")
+        return seg
 
 
-_ENGINES: dict[str, Callable[..., Segmenter]] = {
-    "resident": ResidentEngine,
-    "totalsegmentator": TotalSegmentatorSegmenter,
+def _mask(file: Path) -> np.ndarray | None:
+    """A mask the child wrote as (c, r, k), on the [k, r, c] grid; None when it wrote none."""
+    return np.ascontiguousarray(np.load(file).transpose(2, 1, 0), dtype=bool) if file.exists() else None
+
+
+_ENGINES: dict[str, Callable[[SegmenterConfig, tuple[str, ...], tuple[str, ...]], Segmenter]] = {
+    "resident": lambda config, roi_subset, modalities: ResidentEngine(config, roi_subset=roi_subset,
+                                                                      modalities=modalities),
+    # a fresh process per job loads what that job needs: nothing to load ahead
+    "totalsegmentator": lambda config, roi_subset, modalities: TotalSegmentatorSegmenter(config, roi_subset=roi_subset),
 }
 
 
-def make_segmenter(config: SegmenterConfig, roi_subset: tuple[str, ...] = ROI_SUBSET) -> Segmenter:
+def make_segmenter(config: SegmenterConfig, roi_subset: tuple[str, ...] = ROI_SUBSET,
+                   modalities: tuple[str, ...] = CT_ONLY) -> Segmenter:
     """The configured segmenter; a resident engine starts its model process on its first job.
 
-    `roi_subset` is what TotalSegmentator segments (node.labels.roi_subset: the organs with [biomarkers] liver).
+    `roi_subset` is what TotalSegmentator segments on CT (node.labels.roi_subset: the organs with
+    [biomarkers] liver); `modalities` (selection.modalities) whose models a resident engine loads at start.
     """
     if config.backend == "precomputed":
         return PrecomputedSegmenter(config)
@@ -119,11 +132,12 @@ def make_segmenter(config: SegmenterConfig, roi_subset: tuple[str, ...] = ROI_SU
         raise SegmenterError(
             f"segmenter.backend {config.backend!r} is not available here: use totalsegmentator or precomputed")
     try:
-        return _ENGINES[config.engine](config, roi_subset=roi_subset)
+        engine = _ENGINES[config.engine]
     except KeyError:
         raise SegmenterError(
             f"segmenter.engine {config.engine!r} is not available here: use one of {', '.join(sorted(_ENGINES))}"
         ) from None
+    return engine(config, roi_subset, tuple(modalities))
 
 
 def close_segmenter(segmenter: Segmenter) -> None:

@@ -102,8 +102,9 @@ class Service:
         self.spool = Spool(config.storage.spool_dir, config.storage.spool_direct_io)
         self.tracker = SeriesTracker(self.spool, self.state, config.completion, config.selection,
                                      pending_file=pending_path(config.storage.state_dir))
-        self.receiver = Receiver(config.receiver, self.spool, self.tracker, spooled_sop_classes(config.selection.modalities))
-        self.watcher = Watcher(config.receiver, self.spool, self.tracker) if config.receiver.watch_dir else None
+        spooled = spooled_sop_classes(config.selection.modalities)
+        self.receiver = Receiver(config.receiver, self.spool, self.tracker, spooled)
+        self.watcher = Watcher(config.receiver, self.spool, self.tracker, spooled) if config.receiver.watch_dir else None
         self.supervisor = WorkerSupervisor(config_path, config.worker.count, self.state)
         self.delivery = DeliveryLoop(config, self.state)
         self.housekeeper = Housekeeper(config.storage, self.state, self.tracker)

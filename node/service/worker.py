@@ -502,7 +502,7 @@ class _Overlap:
 
 
 def _missing_weights(config: Config) -> tuple[str, ...]:
-    return () if config.segmenter.backend == "precomputed" else tuple(missing_models(config.segmenter))
+    return () if config.segmenter.backend == "precomputed" else tuple(missing_models(config.segmenter, config.selection.modalities))
 
 
 def _fresh_outbox(job_dir: Path, job: Job) -> Path:
@@ -558,7 +558,7 @@ def start_segmenter(config: Config) -> Segmenter:
     A start that fails (weights not installed yet, no GPU) is logged; each job then tries again
     and fails or is held with the reason.
     """
-    segmenter = make_segmenter(config.segmenter, roi_subset(config.biomarkers.liver))
+    segmenter = make_segmenter(config.segmenter, roi_subset(config.biomarkers.liver), tuple(config.selection.modalities))
     start = getattr(segmenter, "start", None)
     if start is not None:
         try:

@@ -10,6 +10,10 @@ The L1–L5 columns (abdominal CT, or complete lumbar levels of a chest CT) foll
 and are blank where no lumbar level was reported. Bone (trabecular median per vertebra T1–L5,
 the low-bone flag) and liver columns follow; the bone and liver flags read "low", "not_low" or
 "not_assessed" as the measurement decided them.
+Lumbar MR results (modality "MR") fill the L1–L5 volume and status columns like CT, no HU, and
+the Dixon columns: fat signal fraction ΣF/Σ(F+W) (0–1) and the simplified Goutallier grade per
+level and for L1–L5; without a Dixon pair the grade reads "not assessed: no Dixon". They are
+blank on CT.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from datetime import date
 from typing import Any
 
 from node.labels import LUMBAR_SPAN, SPINE, THORACIC_SPAN, Span
-from node.screening import LevelStatus, coverage, low_attenuation
+from node.screening import NO_DIXON, LevelStatus, coverage, low_attenuation
 from node.state.store import SeriesRecord
 
 _DATE = re.compile(r"^(\d{4})-?(\d{2})-?(\d{2})$")
@@ -40,11 +44,19 @@ def parse_since(text: str) -> str:
     return day.strftime("%Y%m%d")
 
 
+_DIXON = ("fat_signal_fraction", "fat_grade")
+
+
 def columns() -> list[str]:
-    return ["patient_id", "accession", "study_date", "series_instance_uid", "job",
-            *_span_columns(THORACIC_SPAN), "low_attenuation", *_span_columns(LUMBAR_SPAN),
+    return ["patient_id", "accession", "study_date", "series_instance_uid", "job", "modality",
+            *_span_columns(THORACIC_SPAN), "low_attenuation", *_span_columns(LUMBAR_SPAN), *_dixon_columns(LUMBAR_SPAN),
             *[f"{level}_bone_hu" for level in SPINE], "contrast", "bone_flag_level", "bone_flag",
             "liver_status", "liver_median_hu", "spleen_median_hu", "liver_minus_spleen_hu", "liver_flag"]
+
+
+def _dixon_columns(span: Span) -> list[str]:
+    return [*(f"{level}_{name}" for level in span.levels for name in _DIXON),
+            *(f"{_prefix(span)}_{name}" for name in _DIXON)]
 
 
 def _span_columns(span: Span) -> list[str]:
@@ -60,12 +72,30 @@ def worklist_row(series: SeriesRecord, job_id: int, result: dict[str, Any], low_
     """One worklist row; figures are the combined left+right muscle, None where not measured."""
     row: dict[str, Any] = {"patient_id": series.patient_id, "accession": series.accession,
                            "study_date": _iso_date(series.study_date), "series_instance_uid": series.series_uid,
-                           "job": job_id}
+                           "job": job_id, "modality": result.get("modality", "CT")}
     row.update(_span_cells(THORACIC_SPAN, result))
     row["low_attenuation"] = low_attenuation(row["t1_t10_median_hu"], low_attenuation_hu)
     row.update(_span_cells(LUMBAR_SPAN, result))
+    row.update(_dixon_cells(LUMBAR_SPAN, result, row))
     row.update(_bone_and_liver(result))
     return row
+
+
+def _dixon_cells(span: Span, result: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
+    """An MR result's fat signal fraction and grade per level and for the span, where the level was measured."""
+    cells: dict[str, Any] = dict.fromkeys(_dixon_columns(span))
+    if result.get("modality") != "MR":
+        return cells
+    dixon = bool((result.get("fat") or {}).get("dixon"))
+    levels = {level["level"]: level for level in result.get("levels", [])}
+    measured = [(name, (levels.get(name) or {}).get("combined") or {}) for name in span.levels
+                if row[f"{name}_status"] != str(LevelStatus.ABSENT)]
+    if row[f"{_prefix(span)}_status"] != str(LevelStatus.ABSENT):
+        measured.append((_prefix(span), (result.get(span.key) or {}).get("combined") or {}))
+    for key, combined in measured:
+        cells[f"{key}_fat_signal_fraction"] = combined.get("fat_signal_fraction")
+        cells[f"{key}_fat_grade"] = combined.get("fat_grade") if dixon else NO_DIXON
+    return cells
 
 
 def _span_cells(span: Span, result: dict[str, Any]) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """The resident engine's model process: loads every nnU-Net model once, keeps it on the device, serves jobs.
 
-The parent (node.pipeline.engine) sends one `EngineJob` at a time over a pipe; the CT and the
+The parent (node.pipeline.engine) sends one `EngineJob` at a time over a pipe; the image and the
 labels travel in shared memory. Each job runs TotalSegmentator's roi_subset pipeline in memory
 (node.pipeline.model.roi_pipeline) with the loaded predictors, so a job costs no process start, no
 model loading, no NIfTI files and no nnU-Net worker pools.
@@ -22,9 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
+from node.labels import MR_ROI_SUBSET
 from node.pipeline.model.env import check_gpu, configure_totalsegmentator, register_trainers, time_forward_passes
 from node.process import die_with_parent
-from node.weights import Model
+from node.weights import CT_ONLY, Model
 
 VERTEBRAE_BODY_CLASS = 1  # class_map["vertebrae_body"]: 1 vertebrae_body, 2 intervertebral_discs
 
@@ -40,11 +41,13 @@ class EngineSpec:
     vertebral_bodies: bool
     roi_subset: tuple[str, ...]
     time_forward: bool = False
+    modalities: tuple[str, ...] = CT_ONLY  # whose models it loads: CT (total, vertebrae_body), MR (total_mr, vertebrae_mr)
 
 
 @dataclass(frozen=True)
 class EngineJob:
-    """One CT in shared memory ([k, r, c], like CTVolume.hu) and where the labels go (labels, then body)."""
+    """One image in shared memory ([k, r, c], like CTVolume.hu) and where the labels go: labels, then
+    the body (CT) or the discs (MR)."""
 
     job_id: int
     ct_name: str
@@ -52,6 +55,7 @@ class EngineJob:
     shape: tuple[int, int, int]
     dtype: str
     affine: tuple[tuple[float, ...], ...]  # RAS affine of the (c, r, k) NIfTI view
+    modality: str = "CT"
 
 
 @dataclass(frozen=True)
@@ -132,7 +136,7 @@ class _Engine:
         configure_totalsegmentator(spec.weights_dir, spec.home)
         import torch
 
-        from node.pipeline.model.roi_pipeline import RoiPipeline, steps_for, tile_step_size
+        from node.pipeline.model.roi_pipeline import RoiPipeline, mr_steps_for, steps_for, tile_step_size
 
         register_trainers()
         check_gpu(spec.device, torch.cuda.device_count() if torch.cuda.is_available() else 0)
@@ -145,7 +149,9 @@ class _Engine:
         self.clock = time_forward_passes() if spec.time_forward else None
         self.stages = _Stages(self.device)
         self.predictors = {}
-        for step in steps_for(spec.fast, spec.vertebral_bodies, spec.roi_subset):
+        steps = steps_for(spec.fast, spec.vertebral_bodies, spec.roi_subset) if "CT" in spec.modalities else []
+        steps += mr_steps_for(spec.fast, MR_ROI_SUBSET) if "MR" in spec.modalities else []
+        for step in steps:
             for model in step.models:
                 self.predictors[model.task_id] = self._load(model, tile_step_size(step.task_name))
         self.pipeline = RoiPipeline(self._predict, _resampler(self.device, self.stages))
@@ -183,16 +189,30 @@ class _Engine:
             size = int(np.prod(job.shape))
             labels = np.ndarray(job.shape, dtype=np.uint8, buffer=out_memory.buf)
             body = np.ndarray(job.shape, dtype=np.uint8, buffer=out_memory.buf, offset=size)
-            labels[...] = self.pipeline.total(image, self.spec.fast, self.spec.roi_subset).transpose(2, 1, 0)
-            if self.spec.vertebral_bodies:
-                body[...] = (self.pipeline.vertebrae_body(image) == VERTEBRAE_BODY_CLASS).transpose(2, 1, 0)
+            has_body = self._segment(job.modality, image, labels, body)
             del hu, labels, body, image  # no view may outlive the shared memory
         finally:
             ct_memory.close()
             out_memory.close()
         forward_s = self.clock.seconds - forward_before if self.clock else None
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
-        return Done(job.job_id, self.spec.vertebral_bodies, forward_s, dict(self.stages.seconds), peak)
+        return Done(job.job_id, has_body, forward_s, dict(self.stages.seconds), peak)
+
+    def _segment(self, modality: str, image, labels: np.ndarray, second: np.ndarray) -> bool:
+        """Fill labels and the second plane (body on CT, discs on MR); True when the CT's body was run."""
+        from node.pipeline.model.mr_labels import node_mr_labels  # TotalSegmentator: only once configured
+        from node.pipeline.model.roi_pipeline import TOTAL_MR
+
+        if modality == "MR":
+            total_mr = self.pipeline.total(image, self.spec.fast, MR_ROI_SUBSET, TOTAL_MR)
+            node_labels, discs = node_mr_labels(total_mr, self.pipeline.vertebrae_mr(image))
+            labels[...] = node_labels.transpose(2, 1, 0)
+            second[...] = discs.transpose(2, 1, 0)
+            return False
+        labels[...] = self.pipeline.total(image, self.spec.fast, self.spec.roi_subset).transpose(2, 1, 0)
+        if self.spec.vertebral_bodies:
+            second[...] = (self.pipeline.vertebrae_body(image) == VERTEBRAE_BODY_CLASS).transpose(2, 1, 0)
+        return self.spec.vertebral_bodies
 
 
 def _attach(name: str) -> SharedMemory:

@@ -16,10 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _VARIANTS = "nnunetv2.training.nnUNetTrainer.variants"
-_TRAINER_MODULES = {  # the trainers of the models in node.weights (total, fast, crop, vertebrae_body)
+_TRAINER_MODULES = {  # the trainers of the models in node.weights (total, fast, crop, vertebrae_body; MR's)
     "nnUNetTrainerNoMirroring": f"{_VARIANTS}.data_augmentation.nnUNetTrainerNoMirroring",
     "nnUNetTrainer_4000epochs_NoMirroring": f"{_VARIANTS}.training_length.nnUNetTrainer_Xepochs_NoMirroring",
     "nnUNetTrainer_DASegOrd0": f"{_VARIANTS}.data_augmentation.nnUNetTrainerDAOrd0",
+    "nnUNetTrainer_2000epochs_NoMirroring": f"{_VARIANTS}.training_length.nnUNetTrainer_Xepochs_NoMirroring",
+    "nnUNetTrainer_DASegOrd0_NoMirroring": f"{_VARIANTS}.data_augmentation.nnUNetTrainerDAOrd0",
 }
 
 

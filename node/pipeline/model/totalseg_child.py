@@ -1,7 +1,8 @@
 """The reference engine's model process: one fresh Python per job that calls the `totalsegmentator()` API.
 
-It reads job.json from the job folder and writes labels.npy (+ body.npy) and result.json, or
-error.json with the reason. The parent side is TotalSegmentatorSegmenter in node.pipeline.segment.
+It reads job.json from the job folder and writes labels.npy (+ body.npy on CT, discs.npy on MR)
+and result.json, or error.json with the reason. The parent side is TotalSegmentatorSegmenter in
+node.pipeline.segment.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from node.labels import ROI_SUBSET
+from node.labels import MR_ROI_SUBSET, ROI_SUBSET
 from node.pipeline.model.env import check_gpu, configure_totalsegmentator, register_trainers, time_forward_passes
 from node.process import die_with_parent
 
@@ -53,23 +54,53 @@ def run_totalsegmentator(image, device: str, fast: bool, vertebral_bodies: bool,
     return seg, body
 
 
+def run_totalsegmentator_mr(image, device: str, fast: bool):
+    """The node's TotalSegmentator calls on an MR image: (total_mr roi_subset labels, vertebrae_mr labels)."""
+    import torch
+    from totalsegmentator.python_api import totalsegmentator
+
+    register_trainers()
+    check_gpu(device, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    common = {"device": device, "quiet": True, "nr_thr_saving": 1}
+    seg = totalsegmentator(image, None, task="total_mr", roi_subset=list(MR_ROI_SUBSET), fast=fast, **common)
+    return seg, totalsegmentator(image, None, task="vertebrae_mr", **common)
+
+
 def _segment_job(job: dict, job_dir: Path) -> None:
     import nibabel as nib
 
     clock = time_forward_passes() if job.get("time_forward") else None
     affine = np.asarray(job["affine"])
     image = nib.Nifti1Image(np.load(job_dir / "ct.npy"), affine)
-    seg, body = run_totalsegmentator(image, job["device"], job["fast"], job["vertebral_bodies"],
-                                     tuple(job.get("roi_subset", ROI_SUBSET)))
-    _save_labels(seg, affine, job_dir / "labels.npy", lambda data: data)
-    if body is not None:
-        _save_labels(body, affine, job_dir / "body.npy", lambda data: data == VERTEBRAE_BODY_CLASS)
+    if job.get("modality") == "MR":
+        _segment_mr(image, job, job_dir)
+    else:
+        seg, body = run_totalsegmentator(image, job["device"], job["fast"], job["vertebral_bodies"],
+                                         tuple(job.get("roi_subset", ROI_SUBSET)))
+        _save_labels(seg, affine, job_dir / "labels.npy", lambda data: data)
+        if body is not None:
+            _save_labels(body, affine, job_dir / "body.npy", lambda data: data == VERTEBRAE_BODY_CLASS)
     result = {"totalsegmentator_version": importlib.metadata.version("TotalSegmentator"),
               "forward_s": None if clock is None else clock.seconds}
     (job_dir / "result.json").write_text(json.dumps(result), encoding="utf-8")
 
 
-def _save_labels(image, affine: np.ndarray, path: Path, select: Callable[[np.ndarray], np.ndarray]) -> None:
+def _segment_mr(image, job: dict, job_dir: Path) -> None:
+    """labels.npy in the node's numbering and discs.npy, from the total_mr and vertebrae_mr results."""
+    from node.pipeline.model.mr_labels import node_mr_labels
+
+    seg, vertebrae = run_totalsegmentator_mr(image, job["device"], job["fast"])
+    total_mr, vertebrae_mr = (_checked(result, image.affine) for result in (seg, vertebrae))
+    labels, discs = node_mr_labels(total_mr, vertebrae_mr)
+    np.save(job_dir / "labels.npy", labels)
+    np.save(job_dir / "discs.npy", discs)
+
+
+def _checked(image, affine: np.ndarray) -> np.ndarray:
     if not np.allclose(image.affine, affine, atol=1e-4):
-        raise RuntimeError("TotalSegmentator returned a different geometry than the CT it was given")
-    np.save(path, select(np.asanyarray(image.dataobj).astype(np.uint8)))
+        raise RuntimeError("TotalSegmentator returned a different geometry than the image it was given")
+    return np.asanyarray(image.dataobj).astype(np.uint8)
+
+
+def _save_labels(image, affine: np.ndarray, path: Path, select: Callable[[np.ndarray], np.ndarray]) -> None:
+    np.save(path, select(_checked(image, affine)))
