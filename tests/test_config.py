@@ -36,7 +36,8 @@ def test_example_loads_and_mentions_every_option() -> None:
         table = DestinationConfig if isinstance(part, list) else part
         assert re.search(rf"^(# )?\[\[?{section.name}\]\]?$", text, re.M), section.name
         for option in dataclasses.fields(table):
-            assert re.search(rf"^#? ?{option.name} = ", text, re.M), f"{section.name}.{option.name}"
+            pattern = rf"^#? ?({option.name} = |\[{section.name}\.{option.name}\]$)"
+            assert re.search(pattern, text, re.M), f"{section.name}.{option.name}"
 
 
 def test_example_values_are_the_defaults_where_they_are_active() -> None:
