@@ -211,6 +211,12 @@ class Receiver:
     def listening(self) -> bool:
         return bool(self._servers)
 
+    def store_handlers(self) -> list[tuple[evt.EventType, object]]:
+        """The C-STORE path for an association the node requested (a backfill's C-GET): the same refusals,
+        spool and listener as a received association."""
+        return [(evt.EVT_C_STORE, self._on_store), (evt.EVT_RELEASED, self._on_released),
+                (evt.EVT_ABORTED, self._on_aborted)]
+
     def reload_tls(self) -> bool:
         """Load the TLS certificate, key and CAs again (SIGHUP); open associations keep theirs."""
         return self.tls.reload() if self.tls is not None else False

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
+from node.backfill.runner import BackfillRunner
 from node.config import Config, ReceiverConfig
 from node.delivery.loop import DeliveryLoop
 from node.ingest.dixon import spooled_sop_classes
@@ -116,6 +117,10 @@ class Service:
         self._delivery_stop = threading.Event()
         self._delivery_thread = threading.Thread(target=self.delivery.run, args=(self._delivery_stop,),
                                                  name="delivery", daemon=True)
+        self.backfill = BackfillRunner(config, self.state, self.spool, self.receiver.store_handlers(),
+                                       list(self.receiver.spooled))
+        self._backfill_thread = threading.Thread(target=self.backfill.run, args=(self._delivery_stop,),
+                                                 name="backfill", daemon=True)
         self._next_heartbeat = 0.0
         self.web = None  # the status page, /metrics and health checks; started after the receiver
         self.dicomweb = None  # WADO-RS/STOW-RS for workers on other hosts ([dicomweb] enabled)
@@ -186,6 +191,7 @@ class Service:
             log.warning("event=receiver_open_to_all reason=%s", warning)
         self.supervisor.check()
         self._delivery_thread.start()
+        self._backfill_thread.start()
         if web is not None:
             web.start()
             self.web = web
@@ -253,6 +259,8 @@ class Service:
         self.supervisor.stop(SHUTDOWN_GRACE_S)
         if self._delivery_thread.is_alive():
             self._delivery_thread.join(self.config.delivery.timeout_s + SHUTDOWN_GRACE_S)
+        if self._backfill_thread.is_alive():  # a retrieve in flight ends at its timeout at the latest
+            self._backfill_thread.join(self.config.backfill.timeout_s + SHUTDOWN_GRACE_S)
         if self.web is not None:  # up until here, so /readyz says "not listening" while the node drains
             self.web.stop()
         if self.dicomweb is not None:  # remote workers store results until the database closes
