@@ -682,7 +682,8 @@ def _validate_backfill(config: Config) -> None:
         parse_windows(backfill.windows)
     except WindowError as exc:
         raise ConfigError(f"backfill.windows: {exc}") from None
-    validate_query(backfill.query, config.protocols, "backfill.query")
+    if pacs is not None:  # a site with its own [[protocols]] and no backfill need not name them here
+        validate_query(backfill.query, config.protocols, "backfill.query")
 
 
 def validate_query(query: BackfillQueryConfig, protocols: list[ProtocolConfig], where: str) -> None:
