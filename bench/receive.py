@@ -8,14 +8,17 @@ Receivers, alternated round by round so that disk and CPU noise hit them alike:
 - naive: a plain pynetdicom SCP (default settings, no bounds) writing each data set's raw bytes with
   fsync, as pynetdicom's documentation shows: the floor the node's own work is measured against;
 - storescp: dcmtk writing each file to disk;
-- orthanc: Orthanc with its default storage settings (skipped if Orthanc is not installed).
+- orthanc: Orthanc with its default storage settings (skipped if Orthanc is not installed);
+- node-tls (`--tls`): the node's Receiver on a DICOM TLS port (mutual TLS, certificates from a test
+  CA made with openssl), sent to with storescu +tls; also the handshake cost: the median time of a
+  one-image association over TLS less the same over plain DICOM.
 The sender is dcmtk storescu with TCP_NODELAY=1 (without it loopback runs at ~20 images/s).
 Every send uses a fresh series, so no receiver can short-cut a duplicate; each receiver gets a short
 unmeasured send first (`--warmup`), so that round 1 does not time one-off start-up work.
 Prints images/s per receiver (median of the rounds), the node's ratios to the others (node/orthanc
 is the figure the README quotes), and the node's CPU time per image (all threads of this process).
 
-    .venv/bin/python bench/receive.py [--count 400] [--rounds 3] [--warmup 20]
+    .venv/bin/python bench/receive.py [--count 400] [--rounds 3] [--warmup 20] [--tls]
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import dicom_peers  # noqa: E402
 from dicom_peers import dcmtk_env, free_port, wait_for_port  # noqa: E402
 
-from node.config import CompletionConfig, ReceiverConfig, SelectionConfig  # noqa: E402
+from node.config import CompletionConfig, ReceiverConfig, ReceiverTlsConfig, SelectionConfig  # noqa: E402
 from node.ingest.receiver import Receiver  # noqa: E402
 from node.ingest.series import SeriesTracker  # noqa: E402
 from node.ingest.spool import Spool  # noqa: E402
@@ -85,11 +88,11 @@ def write_series(folder: Path, count: int, size: int = 512) -> list[Path]:
     return paths
 
 
-def send(port: int, called_ae: str, files: list[Path]) -> float:
-    """Seconds storescu takes to send `files` over one association."""
+def send(port: int, called_ae: str, files: list[Path], options: tuple[str, ...] = ()) -> float:
+    """Seconds storescu takes to send `files` over one association (`options`: +tls ...)."""
     start = time.perf_counter()
     result = subprocess.run(
-        ["storescu", "-aec", called_ae, "127.0.0.1", str(port), *map(str, files)],
+        ["storescu", *options, "-aec", called_ae, "127.0.0.1", str(port), *map(str, files)],
         env=ENV, capture_output=True, text=True,
     )
     elapsed = time.perf_counter() - start
@@ -99,16 +102,20 @@ def send(port: int, called_ae: str, files: list[Path]) -> float:
 
 
 @contextlib.contextmanager
-def node(work: Path, direct_io: bool = True) -> Iterator[int]:
+def node(work: Path, direct_io: bool = True, tls: object | None = None) -> Iterator[int]:
+    """The node's receiver; with `tls` (a tls_certs.Pki) listening for DICOM TLS only."""
     port = free_port()
     config = ReceiverConfig(ae_title="NODE", port=port, bind_address="127.0.0.1", min_free_disk_mb=100)
-    name = "node" if direct_io else "node-cache"
+    if tls is not None:
+        config.tls = ReceiverTlsConfig(port=free_port(), certificate=tls.server.certificate,
+                                       private_key=tls.server.key, ca_certificates=tls.ca, plain_listener=False)
+    name = ("node" if direct_io else "node-cache") + ("-tls" if tls is not None else "")
     spool, state = Spool(work / f"{name}-spool", direct_io), State(work / f"{name}-state.sqlite")
     tracker = SeriesTracker(spool, state, CompletionConfig(), SelectionConfig())  # as serve wires it
     receiver = Receiver(config, spool, tracker)
     receiver.start()
     try:
-        yield port
+        yield receiver.tls_port if tls is not None else port
     finally:
         receiver.stop(grace_s=5)
         state.close()
@@ -171,6 +178,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="sends per receiver (default 3)")
     parser.add_argument("--warmup", type=int, default=20, help="slices sent to each receiver before the rounds (default 20)")
     parser.add_argument("--work-dir", type=Path, default=None, help="scratch folder (default: a temp folder)")
+    parser.add_argument("--tls", action="store_true", help="also the node over DICOM TLS, and the handshake cost")
+    parser.add_argument("--only", nargs="*", default=None, help="receivers to run (default: all), e.g. node node-tls")
     args = parser.parse_args()
     if shutil.which("storescu") is None:
         print("dcmtk is not installed: apt-get install dcmtk", file=sys.stderr)
@@ -185,22 +194,32 @@ def main() -> int:
             peers["orthanc"] = (orthanc, "ORTHANC")
         else:
             print("Orthanc is not installed: its column is skipped (apt-get install orthanc)")
+        options: dict[str, tuple[str, ...]] = {}
+        if args.tls:
+            from tls_certs import make_pki
+
+            pki = make_pki(work / "pki")
+            peers["node-tls"] = (functools.partial(node, tls=pki), "NODE")
+            options["node-tls"] = tuple(pki.client.dcmtk(pki.ca))
+        if args.only:
+            peers = {name: peer for name, peer in peers.items() if name in args.only}
         rates: dict[str, list[float]] = {name: [] for name in peers}
         node_cpu: list[float] = []
         with contextlib.ExitStack() as stack:
             ports = {name: stack.enter_context(start(work)) for name, (start, _) in peers.items()}
             for name, (_, ae_title) in peers.items() if args.warmup > 0 else ():  # one-off start-up work: not measured
-                send(ports[name], ae_title, write_series(work / "series", args.warmup))
+                send(ports[name], ae_title, write_series(work / "series", args.warmup), options.get(name, ()))
             for round_ in range(args.rounds):
                 for name, (_, ae_title) in peers.items():
                     files = write_series(work / "series", args.count)
                     os.sync()  # else the node's first fsyncs also flush the others' (and these) dirty pages
                     cpu = time.process_time()
-                    elapsed = send(ports[name], ae_title, files)
+                    elapsed = send(ports[name], ae_title, files, options.get(name, ()))
                     if name == "node":
                         node_cpu.append((time.process_time() - cpu) / args.count)
                     rates[name].append(args.count / elapsed)
                     print(f"round {round_ + 1} {name:9s} {args.count / elapsed:7.1f} images/s")
+            handshake = handshake_ms(work, ports, options) if "node-tls" in ports and "node" in ports else None
     median = {name: statistics.median(values) for name, values in rates.items()}
     print(f"\n{args.count} x 512x512 CT, one association, median of {args.rounds} rounds:")
     for name, value in median.items():
@@ -210,8 +229,24 @@ def main() -> int:
             print(f"  node / {name}: {median['node'] / median[name]:.2f}")
     if "orthanc" in median:
         print(f"  naive / orthanc: {median['naive'] / median['orthanc']:.2f}")
-    print(f"  node CPU per image: {statistics.median(node_cpu) * 1000:.2f} ms")
+    if node_cpu:
+        print(f"  node CPU per image: {statistics.median(node_cpu) * 1000:.2f} ms")
+    if handshake is not None:
+        print(f"  node-tls / node: {median['node-tls'] / median['node']:.2f} (target at least 0.8)")
+        print(f"  TLS handshake cost: {handshake:.1f} ms per association (one-image association, TLS less plain, "
+              f"median of {HANDSHAKE_SAMPLES})")
     return 0
+
+
+HANDSHAKE_SAMPLES = 15
+
+
+def handshake_ms(work: Path, ports: dict[str, int], options: dict[str, tuple[str, ...]]) -> float:
+    """What TLS adds to an association: a one-image storescu send, TLS less plain, medians."""
+    one = write_series(work / "one", 1)
+    times = {name: statistics.median(send(ports[name], "NODE", one, options.get(name, ()))
+                                     for _ in range(HANDSHAKE_SAMPLES)) for name in ("node", "node-tls")}
+    return (times["node-tls"] - times["node"]) * 1000
 
 
 if __name__ == "__main__":

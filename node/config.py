@@ -24,6 +24,39 @@ class ConfigError(Exception):
 
 
 @dataclass
+class TlsClientConfig:
+    """DICOM TLS towards one peer (a destination, the PACS queried and retrieved from, a priors peer).
+
+    `tls = true` in TOML means these defaults: the system's CAs, no client certificate, host name checked.
+    node.tls.client_context turns it into the ssl context; every outgoing DICOM association uses that one function.
+    """
+
+    ca_certificates: Path | None = None  # PEM bundle that signed the peer's certificate; absent: the system's CAs
+    certificate: Path | None = None  # PEM client certificate (chain) shown to the peer (mutual TLS)
+    private_key: Path | None = None  # its unencrypted key; must not be readable by others (chmod 600)
+    verify_hostname: bool = True  # the peer's certificate must name `server_name` (default: the host)
+    server_name: str = ""  # the name on the peer's certificate when it differs from the host (an IP address, say)
+
+
+@dataclass
+class ReceiverTlsConfig:
+    """`[receiver.tls]`: a DICOM TLS listener on its own port (BCP 195 profile, TLS 1.2 or later)."""
+
+    port: int = 2762
+    certificate: Path | None = None  # PEM server certificate (chain); required
+    private_key: Path | None = None  # its unencrypted key; serve refuses to start if others may read it
+    ca_certificates: Path | None = None  # PEM bundle of the CAs whose client certificates are trusted
+    require_client_certificate: bool = True  # mutual TLS (IHE ATNA); false: any client, still encrypted
+    plain_listener: bool = True  # false: receiver.port does not listen, only the TLS port
+    # "AE=name": that calling AE is accepted only with a client certificate whose subject CN or DNS name is `name`.
+    calling_ae_certificates: list[str] = field(default_factory=list)
+
+    def certificate_names(self) -> dict[str, str]:
+        """calling_ae_certificates as calling AE -> certificate name (validated by load_config)."""
+        return {ae.strip(): name.strip() for ae, _, name in (e.partition("=") for e in self.calling_ae_certificates)}
+
+
+@dataclass
 class ReceiverConfig:
     ae_title: str = "PARASPINAL"
     port: int = 11112
@@ -46,6 +79,7 @@ class ReceiverConfig:
     association_request_timeout_s: float = 10.0  # from connect until the whole A-ASSOCIATE-RQ has arrived
     pdu_timeout_s: float = 30.0  # from a PDU's first byte until its last
     idle_timeout_s: float = 60.0  # an associated peer silent this long is aborted
+    tls: ReceiverTlsConfig | None = None  # [receiver.tls]: a DICOM TLS listener; absent: plain DICOM only
 
     def answered_aes(self) -> list[str]:
         """The called AE titles the receiver answers to."""
@@ -78,6 +112,7 @@ class DestinationConfig:
     ae_title: str = ""
     host: str = ""
     port: int = 104
+    tls: TlsClientConfig | None = None  # `tls = true` or a [destinations.tls] table; absent: plain DICOM
 
 
 @dataclass
@@ -312,6 +347,34 @@ class DicomwebConfig:
 
 
 @dataclass
+class BackfillQueryConfig:
+    """What a backfill looks for (`--query-config FILE` holds these keys under [query]); selection.* applies too."""
+
+    modalities_in_study: list[str] = field(default_factory=lambda: ["CT"])
+    protocols: list[str] = field(default_factory=lambda: ["chest"])  # [[protocols]] names a series must match
+    result_limit: int = 200  # the PACS's C-FIND answer limit: a day with this many studies is split again
+
+
+@dataclass
+class BackfillConfig:
+    """`paraspinal-node backfill`: earlier studies pulled from the PACS by serve, throttled (README "Backfill")."""
+
+    pacs: DestinationConfig | None = None  # the PACS queried (C-FIND) and retrieved from; required to backfill
+    retrieve: str = "move"  # move: C-MOVE to move_destination (this node); get: C-GET on the query association
+    move_destination: str = ""  # the AE title the PACS sends to; empty: receiver.ae_title
+    max_associations: int = 1  # retrieves at a time
+    studies_per_hour: float = 0.0  # at most this many studies retrieved in any hour; 0: no limit
+    # When retrieves may start, local time: "22:00-06:00", "sat-sun", "mon-fri 19:00-07:00"; empty: any time.
+    windows: list[str] = field(default_factory=list)
+    max_live_queue: int = 10  # paused while more jobs than this are queued or running (live work first)
+    send_results: bool = True  # false: backfilled studies get the worklist and CSV only, nothing sent to the PACS
+    max_attempts: int = 3  # retrieves of one series (a partial one is retried) before it is failed
+    retry_delay_s: float = 300.0
+    timeout_s: float = 600.0  # one C-FIND or retrieve association's network timeout
+    query: BackfillQueryConfig = field(default_factory=BackfillQueryConfig)
+
+
+@dataclass
 class Config:
     receiver: ReceiverConfig = field(default_factory=ReceiverConfig)
     destinations: list[DestinationConfig] = field(default_factory=list)
@@ -329,6 +392,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     web: WebConfig = field(default_factory=WebConfig)
     dicomweb: DicomwebConfig = field(default_factory=DicomwebConfig)
+    backfill: BackfillConfig = field(default_factory=BackfillConfig)
 
 
 _VALID_BACKENDS = ("totalsegmentator", "precomputed")
@@ -381,6 +445,8 @@ def _convert(hint, value, key: str):
         return _convert(_optional_of(hint), value, key)
     origin = typing.get_origin(hint)
     if dataclasses.is_dataclass(hint):
+        if value is True and hint is TlsClientConfig:  # `tls = true`: TLS with the defaults
+            return hint()
         return _build(hint, value, key)
     if origin is list:
         (item,) = typing.get_args(hint)
@@ -460,6 +526,8 @@ def _validate(config: Config) -> None:
         if not 0 < dest.port < 65536:
             raise ConfigError(f"destinations[{i}].port must be 1..65535, not {dest.port}")
     _validate_receiver_network(config.receiver)
+    _validate_tls(config)
+    _validate_backfill(config)
     _validate_state(config.state)
     _validate_selection(config.selection)
     _validate_operations(config)
@@ -564,6 +632,86 @@ def _validate_receiver_network(receiver: ReceiverConfig) -> None:
     for key in ("association_request_timeout_s", "pdu_timeout_s", "idle_timeout_s"):
         if not 0 < getattr(receiver, key) <= 3600:
             raise ConfigError(f"receiver.{key} must be more than 0 and at most 3600 seconds, not {getattr(receiver, key)}")
+
+
+def _validate_tls(config: Config) -> None:
+    """Certificate settings that go together; the files themselves are checked when serve starts."""
+    tls = config.receiver.tls
+    if tls is not None:
+        if tls.certificate is None or tls.private_key is None:
+            raise ConfigError("[receiver.tls] needs certificate and private_key (PEM files): see README \"DICOM TLS\"")
+        if tls.require_client_certificate and tls.ca_certificates is None:
+            raise ConfigError("receiver.tls.require_client_certificate needs receiver.tls.ca_certificates (the CA that "
+                              "signed the senders' certificates), or set require_client_certificate = false")
+        if not 0 < tls.port < 65536 or (tls.plain_listener and tls.port == config.receiver.port):
+            raise ConfigError(f"receiver.tls.port must be 1..65535 and differ from receiver.port, not {tls.port}")
+        for entry in tls.calling_ae_certificates:
+            title, eq, name = entry.partition("=")
+            if not eq or not name.strip():
+                raise ConfigError(f"receiver.tls.calling_ae_certificates entry {entry!r} must be AE=name, "
+                                  "e.g. \"PACS=pacs.hospital.example\"")
+            check_ae_title("receiver.tls.calling_ae_certificates", title.strip())
+    peers = [(f"destinations[{i}]", d) for i, d in enumerate(config.destinations)]
+    if config.backfill.pacs is not None:
+        peers.append(("backfill.pacs", config.backfill.pacs))
+    for key, peer in peers:
+        if peer.tls is not None and (peer.tls.certificate is None) != (peer.tls.private_key is None):
+            raise ConfigError(f"{key}.tls.certificate and {key}.tls.private_key go together: set both or neither")
+
+
+def _validate_backfill(config: Config) -> None:
+    from node.backfill.windows import WindowError, parse_windows
+
+    backfill = config.backfill
+    if backfill.retrieve not in ("move", "get"):
+        raise ConfigError(f"backfill.retrieve must be move or get, not {backfill.retrieve!r}")
+    pacs = backfill.pacs
+    if pacs is not None:
+        if not pacs.ae_title or not pacs.host or not 0 < pacs.port < 65536:
+            raise ConfigError("backfill.pacs needs ae_title, host and port (1..65535)")
+        check_ae_title("backfill.pacs.ae_title", pacs.ae_title)
+    if backfill.move_destination:
+        check_ae_title("backfill.move_destination", backfill.move_destination)
+    if not 1 <= backfill.max_associations <= 8:
+        raise ConfigError(f"backfill.max_associations must be 1..8, not {backfill.max_associations}")
+    if backfill.studies_per_hour < 0 or backfill.max_live_queue < 0 or backfill.retry_delay_s < 0:
+        raise ConfigError("backfill.studies_per_hour, max_live_queue and retry_delay_s must be 0 or more")
+    if backfill.max_attempts < 1 or backfill.timeout_s <= 0:
+        raise ConfigError("backfill.max_attempts must be at least 1 and backfill.timeout_s greater than 0")
+    try:
+        parse_windows(backfill.windows)
+    except WindowError as exc:
+        raise ConfigError(f"backfill.windows: {exc}") from None
+    if pacs is not None:  # a site with its own [[protocols]] and no backfill need not name them here
+        validate_query(backfill.query, config.protocols, "backfill.query")
+
+
+def validate_query(query: BackfillQueryConfig, protocols: list[ProtocolConfig], where: str) -> None:
+    """A backfill query: known protocols, a positive result limit."""
+    names = {p.name for p in protocols}
+    unknown = [name for name in query.protocols if name not in names]
+    if unknown or not query.protocols:
+        raise ConfigError(f"{where}.protocols must name [[protocols]] ({', '.join(sorted(names))}), not {unknown or '[]'}")
+    if query.result_limit < 1:
+        raise ConfigError(f"{where}.result_limit must be at least 1, not {query.result_limit}")
+    if not query.modalities_in_study:
+        raise ConfigError(f"{where}.modalities_in_study must list at least one modality, e.g. [\"CT\"]")
+
+
+def load_query(path: Path, config: Config) -> BackfillQueryConfig:
+    """`--query-config FILE`: a [query] table of BackfillQueryConfig keys over the config's backfill.query."""
+    try:
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"query config {path} not found: pass an existing --query-config FILE") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"query config {path} is not valid TOML: {exc}") from None
+    unknown = sorted(set(raw) - {"query"})
+    if unknown:
+        raise ConfigError(f"query config {path}: unknown table or key {unknown[0]!r}: put the keys under [query]")
+    query = _build(BackfillQueryConfig, {**dataclasses.asdict(config.backfill.query), **raw.get("query", {})}, "query")
+    validate_query(query, config.protocols, "query")
+    return query
 
 
 def _validate_biomarkers(measure: MeasureConfig, biomarkers: BiomarkersConfig) -> None:

@@ -92,3 +92,11 @@ def postgres_server():
 def postgres_url(postgres_server) -> str:
     """A fresh, empty database on the session's server."""
     return postgres_server.fresh_database()
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory):
+    """A site CA with server, client, expired and foreign-CA certificates (tests/tls_certs.py), made once."""
+    from tls_certs import make_pki
+
+    return make_pki(tmp_path_factory.mktemp("pki"))

@@ -47,10 +47,11 @@ class Modality:
     port: int
     host: str = "127.0.0.1"
     local_ae: str | None = None  # the calling AE Orthanc presents to this peer instead of its own
+    tls: bool = False  # Orthanc talks DICOM TLS to it (UseDicomTls; needs DicomTls* in the config)
 
     def entry(self) -> dict:
         entry = {"AET": self.ae_title, "Host": self.host, "Port": self.port}
-        return entry | ({"LocalAet": self.local_ae} if self.local_ae else {})
+        return entry | ({"LocalAet": self.local_ae} if self.local_ae else {}) | ({"UseDicomTls": True} if self.tls else {})
 
 
 def orthanc_config(storage: Path, http_port: int, dicom_port: int, ae_title: str,
@@ -79,14 +80,16 @@ def orthanc_config(storage: Path, http_port: int, dicom_port: int, ae_title: str
 class Orthanc:
     """One Orthanc process with its own config, storage and log under `root`."""
 
-    def __init__(self, root: Path, modalities: dict[str, Modality], ae_title: str = "ORTHANC") -> None:
+    def __init__(self, root: Path, modalities: dict[str, Modality], ae_title: str = "ORTHANC",
+                 extra: dict | None = None) -> None:
+        """`extra`: more Orthanc settings (DicomTlsEnabled and its files, LimitFindResults, ...)."""
         root.mkdir(parents=True, exist_ok=True)
         self.ae_title = ae_title
         self.http_port = free_port()
         self.dicom_port = free_port()
         self.log = root / "orthanc.log"
         self.config_path = root / "orthanc.json"
-        config = orthanc_config(root / "storage", self.http_port, self.dicom_port, ae_title, modalities)
+        config = orthanc_config(root / "storage", self.http_port, self.dicom_port, ae_title, modalities) | (extra or {})
         self.config_path.write_text(json.dumps(config, indent=2))
         self._authorization = "Basic " + base64.b64encode(f"{USERNAME}:{PASSWORD}".encode()).decode()
         self._process: subprocess.Popen | None = None

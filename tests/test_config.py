@@ -36,7 +36,8 @@ def test_example_loads_and_mentions_every_option() -> None:
         table = DestinationConfig if isinstance(part, list) else part
         assert re.search(rf"^(# )?\[\[?{section.name}\]\]?$", text, re.M), section.name
         for option in dataclasses.fields(table):
-            assert re.search(rf"^#? ?{option.name} = ", text, re.M), f"{section.name}.{option.name}"
+            pattern = rf"^#? ?({option.name} = |\[{section.name}\.{option.name}\]$)"
+            assert re.search(pattern, text, re.M), f"{section.name}.{option.name}"
 
 
 def test_example_values_are_the_defaults_where_they_are_active() -> None:
@@ -177,3 +178,22 @@ def serve_warnings(config: Path, tmp_path: Path) -> set[str]:
     records = [json.loads(line) for line in log.read_text().splitlines()]
     exposure = {"receiver_open_to_all", "web_unprotected", "web_secret_readable"}
     return {r["reason"] for r in records if r.get("event") in exposure}
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[receiver.tls]\nport = 2762\n', "needs certificate and private_key"),
+    ('[receiver.tls]\ncertificate = "c"\nprivate_key = "k"\n', "needs receiver.tls.ca_certificates"),
+    ('[receiver.tls]\ncertificate = "c"\nprivate_key = "k"\nrequire_client_certificate = false\nport = 11112\n',
+     "differ from receiver.port"),
+    ('[[destinations]]\nae_title = "P"\nhost = "h"\ntls = { certificate = "c" }\n', "go together"),
+    ('[backfill]\nwindows = ["25:00-06:00"]\n', "not a time of day"),
+    ('[backfill.pacs]\nae_title = "P"\nhost = "h"\n[backfill.query]\nprotocols = ["neck"]\n', "must name"),
+])
+def test_tls_and_backfill_settings_are_checked(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, text), environ={})
+
+
+def test_tls_true_means_tls_with_the_defaults(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, '[[destinations]]\nae_title = "P"\nhost = "h"\ntls = true\n'), environ={})
+    assert config.destinations[0].tls is not None and config.destinations[0].tls.verify_hostname

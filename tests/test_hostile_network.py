@@ -2,7 +2,8 @@
 
 Each attack is made with raw sockets or a pynetdicom SCU driven below its public API; a real dcmtk
 storescu checks that senders keep working during the attack. Memory is this process's resident set
-(the Receiver runs in it), read from /proc/self/status.
+(the Receiver runs in it), read from /proc/self/status. The tests taking `make_port` run twice: on the
+plain port, and on a TLS port (issue 21), where every socket first completes a mutual-TLS handshake.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import contextlib
 import os
 import random
 import socket
+import ssl
 import struct
 import time
 import zlib
@@ -38,7 +40,7 @@ from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, ImplementationClassUIDNotification, MaximumLengthNotification
 from pynetdicom.sop_class import Verification
 
-from node.config import ReceiverConfig
+from node.config import ReceiverConfig, ReceiverTlsConfig
 from node.ingest.receiver import Receiver
 from node.ingest.spool import Spool, SpoolError, read_data_set_header
 
@@ -57,27 +59,54 @@ def rss_mb() -> float:
     raise AssertionError("no VmRSS in /proc/self/status")
 
 
+_TLS_PORTS: dict[int, object] = {}  # TLS listener port -> the tls_certs.Pki whose client certificate peers present
+
+
 @pytest.fixture
 def make_receiver(tmp_path: Path) -> Iterator:
     receivers: list[Receiver] = []
 
-    def make(**overrides: object) -> Receiver:
+    def make(tls: object | None = None, **overrides: object) -> Receiver:
+        """A started Receiver; with `tls` (a Pki) it listens for DICOM TLS only, requiring client certificates."""
         config = ReceiverConfig(ae_title=AE_TITLE, port=free_port(), bind_address="127.0.0.1", min_free_disk_mb=1)
         for key, value in overrides.items():
             setattr(config, key, value)
+        if tls is not None:
+            config.tls = ReceiverTlsConfig(port=free_port(), certificate=tls.server.certificate,
+                                           private_key=tls.server.key, ca_certificates=tls.ca, plain_listener=False)
         receiver = Receiver(config, Spool(tmp_path / f"spool{len(receivers)}"), RecordingListener())
         receiver.start()
         receivers.append(receiver)
+        if tls is not None:
+            _TLS_PORTS[receiver.tls_port] = tls
         return receiver
 
     yield make
     for receiver in receivers:
+        if receiver.tls is not None:
+            _TLS_PORTS.pop(receiver.tls_port, None)
         receiver.stop(grace_s=2)
 
 
+@pytest.fixture(params=["plain", "tls"])
+def make_port(request, make_receiver) -> Iterator:
+    """`make_port(**receiver overrides)` -> the port of a started Receiver, plain DICOM or DICOM TLS."""
+    tls = request.getfixturevalue("pki") if request.param == "tls" else None
+
+    def make(**overrides: object) -> int:
+        receiver = make_receiver(tls, **overrides)
+        return receiver.tls_port if tls is not None else receiver.port
+
+    return make
+
+
 def connect(port: int) -> socket.socket:
+    """A connection to the node; on a TLS port, past a mutual-TLS handshake."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=PEER_TIMEOUT_S)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    pki = _TLS_PORTS.get(port)
+    if pki is not None:
+        return pki.client.client_context(pki.ca).wrap_socket(sock, server_hostname="localhost")
     return sock
 
 
@@ -110,7 +139,7 @@ def read_pdu(sock: socket.socket) -> tuple[int, bytes]:
 
 def _read_exactly(sock: socket.socket, count: int) -> bytes:
     data = bytearray()
-    with contextlib.suppress(ConnectionResetError):
+    with contextlib.suppress(ConnectionResetError, ssl.SSLError):
         while len(data) < count:
             chunk = sock.recv(count - len(data))
             if not chunk:
@@ -124,10 +153,10 @@ def closed_by_node(sock: socket.socket) -> bool:
     try:
         while sock.recv(65536):
             pass
-    except ConnectionResetError:
-        return True
-    except TimeoutError:
+    except TimeoutError:  # before OSError: a timeout is one
         return False
+    except (ConnectionResetError, ssl.SSLError):
+        return True
     return True
 
 
@@ -143,14 +172,18 @@ def associated(port: int) -> socket.socket:
 def send_series(port: int, folder: Path, count: int = 3) -> None:
     """A real sender: dcmtk storescu with its own network timeouts, which must succeed."""
     files = write_ct_series(folder, count, size=16)
-    result = storescu(port, files, AE_TITLE, "MODALITY", "-to", "10", "-ta", "10", "-td", "10", timeout_s=60)
+    pki = _TLS_PORTS.get(port)
+    tls = pki.client.dcmtk(pki.ca) if pki is not None else []
+    result = storescu(port, files, AE_TITLE, "MODALITY", "-to", "10", "-ta", "10", "-td", "10", *tls, timeout_s=60)
     assert result.returncode == 0, result.stderr
 
 
 def scu_association(port: int, syntax: str = ExplicitVRLittleEndian, calling: str = "PYSCU"):
     ae = AE(ae_title=calling)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = PEER_TIMEOUT_S
-    assoc = ae.associate("127.0.0.1", port, [build_context(CTImageStorage, syntax)], ae_title=AE_TITLE)
+    pki = _TLS_PORTS.get(port)
+    tls = (pki.client.client_context(pki.ca), "localhost") if pki is not None else None
+    assoc = ae.associate("127.0.0.1", port, [build_context(CTImageStorage, syntax)], ae_title=AE_TITLE, tls_args=tls)
     assert assoc.is_established
     return assoc
 
@@ -208,13 +241,13 @@ def request_then_garbage(port: int) -> socket.socket:
     return sock
 
 
-def test_hostile_sockets_leave_memory_bounded_while_storescu_keeps_working(make_receiver, tmp_path: Path) -> None:
-    receiver = make_receiver()
-    send_series(receiver.port, tmp_path / "warm-up")  # the first association's one-time costs
+def test_hostile_sockets_leave_memory_bounded_while_storescu_keeps_working(make_port, tmp_path: Path) -> None:
+    port = make_port()
+    send_series(port, tmp_path / "warm-up")  # the first association's one-time costs
     before = rss_mb()
 
-    attackers = [attack(receiver.port) for attack in (six_byte_pdu, random_bytes, request_then_garbage) for _ in range(3)]
-    send_series(receiver.port, tmp_path / "during")
+    attackers = [attack(port) for attack in (six_byte_pdu, random_bytes, request_then_garbage) for _ in range(3)]
+    send_series(port, tmp_path / "during")
     grown = rss_mb() - before
 
     try:
@@ -225,38 +258,38 @@ def test_hostile_sockets_leave_memory_bounded_while_storescu_keeps_working(make_
             sock.close()
 
 
-def test_half_open_sockets_and_a_port_scan_do_not_lock_out_a_sender(make_receiver, tmp_path: Path) -> None:
-    receiver = make_receiver(max_associations=2)
+def test_half_open_sockets_and_a_port_scan_do_not_lock_out_a_sender(make_port, tmp_path: Path) -> None:
+    port = make_port(max_associations=2)
     half_open = []
     for _ in range(10):
-        sock = connect(receiver.port)
+        sock = connect(port)
         sock.sendall(b"\x01")
         half_open.append(sock)
     for _ in range(100):
-        connect(receiver.port).close()
+        connect(port).close()
     try:
-        send_series(receiver.port, tmp_path / "series")
+        send_series(port, tmp_path / "series")
     finally:
         for sock in half_open:
             sock.close()
 
 
-def test_the_oldest_pending_connection_makes_room_for_a_new_one(make_receiver, tmp_path: Path) -> None:
-    receiver = make_receiver(max_pending_connections=4, association_request_timeout_s=60.0)
-    idle = [connect(receiver.port) for _ in range(8)]
+def test_the_oldest_pending_connection_makes_room_for_a_new_one(make_port, tmp_path: Path) -> None:
+    port = make_port(max_pending_connections=4, association_request_timeout_s=60.0)
+    idle = [connect(port) for _ in range(8)]
     try:
-        send_series(receiver.port, tmp_path / "series")
+        send_series(port, tmp_path / "series")
         assert closed_by_node(idle[0]), "the oldest pending connection was not dropped"
     finally:
         for sock in idle:
             sock.close()
 
 
-def test_a_stalled_association_request_and_a_stalled_pdu_are_timed_out(make_receiver) -> None:
-    receiver = make_receiver(association_request_timeout_s=1.0, pdu_timeout_s=1.0)
-    stalled_request = connect(receiver.port)
+def test_a_stalled_association_request_and_a_stalled_pdu_are_timed_out(make_port) -> None:
+    port = make_port(association_request_timeout_s=1.0, pdu_timeout_s=1.0)
+    stalled_request = connect(port)
     stalled_request.sendall(associate_rq()[:20])
-    stalled_pdu = associated(receiver.port)
+    stalled_pdu = associated(port)
     stalled_pdu.sendall(b"\x04\x00\x00\x00\x10\x00" + b"\x00" * 100)
     try:
         assert closed_by_node(stalled_request)
@@ -266,18 +299,18 @@ def test_a_stalled_association_request_and_a_stalled_pdu_are_timed_out(make_rece
         stalled_pdu.close()
 
 
-def test_an_idle_association_is_aborted(make_receiver) -> None:
-    receiver = make_receiver(idle_timeout_s=1.0)
-    sock = associated(receiver.port)
+def test_an_idle_association_is_aborted(make_port) -> None:
+    port = make_port(idle_timeout_s=1.0)
+    sock = associated(port)
     try:
         assert read_pdu(sock)[0] in (0x07, 0), "the node did not abort the idle association"
     finally:
         sock.close()
 
 
-def test_a_p_data_pdu_over_the_announced_maximum_is_aborted_unread(make_receiver) -> None:
-    receiver = make_receiver(max_pdu_size=16384)
-    sock = associated(receiver.port)
+def test_a_p_data_pdu_over_the_announced_maximum_is_aborted_unread(make_port) -> None:
+    port = make_port(max_pdu_size=16384)
+    sock = associated(port)
     sock.sendall(struct.pack(">BBL", 0x04, 0, 16385))
     try:
         assert read_pdu(sock)[0] == 0x07
@@ -285,11 +318,11 @@ def test_a_p_data_pdu_over_the_announced_maximum_is_aborted_unread(make_receiver
         sock.close()
 
 
-def test_called_ae_titles_and_calling_ae_hosts_are_checked(make_receiver) -> None:
-    receiver = make_receiver(called_aes=["NODE", "NODE2"], calling_ae_hosts=["CT1@10.9.9.9", "CT2@127.0.0.0/8"])
+def test_called_ae_titles_and_calling_ae_hosts_are_checked(make_port) -> None:
+    port = make_port(called_aes=["NODE", "NODE2"], calling_ae_hosts=["CT1@10.9.9.9", "CT2@127.0.0.0/8"])
     answers = {}
     for called, calling in (("NODE", "ANY"), ("NODE2", "CT2"), ("OTHER", "ANY"), ("NODE", "CT1")):
-        sock = connect(receiver.port)
+        sock = connect(port)
         sock.sendall(associate_rq(called, calling))
         pdu_type, body = read_pdu(sock)
         answers[called, calling] = (pdu_type, body[-1] if pdu_type == 0x03 else None)

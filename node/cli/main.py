@@ -13,11 +13,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="paraspinal-node", description=__doc__)
     parser.add_argument("--version", action="version", version=__version__)
     sub = parser.add_subparsers(dest="command", required=True)
-    from node.cli import measure, service, weights
+    from node.cli import backfill, measure, service, weights
 
     measure.add_subcommand(sub)
     weights.add_subcommand(sub)
     service.add_subcommand(sub)
+    backfill.add_subcommand(sub)
     return parser
 
 

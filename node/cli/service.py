@@ -181,13 +181,20 @@ def _complete(args: argparse.Namespace, config: Config) -> int:
 def _echo(args: argparse.Namespace, config: Config) -> int:
     from node.delivery.destinations import DicomPeer
     from node.delivery.sender import echo
+    from node.tls import TlsError
 
     try:
         peer = DicomPeer.from_key(args.peer).config
     except ValueError as exc:
         print(f"paraspinal-node echo: {exc}", file=sys.stderr)
         return ExitCode.USAGE
-    outcome = echo(peer, config.receiver.ae_title, config.delivery.timeout_s)
+    known = [p for p in [*config.destinations, config.backfill.pacs] if p is not None]
+    peer = next((p for p in known if (p.ae_title, p.host, p.port) == (peer.ae_title, peer.host, peer.port)), peer)
+    try:  # a configured peer is echoed with its TLS settings
+        outcome = echo(peer, config.receiver.ae_title, config.delivery.timeout_s)
+    except TlsError as exc:
+        print(f"paraspinal-node echo: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
     print(f"{args.peer}: {outcome.describe()}")
     return ExitCode.OK if outcome.ok else ExitCode.FAILED
 

@@ -63,7 +63,9 @@ class DicomPeer:
 
     @property
     def key(self) -> str:
-        return f"{self.config.ae_title}@{self.config.host}:{self.config.port}"
+        """`AE@host:port`, with `+tls` for a TLS peer: a stored row never goes out in clear text to a TLS peer."""
+        tls = "+tls" if self.config.tls is not None else ""
+        return f"{self.config.ae_title}@{self.config.host}:{self.config.port}{tls}"
 
     @classmethod
     def from_key(cls, key: str) -> DicomPeer:
@@ -119,9 +121,16 @@ def configured(config: Config) -> list[Handler]:
 
 
 def handler_for(key: str, config: Config) -> Handler:
-    """The handler for a stored key, even when its destination has left the config since; ValueError if unreadable."""
+    """The handler for a stored key, even when its destination has left the config since (plain DICOM peers
+    only: a TLS peer's CA and certificate are in the config alone); ValueError if unreadable."""
     if key == RESULTS_FOLDER:
         return ResultsFolder(config.delivery.results_dir)
+    for destination in config.destinations:
+        if DicomPeer(destination).key == key:
+            return DicomPeer(destination)
+    if key.endswith("+tls"):
+        raise ValueError(f"TLS destination {key.removesuffix('+tls')} is no longer in the config: add it back with "
+                         "its tls settings to send what is pending")
     return DicomPeer.from_key(key)
 
 

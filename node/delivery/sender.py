@@ -8,6 +8,7 @@ the caller too.
 from __future__ import annotations
 
 import logging
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 
 from node.config import DestinationConfig
+from node.tls import client_context, server_name
 
 log = logging.getLogger(__name__)
 
@@ -171,14 +173,25 @@ def _associate(
     opened: list[bool] = []
     assoc = ae.associate(
         destination.host, destination.port, contexts, ae_title=destination.ae_title,
-        evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: opened.append(True))],
+        evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: opened.append(True))], tls_args=tls_args(destination),
     )
     return assoc, bool(opened)
+
+
+def tls_args(peer: DestinationConfig) -> tuple[ssl.SSLContext, str] | None:
+    """pynetdicom's `tls_args` for a peer with `tls` set (node.tls.client_context); None for plain DICOM."""
+    if peer.tls is None:
+        return None
+    return client_context(peer.tls, "tls"), server_name(peer.tls, peer.host)
 
 
 def _association_failure(assoc: Association, connected: bool, destination: DestinationConfig) -> str:
     where = _name(destination)
     if not connected:
+        if destination.tls is not None:
+            return (f"no TLS connection to {where}: check that it is running and reachable, that it speaks DICOM TLS "
+                    "on that port, and that its certificate is signed by tls.ca_certificates and names the host "
+                    "(see the log for the TLS error)")
         return f"no connection to {where}: check that it is running and reachable (host, port, firewall)"
     if assoc.is_rejected:
         primitive = assoc.acceptor.primitive

@@ -12,6 +12,10 @@ sockets lock out every sender. The overrides here bound all of it:
   `pdu_timeout_s` of its first byte, and an associated peer is aborted after `idle_timeout_s` of silence.
 - Slots: a connection counts against `maximum_associations` only once its A-ASSOCIATE-RQ has arrived;
   until then it is in a separate pool of `max_pending` connections, whose oldest is dropped for a newcomer.
+- TLS: the handshake happens on the connection's own reactor thread, not pynetdicom's accept thread,
+  within the same `association_request_timeout_s` of connecting; a peer that stalls in it is dropped
+  like any other connection that does not associate. Readers waiting in `select` also ask
+  `SSLSocket.pending()`: OpenSSL may already hold a decrypted PDU that the socket will never signal.
 - DIMSE: a command set is capped at `SMALL_PDU_LIMIT`, a data set at `max_dataset_bytes` (beyond that
   the rest is read and dropped, so the C-STORE can still be answered), and the peer is not read from
   while a complete message waits for the handler (TCP flow control holds back a pipelining peer).
@@ -33,9 +37,11 @@ import queue
 import select
 import socket
 import socketserver
+import ssl
 import struct
 import threading
 import time
+import typing
 from dataclasses import dataclass
 from io import BytesIO
 
@@ -143,12 +149,24 @@ def _holds_a_slot(assoc: Association) -> bool:
     return asked and not (assoc.is_released or assoc.is_aborted or assoc.is_rejected)
 
 
+class TlsContextSource(typing.Protocol):
+    """Where a TLS server gets the context for each new connection (node.tls.ServerTls: reloaded on change)."""
+
+    def context(self) -> ssl.SSLContext: ...
+
+
 class BoundedServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server with bounded connections, owned by the Receiver rather than the AE."""
+    """pynetdicom's threaded server with bounded connections, owned by the Receiver rather than the AE.
+
+    With `tls` set it is a TLS listener: connections are wrapped as they are set up and the handshake is
+    left to each connection's reactor (`BoundedDUL._handshake`); pynetdicom's own `ssl_context` stays None,
+    since its `get_request` would shake hands on the accept thread, where one stalled client blocks all.
+    """
 
     daemon_threads = True
     request_queue_size = 128  # listen backlog: a burst of port probes must not overflow it (SYN retries take 1 s)
     limits: ConnectionLimits
+    tls: TlsContextSource | None = None
 
     def _bind_defaults(self) -> None:
         """pynetdicom's default intervention handlers only: its "standard" notification handlers format
@@ -198,6 +216,9 @@ class BoundedRequestHandler(RequestHandler):
         negotiation only reads them), and without pynetdicom's per-PDU and per-message debug handlers."""
         self.server.make_room()
         self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tls = self.server.tls
+        if tls is not None:  # no handshake here: this thread must return for the next connection to be set up
+            self.request = tls.context().wrap_socket(self.request, server_side=True, do_handshake_on_connect=False)
         assoc = Association(self.ae, MODE_ACCEPTOR)
         for event, handler in _STANDARD_HANDLERS:  # bound by every Association: see BoundedServer._bind_defaults
             assoc.unbind(event, handler)
@@ -226,6 +247,7 @@ class BoundedRequestHandler(RequestHandler):
         dul._eof_reported = False
         dul._wake_lock = threading.Lock()
         dul._wake_fd = None
+        dul._handshake_pending = tls is not None
         dul._run_loop_delay = 0  # BoundedDUL._is_transport_event does the waiting
         assoc.dimse.__class__ = BoundedDIMSE
         return assoc
@@ -240,6 +262,7 @@ class BoundedDUL(DULServiceProvider):
     _eof_reported: bool
     _wake_lock: threading.Lock
     _wake_fd: int | None
+    _handshake_pending: bool
 
     def run(self) -> None:
         """The reactor thread, with an eventfd that `send_pdu` signals: the reactor's waits end as soon as
@@ -260,7 +283,10 @@ class BoundedDUL(DULServiceProvider):
                 os.eventfd_write(self._wake_fd, 1)
 
     def _wait(self, sock: socket.socket | None, timeout: float) -> None:
-        """Wait until `sock` is readable, a primitive is queued to send, or `timeout` passes."""
+        """Wait until `sock` is readable (or OpenSSL holds decrypted bytes), a primitive is queued to send,
+        or `timeout` passes."""
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return
         wake = self._wake_fd
         try:
             ready, _, _ = select.select([wake] if sock is None else [sock, wake], [], [], timeout)
@@ -274,10 +300,7 @@ class BoundedDUL(DULServiceProvider):
         self._transport_closed = True
         sock = self.socket.socket if self.socket is not None else None
         if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            _shutdown(sock, socket.SHUT_RDWR)
 
     def _is_transport_event(self) -> bool:
         """pynetdicom's check for incoming data, made to wait for it: the reactor loop no longer sleeps
@@ -323,6 +346,9 @@ class BoundedDUL(DULServiceProvider):
         associating = self.assoc.requestor.primitive is None
         deadline = (self._accepted_at + self._limits.association_request_timeout_s if associating
                     else time.monotonic() + self._limits.pdu_timeout_s)
+        if self._handshake_pending:
+            self._handshake(sock, deadline)
+            return
         header = bytearray(6)
         if not _recv_into(sock, memoryview(header), deadline):
             self._closed("Evt17")
@@ -345,6 +371,27 @@ class BoundedDUL(DULServiceProvider):
             return
         self.event_queue.put(event)
         self._recv_pdu.put(decoded)
+
+    def _handshake(self, sock: ssl.SSLSocket, deadline: float) -> None:
+        """The TLS handshake, bounded by the connection's deadline for its A-ASSOCIATE-RQ; a failure
+        (no or untrusted client certificate, expired, plain DICOM) closes the connection with its reason."""
+        self._handshake_pending = False
+        try:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("no handshake before receiver.association_request_timeout_s")
+            sock.settimeout(remaining)
+            sock.do_handshake()
+        except (OSError, ValueError) as exc:  # ssl.SSLError, TimeoutError and resets are OSErrors
+            address = self.assoc.requestor.address_info
+            reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+            if isinstance(exc, ssl.SSLCertVerificationError):  # which check failed: expired, unknown CA, ...
+                reason = f"{reason} ({exc.verify_message})"
+            log.warning("event=tls_refused peer=%s:%s reason=%s", address.address, address.port, reason)
+            self._closed("Evt17")
+            return
+        log.debug("event=tls_established peer=%s version=%s cipher=%s", self.assoc.requestor.address_info.address,
+                  sock.version(), (sock.cipher() or ("",))[0])
 
     def _decode_p_data(self, pdu: bytearray) -> tuple[P_DATA_TF, str]:
         """A P-DATA-TF whose PDVs are views of `pdu`, not copies: pynetdicom copies a data fragment four times
@@ -373,10 +420,7 @@ class BoundedDUL(DULServiceProvider):
         reason = why or (f"PDU type 0x{pdu_type:02X} unknown" if pdu_type not in _PDU_TYPES
                          else f"PDU of {length} bytes over the limit of {limit}")
         log.warning("event=pdu_refused peer=%s:%s reason=%s", address.address, address.port, reason)
-        try:
-            self.socket.socket.shutdown(socket.SHUT_RD)
-        except OSError:
-            pass
+        _shutdown(self.socket.socket, socket.SHUT_RD)
         self._closed("Evt19")
 
     def _closed(self, event: str) -> None:
@@ -387,6 +431,15 @@ class BoundedDUL(DULServiceProvider):
                 return
             self._eof_reported = True
         self.event_queue.put(event)
+
+
+def _shutdown(sock: socket.socket, how: int) -> None:
+    """Shut the connection down; an SSLSocket's own shutdown() also drops its TLS state, after which it
+    would read raw records as PDUs and send the A-ABORT in clear text, so the TCP socket's is called."""
+    try:
+        socket.socket.shutdown(sock, how)
+    except OSError:
+        pass
 
 
 def _recv_into(sock: socket.socket, view: memoryview, deadline: float) -> bool:

@@ -13,6 +13,8 @@ Before and after association every connection is bounded in memory and time by t
 adapter (node/ingest/association.py). Associations are rejected when the called AE is not one of
 `called_aes` (default: the node's own title), the calling AE is outside `allowed_calling_aes` (when
 set) or connects from a host `calling_ae_hosts` does not give it, and beyond `max_associations`.
+With [receiver.tls] a second listener speaks DICOM TLS (node.tls) under the same rules, and a calling
+AE named in `calling_ae_certificates` is accepted only there, with a client certificate naming it.
 A CT data set is refused, with its reason in the ErrorComment, when it is over `max_dataset_mb`
 (0xA700), breaks the CT IOD or is no image the node can decode (no Pixel Data, Pixel Data length not
 Rows x Columns x bits, Rows or Columns 0, BitsAllocated not 8 or 16, several frames, UIDs that
@@ -72,6 +74,7 @@ from node.ingest.spool import (
     StoreOutcome,
     read_data_set_header,
 )
+from node.tls import ServerTls, peer_names
 
 log = logging.getLogger(__name__)
 
@@ -183,22 +186,66 @@ class Receiver:
         self._tallies: dict[Association, _Tally] = {}
         self.counter = ReceiverCounter()  # since start, for /metrics and the status page
         self._lock = threading.Lock()
-        self._server: BoundedServer | None = None
-        self._thread: threading.Thread | None = None
+        self._servers: dict[str, BoundedServer] = {}  # "plain" and/or "tls"
         self._ae = self._make_ae()
         self._answered = {title.strip() for title in config.answered_aes()}
         self._allowed = {title.strip() for title in config.allowed_calling_aes}
         self._networks = config.calling_ae_networks()
+        self._certificate_names = config.tls.certificate_names() if config.tls is not None else {}
+        self.tls: ServerTls | None = None  # made at start: a key others may read refuses it (node.tls.TlsError)
 
     @property
     def port(self) -> int:
-        """The port actually listened on."""
-        if self._server is None:
-            raise RuntimeError("receiver is not started")
-        return int(self._server.server_address[1])
+        """The plain port actually listened on."""
+        return self._port("plain")
+
+    @property
+    def tls_port(self) -> int:
+        """The TLS port actually listened on."""
+        return self._port("tls")
+
+    def _port(self, kind: str) -> int:
+        server = self._servers.get(kind)
+        if server is None:
+            raise RuntimeError(f"receiver is not listening for {kind} DICOM")
+        return int(server.server_address[1])
+
+    @property
+    def listening(self) -> bool:
+        return bool(self._servers)
+
+    def store_handlers(self) -> list[tuple[evt.EventType, object]]:
+        """The C-STORE path for an association the node requested (a backfill's C-GET): the same refusals,
+        spool and listener as a received association."""
+        return [(evt.EVT_C_STORE, self._on_store), (evt.EVT_RELEASED, self._on_released),
+                (evt.EVT_ABORTED, self._on_aborted)]
+
+    def reload_tls(self) -> bool:
+        """Load the TLS certificate, key and CAs again (SIGHUP); open associations keep theirs."""
+        return self.tls.reload() if self.tls is not None else False
 
     def start(self) -> None:
-        """Bind and serve in a background thread; raises OSError if the port is taken."""
+        """Bind and serve in background threads; raises OSError if a port is taken, node.tls.TlsError
+        when the TLS files cannot be used."""
+        tls_config = self.config.tls
+        if tls_config is not None:
+            self.tls = ServerTls(tls_config)
+        try:
+            if tls_config is None or tls_config.plain_listener:
+                self._listen("plain", self.config.port, None)
+            if tls_config is not None:
+                self._listen("tls", tls_config.port, self.tls)
+        except OSError:
+            self._close_listeners()
+            raise
+        log.info(
+            "event=receiver_started ae_title=%s address=%s port=%s tls_port=%s max_associations=%d "
+            "accept_other_storage=%s", self.config.ae_title, self.config.bind_address,
+            self.port if "plain" in self._servers else "none", self.tls_port if "tls" in self._servers else "none",
+            self.config.max_associations, self.config.accept_other_storage,
+        )
+
+    def _listen(self, kind: str, port: int, tls: ServerTls | None) -> None:
         handlers = [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
@@ -208,21 +255,21 @@ class Receiver:
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_ABORTED, self._on_aborted),
         ]
-        self._server = self._ae.make_server(
-            (self.config.bind_address, self.config.port),
+        server = self._ae.make_server(
+            (self.config.bind_address, port),
             ae_title=self.config.ae_title,
             evt_handlers=handlers,
             server_class=BoundedServer,
             request_handler=BoundedRequestHandler,
         )
-        self._server.limits = self._limits()
-        self._thread = threading.Thread(target=self._server.serve_forever, name="dicom-receiver", daemon=True)
-        self._thread.start()
-        log.info(
-            "event=receiver_started ae_title=%s address=%s port=%d max_associations=%d accept_other_storage=%s",
-            self.config.ae_title, self.config.bind_address, self.port, self.config.max_associations,
-            self.config.accept_other_storage,
-        )
+        server.limits = self._limits()
+        server.tls = tls
+        self._servers[kind] = server
+        threading.Thread(target=server.serve_forever, name=f"dicom-receiver-{kind}", daemon=True).start()
+
+    def _close_listeners(self) -> None:
+        for server in self._servers.values():
+            server.close_listener()
 
     def stop(self, grace_s: float = 30.0) -> None:
         """Stop accepting, give open associations `grace_s` to finish, then abort them.
@@ -230,10 +277,11 @@ class Receiver:
         Aborting never loses an acknowledged instance: a store that is being written finishes
         (its thread is joined) and anything not yet acknowledged will be resent by the peer.
         """
-        if self._server is None:
+        if not self._servers:
             return
-        self._server.close_listener()
-        self._server.drop_pending()  # not associated: nothing can have been acknowledged on them
+        self._close_listeners()
+        for server in self._servers.values():
+            server.drop_pending()  # not associated: nothing can have been acknowledged on them
         deadline = time.monotonic() + grace_s
         while self._active() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -242,7 +290,7 @@ class Receiver:
             assoc.abort()
         for assoc in self._active():
             assoc.join(timeout=grace_s)
-        self._server = None
+        self._servers = {}
         log.info("event=receiver_stopped ae_title=%s", self.config.ae_title)
 
     def _limits(self) -> ConnectionLimits:
@@ -263,8 +311,7 @@ class Receiver:
         return ae
 
     def _active(self) -> list[Association]:
-        server = self._server
-        return [a for a in server.connections() if a.is_alive()] if server is not None else []
+        return [a for server in self._servers.values() for a in server.connections() if a.is_alive()]
 
     def _tally(self, assoc: Association) -> _Tally:
         with self._lock:
@@ -283,7 +330,7 @@ class Receiver:
         request = event.assoc.requestor.primitive
         called, calling = str(request.called_ae_title).strip(), str(request.calling_ae_title).strip()
         address = event.assoc.requestor.address_info
-        refusal = self._refusal(called, calling, address.address)
+        refusal = self._refusal(called, calling, address.address) or self._certificate_refusal(event.assoc, calling)
         if refusal is None:
             return
         diagnostic, reason = refusal
@@ -304,6 +351,17 @@ class Receiver:
         networks = self._networks.get(calling)
         if networks is not None and not _from_any(host, networks):
             return _CALLING_AE_NOT_RECOGNIZED, "calling AE connected from a host receiver.calling_ae_hosts does not give it"
+        return None
+
+    def _certificate_refusal(self, assoc: Association, calling: str) -> tuple[int, str] | None:
+        """A calling AE tied to a certificate name must come over TLS with a client certificate naming it."""
+        wanted = self._certificate_names.get(calling)
+        if wanted is None:
+            return None
+        socket = assoc.dul.socket.socket if assoc.dul.socket is not None else None
+        if wanted not in peer_names(socket):
+            return (_CALLING_AE_NOT_RECOGNIZED, "calling AE not presented with the client certificate "
+                    "receiver.tls.calling_ae_certificates gives it")
         return None
 
     def _on_accepted(self, event: evt.Event) -> None:

@@ -13,6 +13,9 @@ Why each series waits is written to <state_dir>/pending.json for `status` and fo
 where a series whose association was open or aborted stays waiting for the resend. Durations use
 the monotonic clock, so a step of the wall clock neither completes a series early nor delays it.
 
+A backfilled series (node.backfill) is complete only with as many instances as the PACS listed for it;
+with fewer it is dropped from the pending series without a job, and the backfill retrieves it again.
+
 Each complete series is fingerprinted over its instances, so the same content is never queued twice
 while a series that grew or had an instance replaced is queued again. Series that fail a
 selection rule become skipped jobs that name the rule.
@@ -391,6 +394,11 @@ class SeriesTracker:
     def _finish(self, series_uid: str, pending: _Pending) -> int | None:
         files = self._spool.series_files(pending.study_uid, series_uid)
         if not files:
+            return None
+        expected = self._state.backfill_expected(series_uid)
+        if expected is not None and len(files) < expected:  # a partial retrieve: the backfill retrieves it again
+            log.warning("event=series_incomplete series=%s instances=%d expected=%d reason=%s", series_uid, len(files),
+                        expected, "a backfill retrieve brought fewer instances than the PACS lists")
             return None
         content = fingerprint(files)
         if self._state.has_job_for(series_uid, content):

@@ -29,15 +29,22 @@ class Choice:
     reason: str
 
 
+def protocol_by_header(header: Dataset, protocols: list[ProtocolConfig]) -> Choice | None:
+    """The protocol the header alone names (also a backfill's C-FIND answer); None if no pattern matches."""
+    for keyword in ("BodyPartExamined", *_DESCRIPTIONS):
+        text = " ".join(str(header.get(keyword, "") or "").split())
+        for protocol in protocols:
+            pattern = protocol.body_part if keyword == "BodyPartExamined" else protocol.description
+            if text and pattern and re.search(pattern, text):
+                return Choice(protocol, f"{keyword} {text}")
+    return None
+
+
 def choose_protocol(header: Dataset | None, present: Collection[str], protocols: list[ProtocolConfig]) -> Choice:
     """`present`: the levels whose vertebra was segmented; `header`: any instance (None for NIfTI)."""
-    if header is not None:
-        for keyword in ("BodyPartExamined", *_DESCRIPTIONS):
-            text = " ".join(str(header.get(keyword, "") or "").split())
-            for protocol in protocols:
-                pattern = protocol.body_part if keyword == "BodyPartExamined" else protocol.description
-                if text and pattern and re.search(pattern, text):
-                    return Choice(protocol, f"{keyword} {text}")
+    chosen = protocol_by_header(header, protocols) if header is not None else None
+    if chosen is not None:
+        return chosen
     counts = [sum(level in present for level in protocol.levels) for protocol in protocols]
     best = protocols[counts.index(max(counts))]
     return Choice(best, f"field of view: {max(counts)} of its levels segmented")

@@ -7,9 +7,9 @@ acknowledged); stop the watch folder; wait for the workers and the send in progr
 close the database. Series still waiting for their quiet period are not lost: they are
 in the spool and `SeriesTracker.recover` picks them up at the next start.
 
-SIGHUP is logged and ignored: there is nothing to reload (the config is read at start; change it
-and restart), and logs go to stderr, so there is no log file to reopen. A terminal closing or a
-`systemctl kill -s HUP` must not take the node down without its orderly shutdown.
+SIGHUP reloads the DICOM TLS certificate, key and CAs (open associations keep theirs); nothing else
+is reloaded (the config is read at start; change it and restart), and logs go to stderr, so there is
+no log file to reopen. A terminal closing or a `systemctl kill -s HUP` must not take the node down.
 """
 
 from __future__ import annotations
@@ -20,9 +20,11 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
+from node.backfill.runner import BackfillRunner
 from node.config import Config, ReceiverConfig
 from node.delivery.loop import DeliveryLoop
 from node.ingest.dixon import spooled_sop_classes
@@ -36,6 +38,7 @@ from node.service.owner import OwnerError, StateDirOwner, check_state_present, m
 from node.service.supervisor import WorkerSupervisor
 from node.state.pending import pending_path
 from node.state.store import ServeRecord, State, open_configured
+from node.tls import TlsError
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +67,9 @@ class StartError(Exception):
     """The node cannot start; the message names the setting to change."""
 
 
-def stop_on_signals() -> threading.Event:
-    """An event set by SIGTERM or SIGINT (the main loop polls it; nothing is interrupted)."""
+def stop_on_signals(on_hangup: Callable[[], object] | None = None) -> threading.Event:
+    """An event set by SIGTERM or SIGINT (the main loop polls it; nothing is interrupted); SIGHUP calls
+    `on_hangup` on its own thread (a handler must not take locks the interrupted code may hold)."""
     stop = threading.Event()
 
     def handler(signum: int, frame: FrameType | None) -> None:
@@ -73,6 +77,9 @@ def stop_on_signals() -> threading.Event:
         stop.set()
 
     def ignore(signum: int, frame: FrameType | None) -> None:
+        if on_hangup is not None:
+            threading.Thread(target=on_hangup, name="sighup", daemon=True).start()
+            return
         log.warning("event=signal_ignored signal=SIGHUP reason=%s",
                     "nothing to reload: change the config and restart the service")
 
@@ -111,6 +118,10 @@ class Service:
         self._delivery_stop = threading.Event()
         self._delivery_thread = threading.Thread(target=self.delivery.run, args=(self._delivery_stop,),
                                                  name="delivery", daemon=True)
+        self.backfill = BackfillRunner(config, self.state, self.spool, self.receiver.store_handlers(),
+                                       list(self.receiver.spooled))
+        self._backfill_thread = threading.Thread(target=self.backfill.run, args=(self._delivery_stop,),
+                                                 name="backfill", daemon=True)
         self._next_heartbeat = 0.0
         self.web = None  # the status page, /metrics and health checks; started after the receiver
         self.dicomweb = None  # WADO-RS/STOW-RS for workers on other hosts ([dicomweb] enabled)
@@ -163,25 +174,48 @@ class Service:
         if self.watcher is not None:  # a folder it cannot use refuses the start before the receiver listens
             self.watcher.start()
         try:
+            self._check_client_tls()
             self.receiver.start()
-        except OSError as exc:
+        except (OSError, TlsError) as exc:
             if self.watcher is not None:
                 self.watcher.stop()
             if self.dicomweb is not None:
                 self.dicomweb.stop()
-            address = f"{self.config.receiver.bind_address}:{self.config.receiver.port}"
-            raise StartError(f"cannot listen on {address} ({exc.strerror or exc}): stop what uses the port or "
-                             "change receiver.port / receiver.bind_address") from None
+            if isinstance(exc, TlsError):
+                raise StartError(str(exc)) from None
+            receiver = self.config.receiver
+            ports = f"{receiver.port}" + (f" or {receiver.tls.port}" if receiver.tls is not None else "")
+            raise StartError(f"cannot listen on {receiver.bind_address} port {ports} ({exc.strerror or exc}): stop what "
+                             "uses the port or change receiver.port / receiver.tls.port / receiver.bind_address") from None
         self._heartbeat()
         if (warning := exposure_warning(self.config.receiver)) is not None:
             log.warning("event=receiver_open_to_all reason=%s", warning)
         self.supervisor.check()
         self._delivery_thread.start()
+        self._backfill_thread.start()
         if web is not None:
             web.start()
             self.web = web
-        log.info("event=node_started ae_title=%s port=%d workers=%d partial_files_removed=%d",
-                 self.config.receiver.ae_title, self.receiver.port, self.config.worker.count, removed)
+        log.info("event=node_started ae_title=%s port=%d tls_port=%d workers=%d partial_files_removed=%d",
+                 self.config.receiver.ae_title, self.config.receiver.port if self.config.receiver.tls is None
+                 or self.config.receiver.tls.plain_listener else 0,
+                 self.config.receiver.tls.port if self.config.receiver.tls else 0, self.config.worker.count, removed)
+
+    def _check_client_tls(self) -> None:
+        """Every outgoing TLS setting usable now (a readable key, a missing CA), not at the first send."""
+        from node.tls import client_context
+
+        peers = [(f"destinations[{i}].tls", d) for i, d in enumerate(self.config.destinations)]
+        if self.config.backfill.pacs is not None:
+            peers.append(("backfill.pacs.tls", self.config.backfill.pacs))
+        for key, peer in peers:
+            if peer.tls is not None:
+                client_context(peer.tls, key)
+
+    def reload_tls(self) -> None:
+        """SIGHUP: the receiver's certificate, key and CAs again."""
+        if not self.receiver.reload_tls():
+            log.warning("event=signal_ignored signal=SIGHUP reason=%s", "no [receiver.tls] to reload")
 
     def _make_web(self):
         """The web server over this node's state and live parts (imported only when enabled)."""
@@ -211,7 +245,7 @@ class Service:
 
     def _receiver_listening(self) -> bool:
         try:
-            return self.receiver.port > 0
+            return self.receiver.listening
         except RuntimeError:  # not started, or stopped
             return False
 
@@ -226,6 +260,8 @@ class Service:
         self.supervisor.stop(SHUTDOWN_GRACE_S)
         if self._delivery_thread.is_alive():
             self._delivery_thread.join(self.config.delivery.timeout_s + SHUTDOWN_GRACE_S)
+        if self._backfill_thread.is_alive():  # a retrieve in flight ends at its timeout at the latest
+            self._backfill_thread.join(self.config.backfill.timeout_s + SHUTDOWN_GRACE_S)
         if self.web is not None:  # up until here, so /readyz says "not listening" while the node drains
             self.web.stop()
         if self.dicomweb is not None:  # remote workers store results until the database closes
@@ -236,6 +272,7 @@ class Service:
 
 
 def serve(config: Config, config_path: Path | None, init: bool = False) -> int:
-    stop = stop_on_signals()
-    Service(config, config_path, init).run(stop)
+    service = Service(config, config_path, init)
+    stop = stop_on_signals(on_hangup=service.reload_tls)
+    service.run(stop)
     return 0

@@ -30,7 +30,7 @@ from types import FrameType
 from typing import TypeVar
 
 from node.config import Config
-from node.delivery.destinations import DICOM_RESULTS, configured
+from node.delivery.destinations import DICOM_RESULTS, DicomPeer, configured
 from node.durable import make_dirs
 from node.errors import InputError
 from node.labels import roi_subset
@@ -73,10 +73,11 @@ class _Claimed:
     segmented: Segmented | None = None
 
 
-def deliveries_for(result: PipelineResult, config: Config, out_dir: Path) -> list[NewDelivery]:
-    """Every DICOM result to every destination, plus the results folder when one is configured."""
+def deliveries_for(result: PipelineResult, config: Config, out_dir: Path, withheld: bool = False) -> list[NewDelivery]:
+    """Every DICOM result to every destination, plus the results folder when one is configured;
+    `withheld` (a series backfilled with send_results off): the results folder only."""
     return [NewDelivery(handler.key, str(f)) for handler in configured(config)
-            for f in handler.files_for(result.files, out_dir)]
+            if not (withheld and isinstance(handler, DicomPeer)) for f in handler.files_for(result.files, out_dir)]
 
 
 class Worker:
@@ -286,7 +287,8 @@ class Worker:
                 return False
             deliveries: list[NewDelivery] = []  # serve staged them when it stored the results
         else:
-            deliveries = deliveries_for(result, self._config, claimed.out_dir)
+            deliveries = deliveries_for(result, self._config, claimed.out_dir,
+                                        self._store.results_withheld(job.series_uid))
         claimed.lease.stop()
         done = self._store.complete(job.id, job.token, result.measurement.to_dict(), deliveries)
         if claimed.remote_url is not None:

@@ -120,6 +120,39 @@ SQLITE: tuple[str, ...] = (
     );
     ALTER TABLE series ADD COLUMN serve TEXT NOT NULL DEFAULT '';
     """,
+    # Backfill (issue 21): each backfill's search progress (the next day to search) and its candidate series.
+    """
+    CREATE TABLE backfills (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        serve TEXT NOT NULL,
+        date_from TEXT NOT NULL,
+        date_to TEXT NOT NULL,
+        query TEXT NOT NULL,
+        send_results INTEGER NOT NULL,
+        next_day TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('running', 'done', 'cancelled')),
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        finished_at REAL
+    );
+    CREATE TABLE backfill_series (
+        series_uid TEXT PRIMARY KEY,
+        backfill_id INTEGER NOT NULL REFERENCES backfills(id),
+        study_uid TEXT NOT NULL,
+        study_date TEXT NOT NULL,
+        expected INTEGER NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('found', 'retrieved', 'measured', 'failed')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT,
+        not_before REAL NOT NULL DEFAULT 0,
+        last_attempt_at REAL,
+        retrieved_at REAL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX backfill_series_due ON backfill_series (backfill_id, status, not_before);
+    CREATE INDEX backfill_series_attempts ON backfill_series (last_attempt_at);
+    """,
 )
 
 POSTGRESQL: tuple[str, ...] = (
@@ -227,6 +260,38 @@ POSTGRESQL: tuple[str, ...] = (
         started_at DOUBLE PRECISION NOT NULL,
         heartbeat_at DOUBLE PRECISION NOT NULL
     );
+    """,
+    """
+    CREATE TABLE backfills (
+        id INTEGER GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        serve TEXT NOT NULL,
+        date_from TEXT NOT NULL,
+        date_to TEXT NOT NULL,
+        query TEXT NOT NULL,
+        send_results INTEGER NOT NULL,
+        next_day TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('running', 'done', 'cancelled')),
+        created_at DOUBLE PRECISION NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL,
+        finished_at DOUBLE PRECISION
+    );
+    CREATE TABLE backfill_series (
+        series_uid TEXT PRIMARY KEY,
+        backfill_id INTEGER NOT NULL REFERENCES backfills(id),
+        study_uid TEXT NOT NULL,
+        study_date TEXT NOT NULL,
+        expected INTEGER NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('found', 'retrieved', 'measured', 'failed')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT,
+        not_before DOUBLE PRECISION NOT NULL DEFAULT 0,
+        last_attempt_at DOUBLE PRECISION,
+        retrieved_at DOUBLE PRECISION,
+        created_at DOUBLE PRECISION NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX backfill_series_due ON backfill_series (backfill_id, status, not_before);
+    CREATE INDEX backfill_series_attempts ON backfill_series (last_attempt_at);
     """,
 )
 

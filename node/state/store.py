@@ -25,6 +25,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from node.state.backfill import BackfillState
 from node.state.database import Database, Transaction
 from node.state.errors import StateError, StateFull, disk_full
 from node.state.schema import SCHEMA_VERSION
@@ -250,6 +251,8 @@ class JobStore(Protocol):
 
     def report_worker(self, report: WorkerReport) -> None: ...
 
+    def results_withheld(self, series_uid: str) -> bool: ...
+
 
 # A series whose images can go: every job settled before the cutoff, no delivery pending.
 _SETTLED_SERIES = """series.pruned_at IS NULL AND series.updated_at < :cutoff AND series.serve IN (:serve, '')
@@ -302,7 +305,7 @@ def open_configured(config: Config, create: bool = False, serve: str = "") -> St
     return open_state(location, create=create, serve=serve, password_file=config.state.password_file)
 
 
-class State:
+class State(BackfillState):
     """The node's state on one backend: a Path opens SQLite there (with `clock`, for tests), or pass a Database."""
 
     def __init__(self, database: Path | Database, clock: Callable[[], float] = time.time, serve: str = "") -> None:

@@ -164,6 +164,11 @@ class DicomwebSite:
 
     # STOW-RS ------------------------------------------------------------------------------------
 
+    def _peers_for(self, job_id: int) -> list[DicomPeer]:
+        """The DICOM destinations of a job's results: none for a series backfilled with send_results off."""
+        job = self.state.get_job(job_id)
+        return [] if job is not None and self.state.results_withheld(job.series_uid) else self._peers
+
     async def store(self, request: Request, job_id: int, token: int) -> Response:
         boundary = _boundary(request.headers.get("content-type", ""))
         body = await self._read_body(request)
@@ -173,8 +178,9 @@ class DicomwebSite:
         stored, failed = await run_in_threadpool(self._store_parts, job_id, token, request.path_params.get("study"),
                                                  parts)
         if stored:
-            staged = [NewDelivery(peer.key, str(item.path)) for item in stored for peer in self._peers]
             try:
+                peers = await run_in_threadpool(self._peers_for, job_id)
+                staged = [NewDelivery(peer.key, str(item.path)) for item in stored for peer in peers]
                 current = await run_in_threadpool(self.state.stage_deliveries, job_id, token, staged)
             except Exception as exc:
                 raise _unavailable(exc) from None
@@ -182,7 +188,7 @@ class DicomwebSite:
                 raise Refusal(409, f"job {job_id} attempt {token} lost its lease while storing: nothing staged, "
                                    "drop the job", lease=True)
         log.info("event=dicomweb_stored job=%d attempt=%d stored=%d failed=%d deliveries_staged=%d", job_id, token,
-                 len(stored), len(failed), len(stored) * len(self._peers))
+                 len(stored), len(failed), len(staged) if stored else 0)
         status = 200 if not failed else 202 if stored else 409
         headers = {"Warning": f'299 paraspinal-node "{_header_text(failed[0].message)}"'} if failed else {}
         return Response(json.dumps(_stow_response(stored, failed)).encode(), status_code=status,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from node.config import Config
 from node.errors import INSTALL_FIX
 from node.ingest.counts import ReceiverTotals
+from node.state.backfill import BackfillProgress
 from node.state.store import DestinationTotals, HostThroughput, JobStatus, Lease, State, StateError, WorkerRecord
 
 WORKER_STALE_S = 60.0  # a worker silent this long (heartbeat or lease renewal) is shown as lost
@@ -65,6 +66,7 @@ class Overview:
     recent_errors: list[tuple[str, int, str]]
     segmenter: str
     device: str
+    backfills: list[BackfillProgress]
 
 
 def weights_missing(workers: list[WorkerView]) -> list[str]:
@@ -127,7 +129,8 @@ def overview(config: Config, state: State, live: Live) -> Overview:
     jobs = {str(status): counts.get(str(status), 0) for status in JobStatus}
     workers = worker_views(state, now)
     return Overview(
-        receiver_address=f"{config.receiver.bind_address}:{config.receiver.port}",
+        receiver_address=f"{config.receiver.bind_address}:{config.receiver.port}" + (
+            f", TLS {config.receiver.tls.port}" if config.receiver.tls is not None else ""),
         ae_title=config.receiver.ae_title,
         receiver=live.receiver_totals(),
         jobs=jobs,
@@ -139,4 +142,5 @@ def overview(config: Config, state: State, live: Live) -> Overview:
         recent_errors=state.recent_errors(),
         segmenter=config.segmenter.backend,
         device=config.segmenter.device,
+        backfills=state.backfill_progress(now - THROUGHPUT_WINDOW_S),
     )
