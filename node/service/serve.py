@@ -29,6 +29,7 @@ from node.ingest.receiver import Receiver
 from node.ingest.series import SeriesTracker
 from node.ingest.spool import Spool
 from node.ingest.watch import Watcher
+from node.priors.inbox import PriorsInbox
 from node.service.housekeeping import Housekeeper
 from node.service.ids import serve_name
 from node.service.owner import OwnerError, StateDirOwner, check_state_present, make_private
@@ -101,7 +102,7 @@ class Service:
         self.spool = Spool(config.storage.spool_dir, config.storage.spool_direct_io)
         self.tracker = SeriesTracker(self.spool, self.state, config.completion, config.selection,
                                      pending_file=pending_path(config.storage.state_dir))
-        self.receiver = Receiver(config.receiver, self.spool, self.tracker)
+        self.receiver = Receiver(config.receiver, self.spool, self.tracker, PriorsInbox.from_config(config))
         self.watcher = Watcher(config.receiver, self.spool, self.tracker) if config.receiver.watch_dir else None
         self.supervisor = WorkerSupervisor(config_path, config.worker.count, self.state)
         self.delivery = DeliveryLoop(config, self.state)

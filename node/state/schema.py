@@ -120,6 +120,9 @@ SQLITE: tuple[str, ...] = (
     );
     ALTER TABLE series ADD COLUMN serve TEXT NOT NULL DEFAULT '';
     """,
+    """
+    CREATE INDEX series_by_patient ON series (patient_id, study_date);
+    """,
 )
 
 POSTGRESQL: tuple[str, ...] = (
@@ -227,6 +230,9 @@ POSTGRESQL: tuple[str, ...] = (
         started_at DOUBLE PRECISION NOT NULL,
         heartbeat_at DOUBLE PRECISION NOT NULL
     );
+    """,
+    """
+    CREATE INDEX series_by_patient ON series (patient_id, study_date);
     """,
 )
 
