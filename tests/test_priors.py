@@ -411,3 +411,38 @@ def test_silent_pacs_is_given_up_at_its_timeout(world: World, state: State, tmp_
         silent.close()
     assert found["priors"]["searched"][1]["status"] == "not checked"
     assert 0.9 <= elapsed < 2.0
+
+
+# ------------------------------------------------------------------ worklist and trend
+
+
+def test_worklist_filters_on_the_change_per_year_and_trend_prints_the_series(world: World, tmp_path: Path,
+                                                                             capsys: pytest.CaptureFixture) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text(f'[storage]\nstate_dir = "{tmp_path / "state"}"\n')
+    (tmp_path / "state").mkdir()
+    state = State(tmp_path / "state" / "state.sqlite")
+    record_done(state, world.prior, world.prior_result.measurement.to_dict())
+    later, _ = later_json(world, state_only(state), tmp_path / "out")
+    record_done(state, world.later, later)
+    state.close()
+    from node.cli.main import main
+
+    assert main(["worklist", "--config", str(config), "--format", "json", "--where", "t1_t10_median_hu_per_year<-2"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert (row["series_instance_uid"], row["prior_study_date"], row["prior_comparable"]) == (
+        world.later.series.series_uid, "2022-01-01", True)
+    assert (row["t1_t10_median_hu_change"], row["t1_t10_median_hu_significant"]) == (MUSCLE_SHIFT_HU, True)
+    assert row["bone_hu_change"] is None, "the bone-flag vertebra L1 is partial in the phantom: not compared"
+    assert main(["worklist", "--config", str(config), "--format", "json", "--where", "t1_t10_median_hu_per_year<-4"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    assert main(["worklist", "--config", str(config), "--where", "nonsense<1"]) == 2
+    capsys.readouterr()
+    assert main(["trend", "PHANTOM-0", "--config", str(config), "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["study_date"], r["prior"]) for r in rows] == [("2022-01-01", None), ("2024-01-02", "2022-01-01")]
+    assert rows[1]["t1_t10_hu_per_year"] == MUSCLE_SHIFT_HU * 365.25 / INTERVAL_DAYS
+    assert main(["trend", "PHANTOM-0", "--config", str(config)]) == 0
+    text = capsys.readouterr().out
+    assert "Phantom" not in text and "2024-01-02" in text
+    assert main(["trend", "NOBODY", "--config", str(config)]) == 1
