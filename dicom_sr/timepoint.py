@@ -3,7 +3,7 @@
 - Tracking Unique Identifier: derived from Patient ID, Issuer and the group's label (level, side,
   statistics window; vertebra; organ), so the same ROI of the same patient has the same UID in
   every report and readers can link them across time (random when the patient has no ID).
-- Time Point Context (TID 1502), when priors were looked for: the study date as time point,
+- Time Point Context (TID 1502), when the patient has an earlier result: the study date as time point,
   its order among the patient's results, and the offset in days from the first one (Baseline).
 - In each all-voxels group with a change: the prior value, Δ and Δ per year as NUMs, the interval
   in days, and whether the pair is comparable and the change significant (codes in dicom_sr.codes).
@@ -64,10 +64,13 @@ class TimeContext:
         return TrackingIdentifier(identifier=label, uid=tracking_uid(self.subject, label))
 
     def time_point(self) -> TimePointContext | None:
-        """Order among the patient's results found and days since the first; None when priors were not looked for."""
+        """Order among the patient's results found and days since the first; None without an earlier result,
+        so a first report's groups stay as they always were."""
         if self.longitudinal is None:
             return None
         earlier = [p for p in self.longitudinal.priors if not p.identity and (p.interval_days or 0) > 0]
+        if not earlier:
+            return None
         offset = max((p.interval_days or 0 for p in earlier), default=0)
         return TimePointContext(
             time_point=iso_date(self.study_date) or "current", time_point_order=len(earlier) + 1,

@@ -26,7 +26,7 @@ import pytest
 from dicom_peers import free_port
 from orthanc import ORTHANC, Modality, Orthanc
 from pydicom.uid import generate_uid
-from test_readers import TID1500READER
+from test_readers import DCIODVFY, TID1500READER, complaints
 
 from dicom_sr import codes
 from dicom_sr.timepoint import tracking_uid
@@ -195,6 +195,8 @@ def test_dcmqi_reads_the_change_by_code(world: World, state: State, tmp_path: Pa
              ["measurementItems"]}
     assert items[codes.CHANGE_MEDIAN_HU.value] == MUSCLE_SHIFT_HU
     assert items[codes.PRIOR_INTERVAL.value] == INTERVAL_DAYS
+    if DCIODVFY["debian"].exists():  # time points, change items and the image library keep the SR valid
+        assert complaints(DCIODVFY["debian"], result.files["sr"]) == set()
 
 
 def prior_variant(world: World, **changes) -> dict:
