@@ -120,8 +120,24 @@ CONVOLUTION_KERNEL = _private("KERNEL", "Convolution kernel")
 CONTRAST_STATUS = _private("CONTRAST", "Contrast status")
 CONTRAST = {True: _private("ENHANCED", "Contrast-enhanced"), False: _private("UNENHANCED", "Unenhanced"),
             None: _sct("261665006", "Unknown")}
+# MR Dixon fat (node.pipeline.mr_measure): fractions in the SR are percent (UCUM %), measurements.json keeps 0-1.
+AREA = _sct("42798000", "Area")
+SQUARE_CENTIMETER = CodedConcept("cm2", "UCUM", "square centimeter")
+PERCENT = CodedConcept("%", "UCUM", "percent")
+FAT_SIGNAL_RATIO = _private("FSF", "Sum of fat signal over sum of fat and water signal")
+FAT_AREA_FRACTION = _private("FATAREA", "Fat area fraction, voxels with fat fraction >= 50 %")
+DIXON_MUSCLE = _private("DIXONFF", "All muscle voxels, 2-point Dixon fat signal fraction (not PDFF)")
+MUSCLE_MASK = _private("MUSCLEVOX", "All muscle voxels")
+GOUTALLIER_GRADE = _private("GOUTSIMPL", "Simplified Goutallier grade of the fat area fraction")
+GRADE = {
+    "normal": _private("GOUT1", "Grade I normal or mild, fat area < 10 %"),
+    "moderate": _private("GOUT2", "Grade II moderate, fat area 10-50 %"),
+    "severe": _private("GOUT3", "Grade III severe, fat area > 50 %"),
+}
+NOT_ASSESSED_NO_DIXON = _private("NODIXON", "Not assessed: no Dixon")
 
 PROCEDURE_CT_CHEST = CodedConcept("24627-2", "LN", "CT Chest")
+PROCEDURE_MR = _sct("113091000", "Magnetic resonance imaging")  # when the MR source names no procedure
 PROCEDURE_CT = _sct("77477000", "CT")  # when the source names neither its procedure nor the chest
 ARTIFICIAL_INTELLIGENCE = _dcm("123110", "Artificial Intelligence")
 ANALYSIS_QUALITY = _dcm("111693", "Analysis Quality Rating")

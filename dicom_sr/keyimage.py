@@ -34,7 +34,7 @@ from node.labels import THORACIC_SPAN  # noqa: E402
 from node.pipeline.bone import BODY_MASK, VertebraResult  # noqa: E402
 from node.pipeline.ct import CTVolume  # noqa: E402
 from node.pipeline.flags import Flag, FlagState  # noqa: E402
-from node.pipeline.measure import LevelResult, MeasurementResult, MuscleStats, SpanTotal  # noqa: E402
+from node.pipeline.measure import LevelResult, MeasurementResult, MuscleStats, Software, SpanTotal  # noqa: E402
 from node.priors.change import Origin, Quantity, QuantityKey, parse_da, snapshot_from_result  # noqa: E402
 from node.screening import Coverage, LevelStatus, low_attenuation  # noqa: E402
 
@@ -375,11 +375,18 @@ def _coverage_note(name: str, totals: Coverage) -> str:
 
 
 def build_key_image(ct: CTVolume, segments: SegmentMap, result: MeasurementResult, options: EncodeOptions) -> hd.sc.SCImage:
+    return key_image_object(ct, render_key_image(ct, segments, result, options), result.software, options,
+                            "Rendered summary of the paraspinal muscle measurement")
+
+
+def key_image_object(ct: CTVolume, pixels: np.ndarray, software: Software, options: EncodeOptions,
+                     derivation: str) -> hd.sc.SCImage:
+    """The Secondary Capture around a rendered RGB picture, in the source's study, referencing its images."""
     sources = source_images(ct)
     settings = options.results
     image = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=sources[0],
-        pixel_array=render_key_image(ct, segments, result, options),
+        pixel_array=pixels,
         photometric_interpretation="RGB",
         bits_allocated=8,
         coordinate_system="PATIENT",
@@ -391,7 +398,7 @@ def build_key_image(ct: CTVolume, segments: SegmentMap, result: MeasurementResul
         patient_orientation=("L", "F"),
         series_description=settings.key_image_series_description,
         institution_name=options.institution_name,
-        software_versions=software_versions(result.software),
+        software_versions=software_versions(software),
         specific_character_set=character_set(sources[0], options.texts()),
     )
     copy_patient_and_study(ct.datasets[0], image)
@@ -403,8 +410,9 @@ def build_key_image(ct: CTVolume, segments: SegmentMap, result: MeasurementResul
         if "BodyPartExamined" in image:  # highdicom copies it from the reference
             del image.BodyPartExamined
         image.Laterality = ""
-    image.ImageComments = "Derived by paraspinal-node from the CT series; not for diagnosis"
-    image.DerivationDescription = "Rendered summary of the paraspinal muscle measurement"
+    modality = str(ct.datasets[0].get("Modality", "CT"))
+    image.ImageComments = f"Derived by paraspinal-node from the {modality} series; not for diagnosis"
+    image.DerivationDescription = derivation
     image.SourceImageSequence = [_reference(ds) for ds in sources]
     return image
 

@@ -74,7 +74,7 @@ def gc_paused() -> Iterator[None]:
 
 def build_results(ct: CTVolume, seg: Segmentation, result: MeasurementResult, options: EncodeOptions) -> ResultObjects:
     """All three objects in memory; the SR references the SEG built here."""
-    _check_referable(ct)
+    check_referable(ct)
     segments = segment_map(seg, result)
     seg_object = build_seg(ct, segments, result, options)
     append_bone_and_organ_segments(seg_object, ct, seg, result, options)
@@ -85,7 +85,7 @@ def build_results(ct: CTVolume, seg: Segmentation, result: MeasurementResult, op
     )
 
 
-def _check_referable(ct: CTVolume) -> None:
+def check_referable(ct: CTVolume) -> None:
     """Results must point at their source; anonymisers sometimes blank the UIDs they need."""
     blank = [kw for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
              if any(not ds.get(kw) for ds in ct.datasets)]
@@ -106,11 +106,11 @@ def write_results(ct: CTVolume, seg: Segmentation, result: MeasurementResult, ou
                                           "sop_instance_uid": str(sr.SOPInstanceUID), "sop_class_uid": str(sr.SOPClassUID)})
         make_dirs(out_dir)
         for dataset, path in ((objects.seg, files.seg), (objects.sr, files.sr), (objects.key_image, files.key_image)):
-            _write(dataset, path)
+            write_dataset(dataset, path)
     return files
 
 
-def _write(dataset: Dataset, path: Path) -> None:
+def write_dataset(dataset: Dataset, path: Path) -> None:
     """Durable before the worker records the job done and queues its deliveries."""
     buffer = BytesIO()
     dataset.save_as(buffer, enforce_file_format=True)

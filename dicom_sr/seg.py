@@ -128,15 +128,19 @@ def seg_equipment(software: Software) -> dict[str, object]:
             "software_versions": software_versions(software), "device_serial_number": "none"}
 
 
-def build_seg(ct: CTVolume, segments: SegmentMap, result: MeasurementResult, options: EncodeOptions) -> hd.seg.Segmentation:
-    """One SEG in the source study; frame i is derived from source image i (empty frames left out)."""
+def build_seg(ct: CTVolume, segments: SegmentMap, result: MeasurementResult, options: EncodeOptions,
+              tasks: str = "total") -> hd.seg.Segmentation:
+    """One SEG in the source study; frame i is derived from source image i (empty frames left out).
+
+    `tasks`: the TotalSegmentator tasks that drew the masks (MR: "total_mr + vertebrae_mr").
+    """
     sources = source_images(ct)
     settings = options.results
     seg = hd.seg.Segmentation(
         source_images=sources,
         pixel_array=segments.numbers,
         segmentation_type=SegmentationTypeValues.LABELMAP if settings.labelmap else SegmentationTypeValues.BINARY,
-        segment_descriptions=[_describe(spec, result.software) for spec in segments.specs],
+        segment_descriptions=[_describe(spec, result.software, tasks) for spec in segments.specs],
         series_instance_uid=hd.UID(),
         series_number=settings.seg_series_number,
         sop_instance_uid=hd.UID(),
@@ -212,7 +216,7 @@ def _reordered_pixels(seg: Dataset, order: list[int]) -> bytes:
     return data + b"\0" * (len(data) % 2)
 
 
-def _describe(spec: SegmentSpec, software: Software) -> SegmentDescription:
+def _describe(spec: SegmentSpec, software: Software, tasks: str) -> SegmentDescription:
     if spec.side is None:
         label, property_type, rgb = f"{spec.level} vertebra", codes.VERTEBRA[spec.level], codes.VERTEBRA_RGB
         region = codes.spine_region(spec.level)
@@ -226,7 +230,7 @@ def _describe(spec: SegmentSpec, software: Software) -> SegmentDescription:
         segmented_property_category=codes.ANATOMICAL_STRUCTURE,
         segmented_property_type=copy.deepcopy(property_type),  # the modifier below must not reach the shared code
         algorithm_type=SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=_algorithms(software, with_node=spec.side is not None),
+        algorithm_identification=_algorithms(software, spec.side is not None, tasks),
         tracking_id=label,
         tracking_uid=hd.UID(),
         anatomic_regions=[region],
@@ -238,7 +242,7 @@ def _describe(spec: SegmentSpec, software: Software) -> SegmentDescription:
     return description
 
 
-def _algorithms(software: Software, with_node: bool) -> hd.AlgorithmIdentificationSequence:
+def _algorithms(software: Software, with_node: bool, tasks: str) -> hd.AlgorithmIdentificationSequence:
     """TotalSegmentator drew the masks; for the muscle this node cut them into level slabs.
 
     One item only: highdicom's reader refuses more, although the standard allows them.
@@ -249,11 +253,11 @@ def _algorithms(software: Software, with_node: bool) -> hd.AlgorithmIdentificati
     if not with_node:
         return hd.AlgorithmIdentificationSequence(
             name="TotalSegmentator", family=codes.ARTIFICIAL_INTELLIGENCE,
-            version=totalseg_version, source=node, parameters={"task": "total"},
+            version=totalseg_version, source=node, parameters={"task": tasks},
         )
     return hd.AlgorithmIdentificationSequence(
         name="paraspinal-node", family=codes.ARTIFICIAL_INTELLIGENCE,
         version=software.paraspinal_node, source=totalseg,
-        parameters={"segmentation": f"{totalseg} task total", "slab": "min..max axial slice of the level's body mask",
+        parameters={"segmentation": f"{totalseg} task {tasks}", "slab": "min..max axial slice of the level's body mask",
                     "shared slice": "in both levels"},
     )

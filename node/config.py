@@ -221,6 +221,9 @@ class CompletionConfig:
     # A series cut off (aborted association, refused instances) waits for its sender's resend;
     # true: the idle period completes it anyway, and the partial series is processed.
     idle_completes_partial: bool = False
+    # MR: a completed Dixon water series waits this long for its fat series (node.ingest.dixon); then it is
+    # measured without fat figures. It waits longer while a fat series of its study is still arriving.
+    dixon_partner_wait_s: float = 120.0
 
 
 @dataclass
@@ -310,6 +313,29 @@ class WebConfig:
 
 
 @dataclass
+class DicomwebConfig:
+    """WADO-RS/STOW-RS between `serve` and workers on other hosts (README "DICOMweb between serve and workers").
+
+    serve reads enabled, bind, port, url, token_file, tls_certificate/tls_private_key and ca_certificates
+    (set: workers must show a client certificate it signed). A worker reads token_file, ca_certificates (set:
+    serve's certificate must be signed by it; unset: the system's CAs) and client_certificate/client_private_key.
+    """
+
+    enabled: bool = False  # serve: listen for remote workers (one host needs nothing of this)
+    bind: str = "0.0.0.0"  # the listener exists only for other hosts; the token (and TLS) guard it
+    port: int = 8781
+    url: str = ""  # serve: how workers reach this serve, e.g. https://recv1.example.org:8781 (required when enabled)
+    token_file: Path | None = None  # the worker token, one line, shared by serve and workers; never in the TOML
+    tls_certificate: Path | None = None  # serve: PEM certificate (chain); without it the listener speaks plain HTTP
+    tls_private_key: Path | None = None
+    ca_certificates: Path | None = None  # serve: CA of client certificates (then required); worker: CA of serve's
+    client_certificate: Path | None = None  # worker: PEM certificate shown to serve
+    client_private_key: Path | None = None
+    timeout_s: float = 60.0  # worker: connect and read timeout (no byte for this long); serve: a request's body
+    max_stow_mb: int = 512  # serve: larger STOW-RS bodies are refused (413) before being read
+
+
+@dataclass
 class Config:
     receiver: ReceiverConfig = field(default_factory=ReceiverConfig)
     destinations: list[DestinationConfig] = field(default_factory=list)
@@ -327,6 +353,7 @@ class Config:
     priors: PriorsConfig = field(default_factory=PriorsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     web: WebConfig = field(default_factory=WebConfig)
+    dicomweb: DicomwebConfig = field(default_factory=DicomwebConfig)
 
 
 _VALID_BACKENDS = ("totalsegmentator", "precomputed")
@@ -465,6 +492,7 @@ def _validate(config: Config) -> None:
     _validate_protocols(config.protocols)
     _validate_web(config.web)
     _validate_priors(config.priors)
+    _validate_dicomweb(config.dicomweb)
     _validate_positive(config)
     if config.logging.format not in ("kv", "json"):
         raise ConfigError(f"logging.format must be kv or json, not {config.logging.format!r}")
@@ -526,6 +554,33 @@ def _validate_web(web: WebConfig) -> None:
         raise ConfigError(f"web.refresh_s must be 0 (no refresh) or more, not {web.refresh_s}")
     if web.auth != "none" and web.secret_file is None:
         raise ConfigError(f"web.auth = {web.auth!r} needs web.secret_file: a file holding the password or token")
+
+
+def _validate_dicomweb(dicomweb: DicomwebConfig) -> None:
+    if not 0 < dicomweb.port < 65536:
+        raise ConfigError(f"dicomweb.port must be 1..65535, not {dicomweb.port}")
+    if dicomweb.timeout_s <= 0 or dicomweb.max_stow_mb < 1:
+        raise ConfigError("dicomweb.timeout_s must be greater than 0 and dicomweb.max_stow_mb at least 1")
+    for pair in (("tls_certificate", "tls_private_key"), ("client_certificate", "client_private_key")):
+        if (getattr(dicomweb, pair[0]) is None) != (getattr(dicomweb, pair[1]) is None):
+            raise ConfigError(f"dicomweb.{pair[0]} and dicomweb.{pair[1]} go together: set both or neither")
+    if dicomweb.url and not re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", dicomweb.url):
+        raise ConfigError(f"dicomweb.url {dicomweb.url!r} must be http(s)://host:port, as workers reach this serve")
+    if not dicomweb.enabled:
+        return
+    if not dicomweb.bind:
+        raise ConfigError("dicomweb.bind must be an address, e.g. 0.0.0.0 or the interface facing the GPU hosts")
+    if dicomweb.token_file is None:
+        raise ConfigError("dicomweb.enabled needs dicomweb.token_file: a file holding the worker token on one line")
+    if not dicomweb.url:
+        raise ConfigError("dicomweb.enabled needs dicomweb.url: how workers reach this serve, e.g. https://recv1:8781")
+    tls = dicomweb.tls_certificate is not None
+    if dicomweb.url.startswith("https://") != tls:
+        raise ConfigError(f"dicomweb.url {dicomweb.url!r} says {'https' if not tls else 'http'} but the listener "
+                          f"speaks {'https' if tls else 'plain http'}: make dicomweb.url and dicomweb.tls_certificate agree")
+    if dicomweb.ca_certificates is not None and not tls:
+        raise ConfigError("dicomweb.ca_certificates (client certificates) needs TLS: set dicomweb.tls_certificate "
+                          "and dicomweb.tls_private_key")
 
 
 def _validate_receiver_network(receiver: ReceiverConfig) -> None:

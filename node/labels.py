@@ -63,6 +63,19 @@ ORGAN_CLASSES: tuple[str, ...] = ("liver", "spleen")  # part 291 of `total`; seg
 # Part 292 holds every vertebra and 294 the whole autochthon (no level split), so T1–L5 runs those two.
 ROI_SUBSET: tuple[str, ...] = tuple(name for name in CLASS_LABEL if name not in ORGAN_CLASSES)
 BODY_CLASS = "vertebrae_body"
+SACRUM = 25  # `total` numbering; on MR it comes from vertebrae_mr
+DISCS_CLASS = "intervertebral_discs"  # not in `total`: on MR a mask of its own (Segmentation.discs)
+
+# MR (node.pipeline.mr_measure): total_mr gives the autochthon and the discs, vertebrae_mr each vertebra
+# and the sacrum (total_mr has all vertebrae as one label). Read into the same `total` numbering.
+MR_CLASS_LABEL: dict[str, int] = {
+    **{f"vertebrae_{level}": label for level, label in VERTEBRA_LABEL.items()},
+    "sacrum": SACRUM,
+    "autochthon_left": AUTOCHTHON_LEFT,
+    "autochthon_right": AUTOCHTHON_RIGHT,
+}
+# total_mr's roi_subset: the autochthon is in part 851, the discs in part 850.
+MR_ROI_SUBSET: tuple[str, ...] = ("autochthon_left", "autochthon_right", DISCS_CLASS)
 
 
 def roi_subset(liver: bool) -> tuple[str, ...]:

@@ -24,8 +24,10 @@ from node.labels import roi_subset
 from node.pipeline.ct import CTVolume
 from node.pipeline.ct_load import load_ct
 from node.pipeline.measure import MeasurementResult, measure
-from node.pipeline.report import write_reports
-from node.pipeline.seg_load import load_segmentation
+from node.pipeline.mr_load import MRImages, is_mr, load_mr
+from node.pipeline.mr_measure import MRMeasurementResult, measure_mr
+from node.pipeline.report import write_mr_reports, write_reports
+from node.pipeline.seg_load import load_mr_segmentation, load_segmentation
 from node.pipeline.segment import Segmenter, close_segmenter, make_segmenter
 from node.pipeline.segmentation import Segmentation
 from node.priors.lookup import PriorSources
@@ -36,32 +38,43 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PipelineResult:
-    measurement: MeasurementResult
+    measurement: MeasurementResult | MRMeasurementResult
     files: dict[str, Path] = field(default_factory=dict)  # measurements_json, measurements_csv, seg, sr, keyimage
     seconds: dict[str, float] = field(default_factory=dict)  # load, segment, measure, encode: for the status page
 
 
 @dataclass
 class Prepared:
-    """A CT in memory, ready for the engine; `seconds` collects the stage timings as the job goes on."""
+    """A series in memory, ready for the engine; `seconds` collects the stage timings as the job goes on.
+
+    `ct` is the grid every result is drawn on: the CT, or the segmented MR series, whose Dixon
+    fat image and pairing notes are in `mr`.
+    """
 
     ct: CTVolume
     seconds: dict[str, float] = field(default_factory=dict)
+    mr: MRImages | None = None
 
 
 @dataclass
 class Segmented:
-    """A CT and its labels, ready to be measured and encoded."""
+    """A series and its labels, ready to be measured and encoded."""
 
     ct: CTVolume
     seg: Segmentation
     seconds: dict[str, float] = field(default_factory=dict)
+    mr: MRImages | None = None
 
 
-def prepare(ct_path: Path) -> Prepared:
-    """Load the CT (raises InputError for input to refuse)."""
+def prepare(path: Path) -> Prepared:
+    """Load the CT, or the MR series with its Dixon partner (raises InputError for input to refuse)."""
     started = time.perf_counter()
-    ct = load_ct(ct_path)
+    if is_mr(path):
+        mr = load_mr(path)
+        log.info("event=mr_loaded series=%s slices=%d dixon=%s", mr.image.series_uid, mr.image.shape[0],
+                 mr.fat is not None)
+        return Prepared(mr.image, {"load": time.perf_counter() - started}, mr)
+    ct = load_ct(path)
     log.info("event=ct_loaded series=%s slices=%d", ct.series_uid, ct.shape[0])
     return Prepared(ct, {"load": time.perf_counter() - started})
 
@@ -71,14 +84,19 @@ def segment_prepared(prepared: Prepared, config: Config, segmenter: Segmenter | 
     """The labels from `seg_path` when given, else from `segmenter` (or a one-off one); raises WeightsMissingError."""
     started = time.perf_counter()
     ct = prepared.ct
-    seg = load_segmentation(seg_path, ct) if seg_path is not None else segment(ct, config, segmenter)
-    return Segmented(ct, seg, {**prepared.seconds, "segment": time.perf_counter() - started})
+    if prepared.mr is not None:
+        seg = load_mr_segmentation(seg_path, ct) if seg_path is not None else segment_mr(ct, config, segmenter)
+    else:
+        seg = load_segmentation(seg_path, ct) if seg_path is not None else segment(ct, config, segmenter)
+    return Segmented(ct, seg, {**prepared.seconds, "segment": time.perf_counter() - started}, prepared.mr)
 
 
 def finish(segmented: Segmented, out_dir: Path, config: Config, dicom: bool = True,
            priors: PriorSources | None = None) -> PipelineResult:
-    """Measure, compare with `priors` when given, write the reports and, with `dicom`, encode SEG, SR
+    """Measure, compare with `priors` when given (CT), write the reports and, with `dicom`, encode SEG, SR
     and key image into `out_dir` (the reports are written again then, naming the SR for later jobs)."""
+    if segmented.mr is not None:
+        return _finish_mr(segmented, segmented.mr, out_dir, config, dicom)
     seconds = dict(segmented.seconds)
     ct, seg = segmented.ct, segmented.seg
     started = time.perf_counter()
@@ -95,6 +113,26 @@ def finish(segmented: Segmented, out_dir: Path, config: Config, dicom: bool = Tr
         _lap(seconds, "encode", started)
     log.info("event=measured series=%s levels_present=%d protocol=%s", ct.series_uid,
              sum(lv.status is not LevelStatus.ABSENT for lv in result.levels), result.protocol)
+    return PipelineResult(result, files, seconds)
+
+
+def _finish_mr(segmented: Segmented, mr: MRImages, out_dir: Path, config: Config, dicom: bool) -> PipelineResult:
+    """finish() for MR: the Dixon measurement and the MR encoders."""
+    seconds = dict(segmented.seconds)
+    started = time.perf_counter()
+    result = measure_mr(mr, segmented.seg, config.measure, config.protocols)
+    json_path, csv_path = write_mr_reports(result, out_dir)
+    files = {"measurements_json": json_path, "measurements_csv": csv_path}
+    started = _lap(seconds, "measure", started)
+    if dicom:
+        from dicom_sr.mr_results import write_mr_results
+        from dicom_sr.options import EncodeOptions
+
+        written = write_mr_results(mr, segmented.seg, result, out_dir, EncodeOptions.from_config(config))
+        files.update({"seg": written.seg, "sr": written.sr, "keyimage": written.key_image})
+        _lap(seconds, "encode", started)
+    log.info("event=measured series=%s levels_present=%d protocol=%s dixon=%s", mr.image.series_uid,
+             sum(lv.status is not LevelStatus.ABSENT for lv in result.levels), result.protocol, result.fat.dixon)
     return PipelineResult(result, files, seconds)
 
 
@@ -138,6 +176,16 @@ def segment(ct: CTVolume, config: Config, segmenter: Segmenter | None = None) ->
     one_off = make_segmenter(config.segmenter, roi_subset(config.biomarkers.liver))
     try:
         return one_off.segment(ct)
+    finally:
+        close_segmenter(one_off)
+
+
+def segment_mr(image: CTVolume, config: Config, segmenter: Segmenter | None = None) -> Segmentation:
+    if segmenter is not None:
+        return segmenter.segment_mr(image)
+    one_off = make_segmenter(config.segmenter)
+    try:
+        return one_off.segment_mr(image)
     finally:
         close_segmenter(one_off)
 

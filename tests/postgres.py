@@ -16,6 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+TEST_NETWORK = "10.77.0.0/24"
 BIN_DIRS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
 
 
@@ -37,6 +38,7 @@ class Postgres:
     folder: Path
     port: int
     user: str = "paraspinal"
+    listen: tuple[str, ...] = ("127.0.0.1",)
     _names = itertools.count(1)
 
     @property
@@ -50,8 +52,12 @@ class Postgres:
         prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
         return subprocess.run([*prefix, *args], check=check, capture_output=True, text=True, timeout=120)
 
+    @property
+    def _options(self) -> str:
+        return f"-p {self.port} -k {self.folder} -c listen_addresses={','.join(self.listen)} -c fsync=off"
+
     def start(self) -> None:
-        options = f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off"
+        options = self._options
         self._run(_program("pg_ctl"), "-D", str(self.data), "-l", str(self.folder / "log"), "-w", "-t", "60",
                   "-o", options, "start")
 
@@ -60,9 +66,19 @@ class Postgres:
 
     def restart_immediate(self) -> None:
         """`pg_ctl restart -m immediate`: every connection is cut, the server recovers from its WAL."""
-        options = f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off"
+        options = self._options
         self._run(_program("pg_ctl"), "-D", str(self.data), "-l", str(self.folder / "log"), "-m", "immediate",
                   "-w", "-t", "60", "-o", options, "restart")
+
+    def listen_also(self, address: str) -> None:
+        """Listen on `address` too (a test network's bridge), restarting the server."""
+        if address not in self.listen:
+            self.listen = (*self.listen, address)
+            self.stop()
+            self.start()
+
+    def url_at(self, address: str, database: str) -> str:
+        return f"postgresql://{self.user}@{address}:{self.port}/{database}"
 
     def fresh_database(self) -> str:
         """A new empty database; its URL."""
@@ -81,6 +97,8 @@ def start_postgres() -> Postgres:
     server = Postgres(folder, _free_port())
     server._run(_program("initdb"), "-D", str(server.data), "-U", server.user, "--auth=trust", "-E", "UTF8",
                 "--no-sync")
+    with (server.data / "pg_hba.conf").open("a") as hba:  # the test network of tests/netns.py
+        hba.write(f"host all all {TEST_NETWORK} trust\n")
     server.start()
     return server
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dicom_peers import free_port, storescu
+from netns import BRIDGE_ADDRESS, TestNetwork
 from support import wait_until
 
 from node.state.store import State, open_state
@@ -73,8 +74,14 @@ class Site:
     dicomweb: bool = True
     serve_port: int = field(default_factory=free_port)
     dicomweb_port: int = field(default_factory=free_port)
+    network: TestNetwork | None = None  # set: each worker in a network namespace of its own (tests/netns.py)
     workers: list[Process] = field(default_factory=list)
     serve: Process | None = None
+
+    @property
+    def _address(self) -> str:
+        """Where workers reach PostgreSQL and serve's DICOMweb."""
+        return BRIDGE_ADDRESS if self.network is not None else "127.0.0.1"
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -86,9 +93,9 @@ class Site:
     def _serve_config(self) -> str:
         dicomweb = f"""[dicomweb]
 enabled = true
-bind = "127.0.0.1"
+bind = "{self._address}"
 port = {self.dicomweb_port}
-url = "http://127.0.0.1:{self.dicomweb_port}"
+url = "http://{self._address}:{self.dicomweb_port}"
 token_file = "{self.root / 'worker-token'}"
 """ if self.dicomweb else ""
         return f"""[receiver]
@@ -122,7 +129,7 @@ enabled = false
         path = self.root / f"worker-{index}.toml"
         source = 'series_source = "dicomweb"\n' if self.dicomweb else ""
         path.write_text(f"""[state]
-database = "{self.database}"
+database = "{self.database.replace('@127.0.0.1:', f'@{self._address}:')}"
 [storage]
 state_dir = "{self.root / f'worker-{index}-state'}"
 [segmenter]
@@ -145,12 +152,17 @@ token_file = "{self.root / 'worker-token'}"
         self.serve.start("event=node_started")
 
     def start_worker(self, index: int) -> Process:
-        worker = Process(f"worker-{index}", [sys.executable, "-m", "node.cli.main", "worker", "--config",
+        """A worker process; with a network, in a namespace of its own (`ip netns exec` keeps its PID)."""
+        inside = ["ip", "netns", "exec", self.network.host(index)] if self.network is not None else []
+        worker = Process(f"worker-{index}", [*inside, sys.executable, "-m", "node.cli.main", "worker", "--config",
                                              str(self._worker_config(index)), "--index", str(index)],
                          self.root / f"worker-{index}.log")
         worker.start("event=worker_started", timeout_s=120)
         self.workers.append(worker)
         return worker
+
+    def count_in_worker_logs(self, text: str) -> int:
+        return sum(p.read_text().count(text) for p in self.root.glob("worker-*.log"))
 
     def send(self, files: list[Path]) -> None:
         result = storescu(self.serve_port, files, "NODE", "MODALITY")

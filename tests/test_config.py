@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from dicom_peers import free_port
+from support import wait_until
 
 from node.cli.main import main
 from node.config import Config, ConfigError, DestinationConfig, load_config
@@ -125,3 +132,48 @@ def test_config_check_warns_when_any_host_may_send_under_any_ae(tmp_path: Path, 
     closed = write(tmp_path, "[receiver]\nbind_address = \"0.0.0.0\"\nallowed_calling_aes = [\"PACS\"]\n")
     assert main(["config", "check", "--config", str(closed)]) == 0
     assert "accepts any calling AE" not in capsys.readouterr().out
+
+
+def test_config_check_warns_about_exposure_word_for_word_as_serve(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("s3cret\n")
+    secret.chmod(0o644)
+    exposed = write(tmp_path, f"""
+[receiver]
+bind_address = "0.0.0.0"
+port = {free_port()}
+[storage]
+state_dir = "{tmp_path / 'state'}"
+[worker]
+count = 0
+[web]
+bind = "0.0.0.0"
+port = {free_port()}
+[logging]
+format = "json"
+""")
+    readable = write(tmp_path, exposed.read_text().replace('[web]\n', f'[web]\nauth = "basic"\nsecret_file = "{secret}"\n'))
+
+    for config in (exposed, readable):
+        assert main(["config", "check", "--config", str(config)]) == 0
+        printed = capsys.readouterr().out.splitlines()
+        checked = {line.removeprefix("  warning: ") for line in printed if "warning:" in line and "weights" not in line}
+        assert checked == serve_warnings(config, tmp_path)
+        assert len(checked) == 2  # the open receiver, then the open pages or the readable secret
+
+
+def serve_warnings(config: Path, tmp_path: Path) -> set[str]:
+    """The reasons a real `serve` with this config logs at start about exposure."""
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "node.cli.main", "serve", "--config", str(config)],
+                                   cwd=EXAMPLE.parents[1], env={**os.environ, "PYTHONPATH": str(EXAMPLE.parents[1])},
+                                   stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: "node_started" in log.read_text(), "serve started", 60)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    exposure = {"receiver_open_to_all", "web_unprotected", "web_secret_readable"}
+    return {r["reason"] for r in records if r.get("event") in exposure}

@@ -319,8 +319,15 @@ def _image(**changes: object) -> pydicom.Dataset:
         ({"Rows": 512}, ExplicitVRLittleEndian, 0, 0xA900, "Pixel Data has 512 bytes, Rows x Columns need 16384"),
         ({}, JPEG2000Lossless, 0, 0xC000, "JPEG 2000 Lossless declared, Pixel Data not encapsulated"),
         ({}, ExplicitVRLittleEndian, 500, 0xC000, "Pixel Data claims 512 bytes, 12 sent"),
+        ({"Rows": 0, "Columns": 0, "PixelData": b""}, ExplicitVRLittleEndian, 0, 0xA900,
+         "CT image of 0 x 0 pixels: needs at least 1 x 1"),
+        ({"BitsAllocated": 12, "BitsStored": 12, "HighBit": 11, "PixelData": bytes(16 * 16 * 12 // 8)},
+         ExplicitVRLittleEndian, 0, 0xA900, "CT image with BitsAllocated 12: needs 8 or 16"),
+        ({"NumberOfFrames": 2, "PixelData": bytes(2 * 16 * 16 * 2)}, ExplicitVRLittleEndian, 0, 0xA900,
+         "CT image with NumberOfFrames 2: classic is 1 frame"),
     ],
-    ids=["missing", "rows-columns", "jpeg2000-over-raw", "claims-more-than-sent"],
+    ids=["missing", "rows-columns", "jpeg2000-over-raw", "claims-more-than-sent", "no-pixels", "12-bit-packed",
+         "two-frames"],
 )
 def test_unusable_pixel_data_is_refused_with_its_reason(make_receiver, changes, syntax, cut, status, reason) -> None:
     receiver = make_receiver()
@@ -333,6 +340,43 @@ def test_unusable_pixel_data_is_refused_with_its_reason(make_receiver, changes, 
         assoc.release()
     assert (answer.Status, answer.ErrorComment) == (status, reason)
     assert not list(receiver.spool.root.glob("*/*/*.dcm"))
+
+
+def _before_pixel_data(body: bytes, inserted: bytes) -> bytes:
+    """`body` with `inserted` just before its Pixel Data element (tags stay in ascending order)."""
+    at = body.index(struct.pack("<HH", 0x7FE0, 0x0010))
+    return body[:at] + inserted + body[at:]
+
+
+_SEQUENCE = struct.pack("<HH2s2xL", 0x0040, 0xA730, b"SQ", 0xFFFFFFFF)  # Content Sequence, undefined length
+_ITEM = struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF)
+_ITEM_END, _SEQUENCE_END = struct.pack("<HHL", 0xFFFE, 0xE00D, 0), struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
+
+
+@pytest.mark.parametrize(
+    ("inserted", "reason"),
+    [
+        ((_SEQUENCE + _ITEM) * 5000 + (_ITEM_END + _SEQUENCE_END) * 5000, "sequences nested over 32 deep"),
+        (_SEQUENCE + _ITEM, "(0040,A730) of undefined length never ends"),
+        (struct.pack("<HH2s2xL", 0x0040, 0xA160, b"UT", 0xFFFFFFFF) + b"abcd",
+         "(0040,A160) has an undefined length but is no sequence"),
+        (_SEQUENCE + struct.pack("<HHL", 0xFFFE, 0xE000, 0x7FFFFFF0), "(FFFE,E000) claims 2147483632 bytes, more than sent"),
+        (struct.pack("<HH2sH", 0x0040, 0xA160, b"LO", 0xFFFF), "(0040,A160) claims 65535 bytes, more than sent"),
+    ],
+    ids=["nested-5000-deep", "undefined-length-never-ends", "undefined-length-text", "item-longer-than-sent",
+         "element-longer-than-sent"],
+)
+def test_deep_nesting_and_broken_lengths_are_refused_naming_the_problem(make_receiver, inserted, reason) -> None:
+    receiver = make_receiver()
+    image = _image()
+    assoc = scu_association(receiver.port)
+    try:
+        answer = raw_store(assoc, _before_pixel_data(encode(image), inserted), image.SOPInstanceUID)
+        assert assoc.is_established, "the association did not survive the refusal"
+        assert raw_store(assoc, encode(image), image.SOPInstanceUID).Status == 0x0000
+    finally:
+        assoc.release()
+    assert (answer.Status, answer.ErrorComment) == (0xC000, reason)
 
 
 def test_a_good_image_sent_raw_is_spooled_byte_for_byte(make_receiver) -> None:

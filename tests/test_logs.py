@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
+import warnings
 
 import pytest
 
@@ -50,6 +52,7 @@ def test_configure_selects_the_format(capsys: pytest.CaptureFixture) -> None:
         logging.getLogger("node.test").info("event=hello job=%d", 1)
         assert json.loads(capsys.readouterr().err.strip())["event"] == "hello"
     finally:
+        logging.captureWarnings(False)
         root.handlers[:] = handlers
         root.setLevel(level)
 
@@ -72,3 +75,41 @@ def test_json_reason_keeps_every_word() -> None:
     payload = json.loads(JsonFormatter().format(record("event=instance_refused status=0x%04X reason=%s", 0xA700,
                                                        "spool disk below receiver.min_free_disk_mb")))
     assert payload["reason"] == "spool disk below receiver.min_free_disk_mb" and payload["status"] == "0xA700"
+
+
+def library_record(logger: str, text: str) -> logging.LogRecord:
+    return logging.LogRecord(logger, logging.WARNING, __file__, 1, text, None, None)
+
+
+@pytest.mark.parametrize("formatter", [KeyValueFormatter(), JsonFormatter()])
+def test_a_library_message_quoting_a_peer_value_is_one_escaped_field(formatter: logging.Formatter) -> None:
+    text = "Invalid 'Calling AE Title' value 'Z\nevent=forged\x00X' level=ERROR event=forged6"
+    line = formatter.format(library_record("pynetdicom.utils", text))
+    assert "\x00" not in line and "\n" not in line
+    pairs = json.loads(line) if isinstance(formatter, JsonFormatter) else fields(line)
+    assert set(pairs) == {"ts", "level", "logger", "message"}
+    assert pairs["level"] == "WARNING" and pairs["message"] == text
+
+
+def test_warnings_thread_crashes_and_lines_outside_associations_all_reach_the_formatter(capsys: pytest.CaptureFixture) -> None:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        configure(LoggingConfig(level="INFO", format="kv"))
+        for n in range(30):  # the watch folder or a worker: not an association, nothing is held back
+            logging.getLogger("node.ingest.watch").warning("event=watch_file_rejected file=%s", f"f{n}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn("value 'a\nlevel=ERROR'", UserWarning, stacklevel=1)
+        crashing = threading.Thread(target=lambda: 1 / 0, name="crashing")
+        crashing.start()
+        crashing.join()
+    finally:
+        logging.captureWarnings(False)
+        threading.excepthook = threading.__excepthook__
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 32 and all(line.startswith("ts=") for line in lines)
+    assert fields(lines[-2])["logger"] == "py.warnings" and "level=ERROR" in fields(lines[-2])["message"]
+    assert fields(lines[-1])["event"] == "thread_failed" and "ZeroDivisionError" in fields(lines[-1])["exc"]

@@ -15,7 +15,8 @@ from node.service.serve import SHUTDOWN_GRACE_S
 
 ROOT = Path(__file__).resolve().parents[1]
 UNITS = ROOT / "systemd"
-NODE, WORKER = "paraspinal-node.service", "paraspinal-worker@.service"
+NODE, WORKER, GPU_HOST = "paraspinal-node.service", "paraspinal-worker@.service", "paraspinal-gpu-worker@.service"
+CONFIG = {NODE: "node.toml", WORKER: "node.toml", GPU_HOST: "worker.toml"}
 INSTALLED_BINARY = "/opt/paraspinal-node/bin/paraspinal-node"
 
 
@@ -37,7 +38,7 @@ class _MultiDict(dict):
             super().__setitem__(key, value)
 
 
-@pytest.mark.parametrize("name", [NODE, WORKER])
+@pytest.mark.parametrize("name", [NODE, WORKER, GPU_HOST])
 def test_units_are_hardened_and_restart_on_failure(name: str) -> None:
     service = parse(name)["Service"]
     state_dir = str(load_config(ROOT / "config" / "node.toml", environ={}).storage.state_dir)
@@ -47,7 +48,7 @@ def test_units_are_hardened_and_restart_on_failure(name: str) -> None:
     assert service["NoNewPrivileges"] == ["true"] and service["PrivateTmp"] == ["true"]
     assert service["Restart"] == ["on-failure"]
     assert service["KillSignal"] == ["SIGTERM"]
-    assert "--config /etc/paraspinal-node/node.toml" in service["ExecStart"][0]
+    assert f"--config /etc/paraspinal-node/{CONFIG[name]}" in service["ExecStart"][0]
 
 
 def test_node_runs_serve_and_worker_template_pins_its_gpu() -> None:
@@ -57,6 +58,15 @@ def test_node_runs_serve_and_worker_template_pins_its_gpu() -> None:
     assert "PARASPINAL_SEGMENTER_DEVICE=gpu:%i" in worker["Service"]["Environment"]
     assert worker["Service"]["PrivateNetwork"] == ["true"]
     load_config(None, environ={"PARASPINAL_SEGMENTER_DEVICE": "gpu:3"})  # what %i=3 gives is valid
+
+
+def test_gpu_host_worker_reaches_the_network_and_reads_worker_toml() -> None:
+    service = parse(GPU_HOST)["Service"]
+    assert service["ExecStart"][0].split()[1] == "worker"
+    assert "PrivateNetwork" not in service and "AF_INET" in service["RestrictAddressFamilies"][0].split()
+    config = load_config(ROOT / "config" / "worker.toml", environ={})
+    assert config.state.shared and config.dicomweb.token_file is not None
+    assert not config.destinations  # delivery stays with the serves
 
 
 def test_node_stop_timeout_covers_the_slowest_orderly_shutdown() -> None:
@@ -70,10 +80,11 @@ def test_node_stop_timeout_covers_the_slowest_orderly_shutdown() -> None:
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
 def test_systemd_analyze_verify_is_clean(tmp_path: Path) -> None:
     # verify insists that ExecStart exists; point it at this interpreter instead of the install path.
-    for name in (NODE, WORKER):
+    for name in (NODE, WORKER, GPU_HOST):
         text = (UNITS / name).read_text().replace(INSTALLED_BINARY, sys.executable)
         (tmp_path / name).write_text(text)
-    units = [str(tmp_path / NODE), str(tmp_path / "paraspinal-worker@0.service")]
+    units = [str(tmp_path / NODE), str(tmp_path / "paraspinal-worker@0.service"),
+             str(tmp_path / "paraspinal-gpu-worker@0.service")]
     result = subprocess.run(["systemd-analyze", "verify", *units], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "ignoring" not in result.stderr and "Unknown" not in result.stderr, result.stderr

@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -19,9 +20,11 @@ from dicom_peers import RecordingListener, ct_dataset, free_port, write_ct_serie
 from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
 from support import wait_until
 
-from node.config import ReceiverConfig
+from node.config import CompletionConfig, ReceiverConfig, SelectionConfig
+from node.ingest.series import SeriesTracker
 from node.ingest.spool import Spool
 from node.ingest.watch import StabilityTracker, Watcher, WatchFolderError
+from node.state.store import State
 
 ROOT = Path(__file__).resolve().parents[1]
 PATIENT_FOLDER = "MUELLER_JOERG"  # exporters name folders after the patient
@@ -280,9 +283,119 @@ def test_a_rejected_file_with_a_250_character_name_keeps_its_reason(inbox: Inbox
 def test_a_stable_file_waits_for_its_close_unless_it_stays_unclosed_for_long() -> None:
     tracker = StabilityTracker(stable_s=2, unclosed_s=60)
     path = Path("inbox/a.dcm")
-    assert tracker.observe({path: (100, 1)}, 0.0, closed={}) == []
-    assert tracker.observe({path: (100, 1)}, 5.0, closed={}) == []  # stable, but its writer still has it open
-    assert tracker.observe({path: (100, 1)}, 5.0, closed={path: (50, 0)}) == []  # closed at an earlier size
-    assert tracker.observe({path: (100, 1)}, 5.0, closed={path: (100, 1)}) == [path]
-    assert tracker.observe({path: (100, 1)}, 61.0, closed={}) == [path]  # no event ever came
-    assert tracker.observe({path: (100, 1)}, 61.0) == [path]  # close-write not required
+    assert tracker.observe({path: (100, 1)}, 0.0) == []
+    assert tracker.observe({path: (100, 1)}, 5.0, writing={path}) == []  # stable, but its writer still has it open
+    assert tracker.observe({path: (100, 1)}, 5.0) == [path]  # closed (or never seen written)
+    assert tracker.observe({path: (100, 1)}, 61.0, writing={path}) == [path]  # the close event never came
+
+
+def test_an_mtime_set_back_after_the_close_only_restarts_the_stable_period() -> None:
+    tracker = StabilityTracker(stable_s=2, unclosed_s=60)
+    path = Path("inbox/a.dcm")
+    assert tracker.observe({path: (100, 5_000)}, 0.0) == []
+    assert tracker.observe({path: (100, 1_000)}, 1.0) == []  # cp -p: the source's older mtime, after the close
+    assert tracker.observe({path: (100, 1_000)}, 2.5) == []
+    assert tracker.observe({path: (100, 1_000)}, 3.0) == [path]
+
+
+SERIES_FILES = 136  # one chest CT series as exported, as in the report of issue 22
+EXPORTED_AT = time.time() - 86_400  # the exporter wrote the files yesterday: -p, -a and tar set that mtime back
+
+
+def exported_series(folder: Path, count: int = SERIES_FILES, seed: int = 0) -> list[Path]:
+    """A series as an exporter leaves it: files (and their folder) last changed a day ago."""
+    files = write_ct_series(folder, count, size=512, seed=seed)
+    for path in (*files, folder):
+        os.utime(path, (EXPORTED_AT, EXPORTED_AT))
+    return files
+
+
+def copy_folder(tool: str, source: Path, inbox: Path, tmp_path: Path) -> None:
+    """Copy `source` into `inbox` with an everyday tool, as an operator would."""
+    target = inbox / source.name
+    commands = {"cp -r": ["cp", "-r"], "cp -p": ["cp", "-r", "-p"], "cp -a": ["cp", "-a"]}
+    if tool in commands:
+        subprocess.run([*commands[tool], str(source), str(target)], check=True, timeout=60)
+    elif tool == "tar x":
+        archive = tmp_path / f"{source.name}.tar"
+        subprocess.run(["tar", "-cf", str(archive), "-C", str(source.parent), source.name], check=True, timeout=60)
+        subprocess.run(["tar", "-xf", str(archive), "-C", str(inbox)], check=True, timeout=60)
+    else:
+        shutil.copytree(source, target)
+
+
+@pytest.mark.parametrize("tool", ["cp -r", "cp -p", "tar x", "cp -a", "shutil.copytree"])
+def test_every_copy_tool_is_read_in_full_within_the_stable_period_and_five_seconds(inbox: Inbox, tmp_path: Path,
+                                                                                   tool: str) -> None:
+    files = exported_series(tmp_path / "export" / "series1")
+    expected = {p.read_bytes() for p in files}
+    inbox.watcher.start()
+
+    copy_folder(tool, files[0].parent, inbox.dir, tmp_path)
+
+    assert inbox.listener.wait_released(1, timeout_s=STABLE_S + 5) == ["watch:0"]
+    assert {p.read_bytes() for p in inbox.spooled()} == expected
+    assert list(inbox.rejected.iterdir()) == []
+
+
+def test_a_file_whose_mtime_is_set_back_after_its_close_is_read(inbox: Inbox, tmp_path: Path) -> None:
+    (source,) = write_ct_series(tmp_path / "staging", 1)
+    raw = source.read_bytes()
+    inbox.watcher.start()
+    target = inbox.dir / "IM0001"
+    target.write_bytes(raw)  # written and closed ...
+    time.sleep(STABLE_S / 2)  # (the close event is handled meanwhile)
+    os.utime(target, (EXPORTED_AT, EXPORTED_AT))  # ... then given the source's mtime, as copy2 and unzip do
+
+    inbox.listener.wait_released(1, timeout_s=STABLE_S + 5)
+    assert [p.read_bytes() for p in inbox.spooled()] == [raw]
+
+
+def test_five_folders_copied_two_seconds_apart_complete_five_series(tmp_path: Path) -> None:
+    box = Inbox(tmp_path)
+    box.dir.mkdir()
+    state = State(tmp_path / "state.sqlite")
+    tracker = SeriesTracker(box.spool, state, CompletionConfig(release_quiet_s=0.5, idle_quiet_s=600),
+                            SelectionConfig(min_slices=1))
+    box.watcher = Watcher(box.watcher.config, box.spool, tracker)
+    sources = [exported_series(tmp_path / "export" / f"study{n}", seed=n)[0].parent for n in range(5)]
+    box.watcher.start()
+    try:
+        for n, source in enumerate(sources):
+            if n:
+                time.sleep(2)
+            copy_folder("cp -r", source, box.dir, tmp_path)
+        jobs: list[int] = []
+        deadline = time.monotonic() + STABLE_S + 5 + 0.5  # read in full, then the series' release period
+        while len(jobs) < 5 and time.monotonic() < deadline:
+            jobs += tracker.tick()
+            time.sleep(0.1)
+    finally:
+        box.watcher.stop()
+        state.close()
+    assert len(jobs) == 5
+    assert len(box.spooled()) == 5 * SERIES_FILES
+
+
+def test_images_the_node_cannot_read_are_rejected_with_the_receivers_reasons(inbox: Inbox, tmp_path: Path) -> None:
+    (good,) = write_ct_series(tmp_path / "staging", 1)
+    raw = good.read_bytes()
+    pixel_data = raw.index(struct.pack("<HH", 0x7FE0, 0x0010))
+    nested = (struct.pack("<HH2s2xL", 0x0040, 0xA730, b"SQ", 0xFFFFFFFF) + struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF))
+    ends = struct.pack("<HHL", 0xFFFE, 0xE00D, 0) + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
+    (inbox.dir / "deep.dcm").write_bytes(raw[:pixel_data] + nested * 5000 + ends * 5000 + raw[pixel_data:])
+    (inbox.dir / "syntax.dcm").write_bytes(raw.replace(b"1.2.840.10008.1.2.1\x00", b"1.2.3.4.5.6.7.8.9.1\x00"))
+    frames = ct_dataset(generate_uid(), generate_uid(), 0, size=16)
+    frames.NumberOfFrames, frames.PixelData = 2, bytes(2 * 16 * 16 * 2)
+    frames.save_as(inbox.dir / "frames.dcm", enforce_file_format=True)
+
+    inbox.watcher.start()
+
+    wait_until(lambda: len(list(inbox.rejected.glob("*.reason.txt"))) == 3, "all three rejected", WAIT_S)
+    reasons = {p.name.removesuffix(".reason.txt"): p.read_text().strip() for p in inbox.rejected.glob("*.reason.txt")}
+    assert reasons == {
+        "deep.dcm": "sequences nested over 32 deep",
+        "syntax.dcm": "file meta TransferSyntaxUID '1.2.3.4.5.6.7.8.9.1' is no transfer syntax: re-export the file",
+        "frames.dcm": "CT image with NumberOfFrames 2: classic is 1 frame",
+    }
+    assert inbox.spooled() == []

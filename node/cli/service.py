@@ -7,6 +7,7 @@ and returns 0 on success, 1 when the operation failed, 2 for a usage or configur
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -200,7 +201,6 @@ def _echo(args: argparse.Namespace, config: Config) -> int:
 
 
 def _config_check(args: argparse.Namespace, config: Config) -> int:
-    from node.service.serve import exposure_warning
     from node.weights import missing_models
 
     source = args.config or "built-in defaults"
@@ -209,7 +209,7 @@ def _config_check(args: argparse.Namespace, config: Config) -> int:
     print(f"  state:        {config.storage.state_dir}")
     print("  destinations: " + (", ".join(f"{d.ae_title}@{d.host}:{d.port}" for d in config.destinations) or "none"))
     print(f"  segmenter:    {config.segmenter.backend} on {config.segmenter.device}")
-    if (warning := exposure_warning(config.receiver)) is not None:
+    for warning in exposure_warnings(config):
         print(f"  warning: {warning}")
     if config.segmenter.backend == "totalsegmentator":
         missing = missing_models(config.segmenter)
@@ -217,6 +217,19 @@ def _config_check(args: argparse.Namespace, config: Config) -> int:
             print(f"  warning: weights missing in {config.segmenter.weights_dir}: {', '.join(missing)} "
                   "(jobs will be held until `paraspinal-node weights install` adds them)")
     return ExitCode.OK
+
+
+def exposure_warnings(config: Config) -> list[str]:
+    """What `serve` warns about at start on exposure, word for word: an open receiver, open pages, a readable secret."""
+    from node.service.serve import exposure_warning
+    from node.web.auth import readable_secret_warning, unprotected_warning
+
+    warnings = [exposure_warning(config.receiver), unprotected_warning(config.web)]
+    secret = config.web.secret_file
+    if config.web.enabled and config.web.auth != "none" and secret is not None:
+        with contextlib.suppress(OSError):  # unreadable: serve refuses to start, naming the file
+            warnings.append(readable_secret_warning(secret, secret.stat().st_mode))
+    return [warning for warning in warnings if warning is not None]
 
 
 def _worklist(args: argparse.Namespace, config: Config) -> int:

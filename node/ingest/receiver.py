@@ -15,9 +15,11 @@ adapter (node/ingest/association.py). Associations are rejected when the called 
 `called_aes` (default: the node's own title), the calling AE is outside `allowed_calling_aes` (when
 set) or connects from a host `calling_ae_hosts` does not give it, and beyond `max_associations`.
 A CT data set is refused, with its reason in the ErrorComment, when it is over `max_dataset_mb`
-(0xA700), breaks the CT IOD (no Pixel Data, Pixel Data length not Rows x Columns x bits, UIDs that
+(0xA700), breaks the CT IOD or is no image the node can decode (no Pixel Data, Pixel Data length not
+Rows x Columns x bits, Rows or Columns 0, BitsAllocated not 8 or 16, several frames, UIDs that
 disagree with the request: 0xA900, as dcmtk's storescp answers a UID mismatch) or is not encoded as
-its transfer syntax says (compressed syntax over raw pixels, truncated Pixel Data, invalid UIDs: 0xC000).
+its transfer syntax says (compressed syntax over raw pixels, truncated Pixel Data, invalid UIDs,
+sequences nested too deep, lengths past the data or that never end: 0xC000).
 Only a released association is reported to the listener as ended: an
 abort (network drop, sender crash) means the sender did not finish, so its series must wait for
 the idle period rather than complete early and be processed half sent.
@@ -117,18 +119,20 @@ class _Tally:
     refused: int = 0
 
 
-def presentation_contexts(accept_other_storage: bool, priors: bool = False) -> list[PresentationContext]:
-    """The SCP's contexts: Verification, CT (decodable syntaxes), Enhanced CT (to refuse clearly), others.
+def presentation_contexts(accept_other_storage: bool, spooled: tuple[str, ...] = (CT_IMAGE_STORAGE,),
+                          priors: bool = False) -> list[PresentationContext]:
+    """The SCP's contexts: Verification, the spooled image classes (decodable syntaxes; CT, and MR when
+    selected), Enhanced CT (to refuse clearly), others.
 
     `priors`: the SRs a C-MOVE for priors brings are offered even when other storage is not.
     """
     contexts = [
         build_context(Verification),
-        build_context(CT_IMAGE_STORAGE, CT_TRANSFER_SYNTAXES),
+        *(build_context(sop_class, CT_TRANSFER_SYNTAXES) for sop_class in spooled),
         build_context(ENHANCED_CT_IMAGE_STORAGE, ALL_TRANSFER_SYNTAXES),
     ]
     if accept_other_storage:
-        own = {CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE}
+        own = {*spooled, ENHANCED_CT_IMAGE_STORAGE}
         contexts += [
             build_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
             for cx in StoragePresentationContexts
@@ -175,11 +179,13 @@ class Receiver:
     """The node's storage SCP; `start()` returns once it listens, `stop()` drains it."""
 
     def __init__(self, config: ReceiverConfig, spool: Spool, listener: SpoolListener,
-                 priors_inbox: PriorsInbox | None = None) -> None:
+                 priors_inbox: PriorsInbox | None = None, spooled: tuple[str, ...] = (CT_IMAGE_STORAGE,)) -> None:
+        """`spooled`: the image classes kept (node.ingest.dixon.spooled_sop_classes); others are discarded."""
         self.config = config
         self.spool = spool
         self.listener = listener
         self.priors_inbox = priors_inbox
+        self.spooled = spooled
         self._tallies: dict[Association, _Tally] = {}
         self.counter = ReceiverCounter()  # since start, for /metrics and the status page
         self._lock = threading.Lock()
@@ -259,7 +265,8 @@ class Receiver:
         ae = CountingAE(ae_title=self.config.ae_title)
         ae.maximum_associations = self.config.max_associations
         configure_ae(ae, self._limits())
-        ae.supported_contexts = presentation_contexts(self.config.accept_other_storage, self.priors_inbox is not None)
+        ae.supported_contexts = presentation_contexts(self.config.accept_other_storage, self.spooled,
+                                                      self.priors_inbox is not None)
         return ae
 
     def _active(self) -> list[Association]:
@@ -272,6 +279,7 @@ class Receiver:
             if tally is None:
                 tally = _Tally(f"assoc:{uuid.uuid4().hex[:16]}", assoc.requestor.ae_title)
                 self._tallies[assoc] = tally
+                assoc.name = tally.association_id  # the log names held-back lines by their thread's name
             return tally
 
     def _on_echo(self, event: evt.Event) -> int:
@@ -358,7 +366,7 @@ class Receiver:
         inbox = self.priors_inbox
         if inbox is not None and inbox.accepts(tally.calling_ae, event.assoc.requestor.address, sop_class):
             return self._keep_prior(event, tally, inbox, sop_uid)
-        if sop_class != CT_IMAGE_STORAGE:  # kept or not, a discarded instance is answered as stored
+        if sop_class not in self.spooled:  # kept or not, a discarded instance is answered as stored
             tally.discarded += 1
             self.counter.discarded()
             log.debug("event=instance_discarded association=%s sop=%s sop_class=%s", tally.association_id, sop_uid, sop_class)

@@ -33,6 +33,7 @@ from pathlib import Path
 import pydicom
 
 from node.config import CompletionConfig, SelectionConfig
+from node.ingest.dixon import DixonPairing, DixonRole, series_role, skip_reason
 from node.ingest.spool import Receipt, Spool, SpooledInstance, SpoolError, StoreOutcome, summarize
 from node.state.pending import PendingSeries, WaitReason, read_pending, take_completion_requests, write_pending
 from node.state.store import JobStatus, SeriesRecord, State
@@ -193,11 +194,13 @@ class SeriesTracker:
         self._clock = clock
         self._pending_file = pending_file
         self._lock = threading.Lock()
+        self._record_lock = threading.Lock()
         self._pending: dict[str, _Pending] = {}
         self._refusing: dict[str, set[str]] = {}  # association -> SOP Instance UIDs refused and not yet stored
         self._recorded: list[PendingSeries] | None = None
         self._next_record = 0.0
         self._record_failed = False
+        self._dixon = DixonPairing(completion.dixon_partner_wait_s)
 
     def instance_stored(self, instance: SpooledInstance) -> None:
         """Raises PrunedMeanwhile when retention removed the file as it was stored: the sender must not
@@ -239,6 +242,7 @@ class SeriesTracker:
                     pending.cut_off = None  # sent again in full: whole again
                 if not pending.open_associations:
                     pending.released_at = now
+        self.record_pending(force=True)  # now, not up to a second later: a kill -9 must not find it "open"
 
     def association_aborted(self, association_id: str) -> None:
         """The sender did not finish: what the association carried waits for the resend."""
@@ -340,6 +344,10 @@ class SeriesTracker:
         (at most once a second unless `force`)."""
         if self._pending_file is None or (not force and self._clock() < self._next_record):
             return
+        with self._record_lock:  # the scheduler and association threads both record: the later snapshot wins
+            self._record(force)
+
+    def _record(self, force: bool) -> None:
         self._next_record = self._clock() + _RECORD_EVERY_S
         try:
             self._take_requests()
@@ -365,6 +373,21 @@ class SeriesTracker:
                 self._pending.setdefault(series_uid, pending)
             return None
 
+    def _held_for_partner(self, series_uid: str, pending: _Pending, role: DixonRole) -> bool:
+        """A Dixon water series waits (bounded) for its fat series, so that the pair is one job."""
+        now = self._clock()
+        with self._lock:
+            fat_in_flight = any(other.study_uid == pending.study_uid and other.instances
+                                and _role(list(other.instances.values())) is DixonRole.FAT
+                                for other in self._pending.values())
+            until = self._dixon.hold_until(series_uid, pending.study_uid, role, fat_in_flight, now)
+            if until is None:
+                return False
+            pending.not_before = until
+            self._pending.setdefault(series_uid, pending)
+        log.info("event=dixon_waits_for_partner series=%s", series_uid)
+        return True
+
     def _finish(self, series_uid: str, pending: _Pending) -> int | None:
         files = self._spool.series_files(pending.study_uid, series_uid)
         if not files:
@@ -377,8 +400,12 @@ class SeriesTracker:
         if not instances:
             log.warning("event=series_unreadable series=%s instances=%d", series_uid, len(files))
             return None
+        role = _role(instances)
+        if self._held_for_partner(series_uid, pending, role):
+            return None
         self._state.record_series(_record(series_uid, instances, content, files[0].parent))
-        reason = selection_refusal(summarize_series(instances), self._selection)
+        reason = selection_refusal(summarize_series(instances), self._selection) or skip_reason(role)
+        self._dixon.finished(pending.study_uid, role)
         status = JobStatus.SKIPPED if reason else JobStatus.QUEUED
         job = self._state.add_job(series_uid, content, str(files[0].parent), status, reason)
         if job is None:
@@ -386,6 +413,11 @@ class SeriesTracker:
         log.info("event=series_complete series=%s job=%d instances=%d status=%s%s", series_uid, job.id,
                  len(instances), status, f" reason={reason!r}" if reason else "")
         return job.id
+
+
+def _role(instances: list[SpooledInstance]) -> DixonRole:
+    first = instances[0]
+    return series_role(first.modality, first.image_type, first.series_description)
 
 
 def _recovered(study_uid: str, now: float, files: int, recorded: PendingSeries | None) -> _Pending:

@@ -27,13 +27,13 @@ from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from node.durable import TEMP_SUFFIX, Bytes, make_dirs, supports_direct_io, write_atomic
-from node.ingest.dataset import DataSetProblem, Problem, check_pixel_data, inflate_head
+from node.ingest.dataset import DataSetProblem, Problem, check_pixel_data, check_structure, inflate_head
 from node.ingest.dicom import multi_values
 
 log = logging.getLogger(__name__)
 
 _PIXEL_DATA_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
-_UNREADABLE = (InvalidDicomError, ValueError, EOFError, KeyError, TypeError)
+_UNREADABLE = (InvalidDicomError, ValueError, EOFError, KeyError, TypeError, OSError)  # pydicom: OSError at a cut
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _SUMMARY_TAGS = (
     "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
@@ -205,8 +205,15 @@ def read_header(raw: bytes, max_inflated: int = MAX_INFLATED_BYTES) -> Dataset:
     if len(raw) < 132 or raw[128:132] != b"DICM":
         raise SpoolError("not a DICOM Part 10 file (no 'DICM' prefix at byte 128): send DICOM files, or convert with dcmconv")
     meta_end, syntax = _file_meta(raw)
+    if syntax is not None and not UID(syntax).is_transfer_syntax:
+        raise SpoolError(f"file meta TransferSyntaxUID {syntax[:64]!r} is no transfer syntax: re-export the file")
     if syntax is not None and UID(syntax).is_deflated:
         return read_data_set_header(raw[:meta_end], BytesIO(raw[meta_end:]), syntax, max_inflated, check_pixels=False)
+    if syntax is not None:
+        try:
+            check_structure(memoryview(raw)[meta_end:], len(raw) - meta_end, UID(syntax))
+        except DataSetProblem as exc:
+            raise SpoolError(str(exc)) from None
     try:
         header = pydicom.dcmread(BytesIO(raw), stop_before_pixels=True, specific_tags=list(_SUMMARY_TAGS))
     except _UNREADABLE as exc:
@@ -232,6 +239,8 @@ def read_data_set_header(head: bytes, body: BytesIO, transfer_syntax_uid: str, m
             plain = UID(ExplicitVRLittleEndian)
         else:
             source, total, plain = body, body.getbuffer().nbytes, syntax
+        with source.getbuffer() as data:
+            check_structure(data, total, plain)
         source.seek(0)
         try:
             header = read_dataset(source, plain.is_implicit_VR, plain.is_little_endian, stop_when=_at_pixel_data,

@@ -1,9 +1,15 @@
 """Watch folder: DICOM files or folders dropped into an inbox take the same path as received instances.
 
-A file is read only after its size and mtime have stayed unchanged for `watch_stable_s` and,
-with `watch_close_write` (inotify), after its writer closed it, so neither a copy in progress nor
-a slow writer that pauses is spooled half-written. A file that arrived by a rename (rsync, mv), or
-was there at start, counts as closed; one never seen closed is read after `UNCLOSED_S` unchanged.
+A file is read once its size and mtime have stayed unchanged for `watch_stable_s` and, with
+`watch_close_write` (inotify), no writer still has it open: a file whose content was written
+(IN_MODIFY, or created empty) counts as open until its writer closes it (IN_CLOSE_WRITE) or it is
+renamed in. Changes of times or permissions after the close (`cp -p`, `cp -a`, `tar x`, `unzip`,
+`shutil.copy2` set the source's mtime back) only restart the stable period. A file no event was ever
+seen for (there at start, in a folder moved in, events lost) is read by stability alone, so neither
+a copy in progress nor a slow writer that pauses is spooled half-written, and a lost event costs
+`watch_stable_s`, not `UNCLOSED_S` (the wait for a file still open and unchanged that long).
+Records are kept until the file is gone, whatever a scan saw, so one closed after its folder was
+listed is never forgotten. The rule is re-evaluated on every pass.
 Names starting with "." are skipped (the temp-file convention of rsync and most copy tools).
 Only regular files are read: a FIFO, socket, device or symlink is moved aside with a reason and
 never opened, and a file over `watch_max_file_mb` or sparse is rejected before it is read. A file leaves the inbox only after it is
@@ -11,7 +17,7 @@ in the spool (then it is deleted) or in the rejected folder with `<name>.reason.
 A file that fails for another reason (permissions, disk) stays and is tried again `RETRY_S` later,
 logged once; the listener hears of each instance once, never again for an identical copy.
 Logs name a file by its SOP Instance UID, or a hash of its path: exporters name folders after patients.
-Everything processed while the inbox had unsettled files is one batch ("watch:<n>"); the
+Everything processed while the inbox had files still being written is one batch ("watch:<n>"); the
 listener hears `association_released` when the inbox has settled, as after an association.
 watchdog events only wake the loop early: it also rescans periodically, so a missed event
 (inotify overflow, network file systems) delays a file but never loses it.
@@ -26,16 +32,19 @@ import os
 import stat
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 
 import pydicom
 from watchdog.events import (
-    DirCreatedEvent,
+    DirDeletedEvent,
     DirMovedEvent,
+    EventsLostEvent,
     FileClosedEvent,
     FileCreatedEvent,
+    FileDeletedEvent,
     FileModifiedEvent,
     FileMovedEvent,
     FileSystemEvent,
@@ -44,6 +53,7 @@ from watchdog.events import (
 from watchdog.observers import Observer
 
 from node.config import ConfigError, ReceiverConfig
+from node.ingest.dataset import DataSetProblem, check_pixel_module
 from node.ingest.dicom import CT_IMAGE_STORAGE
 from node.ingest.spool import Receipt, Spool, SpooledInstance, SpoolError, SpoolListener, StoreOutcome, read_header
 
@@ -79,27 +89,24 @@ class _Seen:
 
 
 class StabilityTracker:
-    """Decides which files have stopped changing (pure: the caller supplies stats, close records and the clock)."""
+    """Decides which files are complete (pure: the caller supplies stats, the files open for writing and the clock)."""
 
     def __init__(self, stable_s: float, unclosed_s: float = UNCLOSED_S) -> None:
         self.stable_s = stable_s
         self.unclosed_s = unclosed_s
         self._seen: dict[Path, _Seen] = {}
 
-    def observe(self, stats: dict[Path, Stat], now: float, closed: dict[Path, Stat] | None = None) -> list[Path]:
-        """Record the current (size, mtime_ns) of every file; return those stable for `stable_s`.
+    def observe(self, stats: dict[Path, Stat], now: float, writing: Collection[Path] = ()) -> list[Path]:
+        """Record the current (size, mtime_ns) of every file; return those complete.
 
-        With `closed` (the stat each file had when its writer closed it), a file is also required to
-        be unchanged since that close, unless it has been unchanged for `unclosed_s`.
+        Complete: unchanged for `stable_s` and not in `writing` (written and not closed since), or
+        unchanged for `unclosed_s` whatever the events said (a close event lost).
         """
         self._seen = {path: self._update(path, stat, now) for path, stat in stats.items()}
-        return sorted(p for p, seen in self._seen.items() if self._ready(p, seen, now, closed))
+        return sorted(p for p, seen in self._seen.items() if self._ready(now - seen.unchanged_since, p in writing))
 
-    def _ready(self, path: Path, seen: _Seen, now: float, closed: dict[Path, Stat] | None) -> bool:
-        quiet = now - seen.unchanged_since
-        if quiet < self.stable_s:
-            return False
-        return closed is None or closed.get(path) == (seen.size, seen.mtime_ns) or quiet >= self.unclosed_s
+    def _ready(self, quiet: float, open_for_writing: bool) -> bool:
+        return quiet >= self.stable_s and (not open_for_writing or quiet >= self.unclosed_s)
 
     def forget(self, path: Path) -> None:
         self._seen.pop(path, None)
@@ -115,38 +122,47 @@ class StabilityTracker:
         return _Seen(stat[0], stat[1], now)
 
 
-class CloseRecords:
-    """The stat each file had when its writer closed it (or it was renamed in); fed by watchdog's thread."""
+class WriteRecords:
+    """The files a writer has written and not yet closed, from inotify events; fed by watchdog's thread.
+
+    A record is dropped only when its file is closed, renamed or deleted, or (`open_files`) when a scan
+    that started after the record no longer finds the file: never because a scan that started before
+    the file appeared missed it.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._closed: dict[Path, Stat] = {}
-
-    def closed(self, path: Path, only_with_content: bool = False) -> None:
-        """Record the file as closed at its current stat (`only_with_content`: if it is not empty:
-        a file created in place is empty at first, one moved in from elsewhere is not)."""
-        with contextlib.suppress(OSError):
-            info = os.lstat(path)
-            if only_with_content and info.st_size == 0:
-                return
-            with self._lock:
-                self._closed[path] = (info.st_size, info.st_mtime_ns)
+        self._open: dict[Path, float] = {}  # path -> when the write was seen (monotonic)
 
     def written(self, path: Path) -> None:
-        """A write after a record (the file was created in place, not moved in): wait for its close."""
         with self._lock:
-            self._closed.pop(path, None)
+            self._open[path] = time.monotonic()
+
+    def created(self, path: Path) -> None:
+        """A new empty file is about to be written; one with content was moved in or written before we looked."""
+        with contextlib.suppress(OSError):
+            if os.lstat(path).st_size == 0:
+                self.written(path)
+
+    def closed(self, path: Path) -> None:
+        with self._lock:
+            self._open.pop(path, None)
 
     def closed_tree(self, folder: Path) -> None:
-        for parent, _, names in os.walk(folder):
-            for name in names:
-                self.closed(Path(parent) / name, only_with_content=True)
-
-    def snapshot(self, present: dict[Path, Stat]) -> dict[Path, Stat]:
-        """The records of files still present (the others are dropped)."""
+        """Forget everything under a folder renamed or deleted: nothing is written at those paths any more."""
         with self._lock:
-            self._closed = {p: s for p, s in self._closed.items() if p in present}
-            return dict(self._closed)
+            self._open = {p: t for p, t in self._open.items() if not p.is_relative_to(folder)}
+
+    def lost(self) -> None:
+        """Events were dropped (inotify overflow): no record can be trusted, stability alone decides."""
+        with self._lock:
+            self._open.clear()
+
+    def open_files(self, present: Collection[Path], scan_started: float) -> set[Path]:
+        """The files open for writing; records of files a scan begun after them did not find are dropped."""
+        with self._lock:
+            self._open = {p: t for p, t in self._open.items() if p in present or t >= scan_started}
+            return set(self._open)
 
 
 class Watcher:
@@ -161,7 +177,7 @@ class Watcher:
         self.spool = spool
         self.listener = listener
         self._tracker = StabilityTracker(config.watch_stable_s)
-        self._closes = CloseRecords() if config.watch_close_write else None
+        self._writes = WriteRecords() if config.watch_close_write else None
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -175,14 +191,12 @@ class Watcher:
         _require_writable(self.inbox, "watch folder")
         _require_writable(self.rejected, "watch rejected folder")
         self._observer = Observer()
-        if self._closes is not None and type(self._observer).__name__ != "InotifyObserver":
+        if self._writes is not None and type(self._observer).__name__ != "InotifyObserver":
             log.warning("event=watch_close_write_unavailable observer=%s reason=%s", type(self._observer).__name__,
                         "no close-write events here: files are read by receiver.watch_stable_s alone")
-            self._closes = None
-        self._observer.schedule(_Wake(self._wake, self._closes), str(self.inbox), recursive=True)
+            self._writes = None
+        self._observer.schedule(_Wake(self._wake, self._writes), str(self.inbox), recursive=True)
         self._observer.start()
-        if self._closes is not None:  # what is already there was closed before we looked
-            self._closes.closed_tree(self.inbox)
         self._thread = threading.Thread(target=self._run, name="watch-folder", daemon=True)
         self._thread.start()
         log.info("event=watch_started inbox=%s rejected=%s stable_s=%s", self.inbox, self.rejected, self.config.watch_stable_s)
@@ -217,8 +231,8 @@ class Watcher:
         for path, reason in others.items():
             if path not in self._retries or self._retries[path].at <= now:
                 self._reject(path, _path_label(path.relative_to(self.inbox)), reason)
-        closed = self._closes.snapshot(stats) if self._closes is not None else None
-        ready = [p for p in self._tracker.observe(stats, now, closed)
+        writing = self._writes.open_files(stats, now) if self._writes is not None else set()
+        ready = [p for p in self._tracker.observe(stats, now, writing)
                  if p not in self._retries or self._retries[p].at <= now]
         for path in ready:
             if self._stop.is_set():
@@ -351,27 +365,34 @@ class Watcher:
 
 
 class _Wake(FileSystemEventHandler):
-    """Any change in the inbox wakes the loop early; closes and renames in are recorded."""
+    """Any change in the inbox wakes the loop early; writes, closes, renames and deletions are recorded."""
 
-    def __init__(self, wake: threading.Event, closes: CloseRecords | None) -> None:
+    def __init__(self, wake: threading.Event, writes: WriteRecords | None) -> None:
         self._wake = wake
-        self._closes = closes
+        self._writes = writes
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if self._closes is not None:
-            if isinstance(event, FileClosedEvent):
-                self._closes.closed(Path(os.fsdecode(event.src_path)))
-            elif isinstance(event, FileMovedEvent):  # rsync and mv finish with a rename: written and closed
-                self._closes.closed(Path(os.fsdecode(event.dest_path)))
-            elif isinstance(event, DirMovedEvent):
-                self._closes.closed_tree(Path(os.fsdecode(event.dest_path)))
-            elif isinstance(event, FileCreatedEvent):  # also a file moved in from outside the inbox ...
-                self._closes.closed(Path(os.fsdecode(event.src_path)), only_with_content=True)
-            elif isinstance(event, FileModifiedEvent):  # ... but one written in place is modified after
-                self._closes.written(Path(os.fsdecode(event.src_path)))
-            elif isinstance(event, DirCreatedEvent):  # also a folder moved in: its files were written elsewhere
-                self._closes.closed_tree(Path(os.fsdecode(event.src_path)))
+        if self._writes is not None:
+            _record(self._writes, event)
         self._wake.set()
+
+
+def _record(writes: WriteRecords, event: FileSystemEvent) -> None:
+    """Keep `writes` up to date with one event (a change of times or permissions is not a write)."""
+    path = Path(os.fsdecode(event.src_path))
+    if isinstance(event, FileModifiedEvent):
+        writes.written(path)
+    elif isinstance(event, FileCreatedEvent):
+        writes.created(path)
+    elif isinstance(event, (FileClosedEvent, FileDeletedEvent)):
+        writes.closed(path)
+    elif isinstance(event, FileMovedEvent):  # rsync and mv finish with a rename: written and closed
+        writes.closed(path)
+        writes.closed(Path(os.fsdecode(event.dest_path)))
+    elif isinstance(event, (DirMovedEvent, DirDeletedEvent)):
+        writes.closed_tree(path)
+    elif isinstance(event, EventsLostEvent):
+        writes.lost()
 
 
 def check_complete(raw: bytes) -> None:
@@ -382,6 +403,10 @@ def check_complete(raw: bytes) -> None:
         raise SpoolError(f"unreadable DICOM file: {exc}") from None
     if "PixelData" not in dataset:
         raise SpoolError("CT image has no pixel data: export the images, not only their headers")
+    try:
+        check_pixel_module(dataset)
+    except DataSetProblem as exc:
+        raise SpoolError(str(exc)) from None
     if dataset.file_meta.TransferSyntaxUID.is_encapsulated:
         if not raw.endswith(_SEQUENCE_DELIMITER):
             raise SpoolError("compressed pixel data is cut short (no sequence delimiter at the end): copy the file again")

@@ -18,6 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from node.ingest.dicom import CT_IMAGE_STORAGE, multi_values
+from node.ingest.dixon import MR_IMAGE_STORAGE
 from node.pipeline.ct import CTVolume, InputError
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,12 @@ def load_ct(path: Path) -> CTVolume:
 
 
 def load_dicom_series(folder: Path) -> CTVolume:
-    datasets = _read_folder(folder)
-    _check_one_ct_series(datasets)
+    return volume_of(read_folder(folder), "CT")
+
+
+def volume_of(datasets: list[Dataset], modality: str) -> CTVolume:
+    """One series' datasets (CT, or MR for node.pipeline.mr_load) checked and stacked on their grid."""
+    _check_one_series(datasets, modality)
     geometry = _check_geometry(datasets)
     normal = geometry["normal"]
     datasets.sort(key=lambda ds: float(np.dot(_position(ds), normal)))
@@ -95,7 +100,8 @@ def _integral_int16(array: np.ndarray) -> bool:
     return bool(in_range and (np.issubdtype(array.dtype, np.integer) or np.array_equal(array, np.round(array))))
 
 
-def _read_folder(folder: Path) -> list[Dataset]:
+def read_folder(folder: Path) -> list[Dataset]:
+    """Every DICOM file under `folder`, pixels included; raises InputError when there is none."""
     datasets = []
     for file in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
         try:
@@ -113,16 +119,20 @@ def _read_folder(folder: Path) -> list[Dataset]:
     return datasets
 
 
-def _check_one_ct_series(datasets: list[Dataset]) -> None:
+_STORAGE = {"CT": (CT_IMAGE_STORAGE, "CT Image Storage"), "MR": (MR_IMAGE_STORAGE, "MR Image Storage")}
+
+
+def _check_one_series(datasets: list[Dataset], wanted: str) -> None:
     series = sorted({str(ds.get("SeriesInstanceUID", "")) for ds in datasets})
     if len(series) > 1:
         raise InputError(f"mixed series: {len(series)} SeriesInstanceUIDs in one folder; give one series per folder")
+    storage, storage_name = _STORAGE[wanted]
     for ds in datasets:
         modality = ds.get("Modality", "")
-        if modality != "CT":
-            raise InputError(f"not a CT series: Modality is {modality or 'missing'}; only CT is measured")
-        if _sop_class(ds) not in ("", CT_IMAGE_STORAGE):
-            raise InputError(f"unsupported SOP class {_sop_class(ds)}: only CT Image Storage (single-frame) is measured")
+        if modality != wanted:
+            raise InputError(f"not a {wanted} series: Modality is {modality or 'missing'}; only {wanted} is measured here")
+        if _sop_class(ds) not in ("", storage):
+            raise InputError(f"unsupported SOP class {_sop_class(ds)}: only {storage_name} (single-frame) is measured")
         if "LOCALIZER" in [str(v).upper() for v in ds.get("ImageType", [])]:
             raise InputError("localizer (scout) image in the series: send the axial CT reconstruction, not the scout")
         if "PixelData" not in ds:
@@ -134,7 +144,7 @@ def _check_one_ct_series(datasets: list[Dataset]) -> None:
                     "cannot place it in space"
                 )
     if len(datasets) < 2:
-        raise InputError("only one slice: a CT volume needs at least two")
+        raise InputError(f"only one slice: a {wanted} volume needs at least two")
 
 
 def _check_geometry(datasets: list[Dataset]) -> dict[str, np.ndarray]:

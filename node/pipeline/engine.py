@@ -77,6 +77,11 @@ class ResidentEngine:
                 self._stop()  # a fresh process for the next job, and this one's memory back
                 raise
 
+    def segment_mr(self, image: CTVolume) -> Segmentation:
+        from node.pipeline.segment import MR_NOT_YET  # segment imports this module
+
+        raise SegmenterError(MR_NOT_YET)
+
     def close(self) -> None:
         with self._lock:
             self._stop()

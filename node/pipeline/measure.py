@@ -163,7 +163,7 @@ def measure(ct: CTVolume, seg: Segmentation, params: MeasureConfig, biomarkers: 
     present = {level for level in SPINE if boxes[VERTEBRA_LABEL[level] - 1] is not None}
     choice = choose_protocol(header, present, protocols or default_protocols())
     protocol = choice.protocol
-    muscle = _InPlaneBox.around(boxes[AUTOCHTHON_LEFT - 1], boxes[AUTOCHTHON_RIGHT - 1], ct.shape)
+    muscle = InPlaneBox.around(boxes[AUTOCHTHON_LEFT - 1], boxes[AUTOCHTHON_RIGHT - 1], ct.shape)
     levels = [_measure_level(ct, seg, params, name, boxes[VERTEBRA_LABEL[name] - 1], muscle)
               for name in spine_order([*protocol.levels, *protocol.also_levels])]
     levels = [level for level in levels if level.level in protocol.levels or level.status is LevelStatus.COMPLETE]
@@ -205,12 +205,12 @@ def measure(ct: CTVolume, seg: Segmentation, params: MeasureConfig, biomarkers: 
 
 
 def _span_totals(ct: CTVolume, seg: Segmentation, params: MeasureConfig, levels: list[LevelResult],
-                 muscle: _InPlaneBox | None) -> list[SpanTotal]:
+                 muscle: InPlaneBox | None) -> list[SpanTotal]:
     totals = []
     for span in SPANS:
         included = [level for level in levels if level.level in span.levels]
         if included:
-            totals.append(SpanTotal(span, _muscle_on_slices(ct, seg, params, _union_of_slabs(included, ct.shape[0]), muscle)))
+            totals.append(SpanTotal(span, _muscle_on_slices(ct, seg, params, union_of_slabs(included, ct.shape[0]), muscle)))
     return totals
 
 
@@ -222,7 +222,7 @@ def _liver_parameters(biomarkers: BiomarkersConfig | None) -> dict[str, float | 
 
 
 @dataclass(frozen=True)
-class _InPlaneBox:
+class InPlaneBox:
     """Rows and columns holding any muscle: the rest of each slice cannot change a statistic."""
 
     rows: slice
@@ -230,7 +230,7 @@ class _InPlaneBox:
     on_border: bool
 
     @classmethod
-    def around(cls, left, right, shape: tuple[int, int, int]) -> _InPlaneBox | None:
+    def around(cls, left, right, shape: tuple[int, int, int]) -> InPlaneBox | None:
         boxes = [box for box in (left, right) if box is not None]
         if not boxes:
             return None
@@ -240,7 +240,7 @@ class _InPlaneBox:
         return cls(rows, cols, on_border)
 
 
-def _measure_level(ct: CTVolume, seg: Segmentation, params: MeasureConfig, name: str, box, muscle: _InPlaneBox | None) -> LevelResult:
+def _measure_level(ct: CTVolume, seg: Segmentation, params: MeasureConfig, name: str, box, muscle: InPlaneBox | None) -> LevelResult:
     slab = _slab(ct, seg, params, VERTEBRA_LABEL[name], box)
     if slab is None:
         reason = "vertebra not segmented" if box is None else "no vertebral body voxels within the HU window"
@@ -249,7 +249,7 @@ def _measure_level(ct: CTVolume, seg: Segmentation, params: MeasureConfig, name:
     selected = np.zeros(ct.shape[0], dtype=bool)
     selected[slab.first_slice : slab.last_slice + 1] = True
     sides = _muscle_on_slices(ct, seg, params, selected, muscle)
-    reasons = _partial_reasons(ct, seg, box, slab, muscle)
+    reasons = partial_reasons(ct, seg, box, slab, muscle)
     status = LevelStatus.PARTIAL if reasons else LevelStatus.COMPLETE
     return LevelResult(name, status, reasons, slab, sides.left, sides.right, sides.combined)
 
@@ -270,7 +270,7 @@ def _slab(ct: CTVolume, seg: Segmentation, params: MeasureConfig, label: int, bo
     return Slab(first, last, (last - first + 1) * ct.spacing[0])
 
 
-def _partial_reasons(ct: CTVolume, seg: Segmentation, box, slab: Slab, muscle: _InPlaneBox | None) -> list[str]:
+def partial_reasons(ct: CTVolume, seg: Segmentation, box, slab: Slab, muscle: InPlaneBox | None) -> list[str]:
     reasons = []
     if box[0].start == 0 or box[0].stop == ct.shape[0]:
         reasons.append("vertebra touches the first or last slice")
@@ -281,7 +281,7 @@ def _partial_reasons(ct: CTVolume, seg: Segmentation, box, slab: Slab, muscle: _
     return reasons
 
 
-def _union_of_slabs(levels: list[LevelResult], n_slices: int) -> np.ndarray:
+def union_of_slabs(levels: list[LevelResult], n_slices: int) -> np.ndarray:
     selected = np.zeros(n_slices, dtype=bool)
     for level in levels:
         if level.slab is not None:
@@ -290,7 +290,7 @@ def _union_of_slabs(levels: list[LevelResult], n_slices: int) -> np.ndarray:
 
 
 def _muscle_on_slices(
-    ct: CTVolume, seg: Segmentation, params: MeasureConfig, selected: np.ndarray, muscle: _InPlaneBox | None
+    ct: CTVolume, seg: Segmentation, params: MeasureConfig, selected: np.ndarray, muscle: InPlaneBox | None
 ) -> Sides:
     """Left, right and combined statistics of the muscle on the selected slices."""
     ks = np.flatnonzero(selected)
@@ -337,13 +337,13 @@ def _qc_findings(ct: CTVolume, seg: Segmentation, params: MeasureConfig, levels:
         found.append(QCFinding("slice_thickness", f"slice thickness {thickness:.1f} mm is above {params.max_slice_thickness_mm:.1f} mm"))
     if ct.shape[0] < params.min_slices:
         found.append(QCFinding("too_few_slices", f"{ct.shape[0]} slices, fewer than {params.min_slices}"))
-    found += _order_findings(ct, present, [level.level for level in levels])
+    found += order_findings(ct, present, [level.level for level in levels])
     found += _height_findings(params, present)
-    found += _overlap_findings(present)
+    found += overlap_findings(present)
     return found
 
 
-def _order_findings(ct: CTVolume, present: list[LevelResult], reported: list[str]) -> list[QCFinding]:
+def order_findings(ct: CTVolume, present: list[LevelResult], reported: list[str]) -> list[QCFinding]:
     """T1 must lie above T2 and so on, and no reported level may be missing between two found ones."""
     found = []
     height = [ct.superior_sign * (level.slab.first_slice + level.slab.last_slice) / 2 for level in present]
@@ -368,7 +368,7 @@ def _height_findings(params: MeasureConfig, present: list[LevelResult]) -> list[
     ]
 
 
-def _overlap_findings(present: list[LevelResult]) -> list[QCFinding]:
+def overlap_findings(present: list[LevelResult]) -> list[QCFinding]:
     found = []
     for i, a in enumerate(present):
         for b in present[i + 1 :]:

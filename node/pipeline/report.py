@@ -4,6 +4,7 @@ The CSV has one row per structure: each reported level (muscle and trabecular bo
 chest CT, L1..L5 on abdominal CT), each span total (T1-T10, L1-L5; muscle), the other vertebrae
 listed (bone only: T11, T12, L1 on chest CT), then liver and spleen (their parenchyma in the
 first statistics columns) when the liver is measured. Cells that do not apply are empty.
+An MR result has columns of its own (MR_COLUMNS): volume, area and the Dixon fat figures.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from node.durable import make_dirs, write_atomic
 from node.pipeline.bone import VertebraResult
 from node.pipeline.liver import OrganResult
 from node.pipeline.measure import MeasurementResult, MuscleStats
+from node.pipeline.mr_measure import MRMeasurementResult, MRSides
 from node.screening import LevelStatus, coverage
 
 STAT_COLUMNS = ("voxels", "volume_cm3", "median_hu", "mean_hu", "sd_hu", "p25_hu", "p75_hu", "fat_fraction", "fat_grade")
@@ -71,14 +73,45 @@ def _side_cells(status: LevelStatus, *sides: MuscleStats) -> list:
     return ["" if value is None or status is LevelStatus.ABSENT else value for value in cells]
 
 
+MR_COLUMNS = ("voxels", "volume_cm3", "area_cm2", "fat_signal_fraction", "median_fat_fraction", "fat_area_fraction",
+              "fat_grade")
+
+
+def mr_csv_header() -> list[str]:
+    """MR: level and status, then each side's volume, area and fat figures (combined first, as on CT)."""
+    return ["level", "status"] + [f"{'' if side == 'combined' else side + '_'}{name}"
+                                  for side in ("combined", "left", "right") for name in MR_COLUMNS]
+
+
+def mr_csv_rows(result: MRMeasurementResult) -> list[list]:
+    rows = [[level.level, level.status, *_mr_cells(level.status, level.sides)] for level in result.levels]
+    for total in result.totals:
+        status = coverage((level.level, level.status) for level in result.levels if level.level in total.span.levels).status
+        rows.append([total.span.name, status, *_mr_cells(status, total.sides)])
+    return rows
+
+
+def _mr_cells(status: LevelStatus, sides: MRSides) -> list:
+    values = [getattr(stats, name) for stats in (sides.combined, sides.left, sides.right) for name in MR_COLUMNS]
+    return ["" if value is None or status is LevelStatus.ABSENT else value for value in values]
+
+
 def write_reports(result: MeasurementResult, out_dir: Path) -> tuple[Path, Path]:
+    return _write(result.to_dict(), csv_header(), csv_rows(result), out_dir)
+
+
+def write_mr_reports(result: MRMeasurementResult, out_dir: Path) -> tuple[Path, Path]:
+    return _write(result.to_dict(), mr_csv_header(), mr_csv_rows(result), out_dir)
+
+
+def _write(data: dict, header: list[str], rows: list[list], out_dir: Path) -> tuple[Path, Path]:
     make_dirs(out_dir)
     json_path = out_dir / "measurements.json"
     csv_path = out_dir / "measurements.csv"
-    write_atomic(json_path, (json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n").encode())
+    write_atomic(json_path, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode())
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(csv_header())
-    writer.writerows(csv_rows(result))
+    writer.writerow(header)
+    writer.writerows(rows)
     write_atomic(csv_path, buffer.getvalue().encode())
     return json_path, csv_path

@@ -17,7 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from node.config import SegmenterConfig
-from node.labels import BODY_CLASS, CLASS_LABEL
+from node.labels import BODY_CLASS, CLASS_LABEL, DISCS_CLASS, MR_CLASS_LABEL
 from node.pipeline.ct import CTVolume, InputError
 from node.pipeline.segmentation import PrecomputedMissingError, Segmentation
 
@@ -32,6 +32,18 @@ def load_segmentation(path: Path, ct: CTVolume) -> Segmentation:
         labels = _on_ct_grid(path, ct)
         return Segmentation(labels=labels, body=_optional_body(path.parent / BODY_FILE, ct))
     raise InputError(f"segmentation {path} does not exist: give a TotalSegmentator output folder or multilabel NIfTI")
+
+
+def load_mr_segmentation(folder: Path, grid: CTVolume) -> Segmentation:
+    """A folder of total_mr and vertebrae_mr masks (autochthon_left.nii.gz, vertebrae_L1.nii.gz, sacrum.nii.gz,
+    intervertebral_discs.nii.gz, ...) on the segmented MR series' grid."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"segmentation {folder} is not a folder: give the folder of total_mr and vertebrae_mr masks")
+    labels = _labels_from(folder, grid, MR_CLASS_LABEL, "autochthon_left.nii.gz, vertebrae_L1.nii.gz, ...")
+    discs_file = folder / f"{DISCS_CLASS}.nii.gz"
+    discs = _on_ct_grid(discs_file, grid) > 0 if discs_file.is_file() else None
+    return Segmentation(labels=labels, discs=discs)
 
 
 class PrecomputedSegmenter:
@@ -51,15 +63,31 @@ class PrecomputedSegmenter:
             )
         return load_segmentation(folder, ct)
 
+    def segment_mr(self, image: CTVolume) -> Segmentation:
+        """The MR series' masks from `precomputed_dir/<SeriesInstanceUID>/`, named as total_mr and vertebrae_mr name them."""
+        time.sleep(self.model_s)
+        folder = self.root / str(image.series_uid)
+        if not folder.is_dir():
+            raise PrecomputedMissingError(
+                f"no precomputed segmentation in {folder} yet: the job waits until the total_mr and vertebrae_mr "
+                "masks of this series are put there"
+            )
+        return load_mr_segmentation(folder, image)
+
 
 def _load_folder(folder: Path, ct: CTVolume) -> Segmentation:
-    present = {name: folder / f"{name}.nii.gz" for name in CLASS_LABEL if (folder / f"{name}.nii.gz").is_file()}
+    labels = _labels_from(folder, ct, CLASS_LABEL, "vertebrae_T1.nii.gz, autochthon_left.nii.gz, ...")
+    return Segmentation(labels=labels, body=_optional_body(folder / BODY_FILE, ct))
+
+
+def _labels_from(folder: Path, ct: CTVolume, names: dict[str, int], example: str) -> np.ndarray:
+    present = {name: folder / f"{name}.nii.gz" for name in names if (folder / f"{name}.nii.gz").is_file()}
     if not present:
-        raise InputError(f"{folder} holds none of the TotalSegmentator masks (vertebrae_T1.nii.gz, autochthon_left.nii.gz, ...)")
+        raise InputError(f"{folder} holds none of the TotalSegmentator masks ({example})")
     labels = np.zeros(ct.shape, dtype=np.uint8)
     for name, file in present.items():
-        labels[_on_ct_grid(file, ct) > 0] = CLASS_LABEL[name]
-    return Segmentation(labels=labels, body=_optional_body(folder / BODY_FILE, ct))
+        labels[_on_ct_grid(file, ct) > 0] = names[name]
+    return labels
 
 
 def _optional_body(file: Path, ct: CTVolume) -> np.ndarray | None:

@@ -34,8 +34,17 @@ __all__ = ["Segmenter", "SegmenterError", "TotalSegmentatorSegmenter", "WeightsM
            "make_segmenter", "nifti_affine"]
 
 
+MR_NOT_YET = ("MR series are not segmented by this node's TotalSegmentator engines yet (total_mr and vertebrae_mr): "
+              "put their masks in segmenter.precomputed_dir/<SeriesInstanceUID>/ with segmenter.backend = "
+              '"precomputed", or use `paraspinal-node measure STUDY_DIR --seg MASKS`')
+
+
 class Segmenter(Protocol):
     def segment(self, ct: CTVolume) -> Segmentation: ...
+
+    def segment_mr(self, image: CTVolume) -> Segmentation:
+        """total_mr (autochthon, discs) and vertebrae_mr (vertebrae, sacrum) on an MR series."""
+        ...
 
 
 class TotalSegmentatorSegmenter:
@@ -61,6 +70,9 @@ class TotalSegmentatorSegmenter:
 
     def close(self) -> None:
         """Nothing stays running between jobs."""
+
+    def segment_mr(self, image: CTVolume) -> Segmentation:
+        raise SegmenterError(MR_NOT_YET)
 
     def _write_job(self, job_dir: Path, ct: CTVolume) -> None:
         np.save(job_dir / "ct.npy", ct.hu.transpose(2, 1, 0))  # (c, r, k) as NIfTI wants; written without a copy

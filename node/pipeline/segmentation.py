@@ -18,6 +18,7 @@ class Segmentation:
     labels: np.ndarray  # uint8
     body: np.ndarray | None = None  # bool
     totalsegmentator_version: str | None = None
+    discs: np.ndarray | None = None  # bool, MR only: total_mr's intervertebral_discs (lumbosacral QC)
 
 
 class SegmenterError(Exception):

@@ -25,6 +25,7 @@ from types import FrameType
 
 from node.config import Config, ReceiverConfig
 from node.delivery.loop import DeliveryLoop
+from node.ingest.dixon import spooled_sop_classes
 from node.ingest.receiver import Receiver
 from node.ingest.series import SeriesTracker
 from node.ingest.spool import Spool
@@ -102,7 +103,8 @@ class Service:
         self.spool = Spool(config.storage.spool_dir, config.storage.spool_direct_io)
         self.tracker = SeriesTracker(self.spool, self.state, config.completion, config.selection,
                                      pending_file=pending_path(config.storage.state_dir))
-        self.receiver = Receiver(config.receiver, self.spool, self.tracker, PriorsInbox.from_config(config))
+        self.receiver = Receiver(config.receiver, self.spool, self.tracker, PriorsInbox.from_config(config),
+                                 spooled_sop_classes(config.selection.modalities))
         self.watcher = Watcher(config.receiver, self.spool, self.tracker) if config.receiver.watch_dir else None
         self.supervisor = WorkerSupervisor(config_path, config.worker.count, self.state)
         self.delivery = DeliveryLoop(config, self.state)
@@ -112,6 +114,7 @@ class Service:
                                                  name="delivery", daemon=True)
         self._next_heartbeat = 0.0
         self.web = None  # the status page, /metrics and health checks; started after the receiver
+        self.dicomweb = None  # WADO-RS/STOW-RS for workers on other hosts ([dicomweb] enabled)
 
     def run(self, stop: threading.Event) -> None:
         self.start()
@@ -149,19 +152,24 @@ class Service:
         self.state.register_serve(ServeRecord(self.state.serve, socket.gethostname(), self._dicomweb_url()))
 
     def _dicomweb_url(self) -> str:
-        return ""
+        """Where remote workers fetch this serve's series and return results; empty: no DICOMweb listener."""
+        return self.config.dicomweb.url if self.dicomweb is not None else ""
 
     def start(self) -> None:
         web = self._make_web() if self.config.web.enabled else None  # a bad secret file refuses the start here
         removed = self.spool.remove_partial_files()
         self.tracker.recover()
-        if self.watcher is not None:  # first: a folder it cannot use refuses the start before anything listens
+        if self.config.dicomweb.enabled:  # first: a bad token, certificate or port refuses the start at once
+            self.dicomweb = self._start_dicomweb()
+        if self.watcher is not None:  # a folder it cannot use refuses the start before the receiver listens
             self.watcher.start()
         try:
             self.receiver.start()
         except OSError as exc:
             if self.watcher is not None:
                 self.watcher.stop()
+            if self.dicomweb is not None:
+                self.dicomweb.stop()
             address = f"{self.config.receiver.bind_address}:{self.config.receiver.port}"
             raise StartError(f"cannot listen on {address} ({exc.strerror or exc}): stop what uses the port or "
                              "change receiver.port / receiver.bind_address") from None
@@ -190,6 +198,18 @@ class Service:
             raise StartError(str(exc)) from None
         return web
 
+    def _start_dicomweb(self):
+        """The DICOMweb listener for remote workers, started (imported only when enabled)."""
+        from node.service.dicomweb_client import TokenError
+        from node.web.dicomweb_server import DicomwebServer, ListenerError
+
+        try:
+            server = DicomwebServer(self.config, self.state)
+            server.start()
+        except (TokenError, ListenerError) as exc:
+            raise StartError(str(exc)) from None
+        return server
+
     def _receiver_listening(self) -> bool:
         try:
             return self.receiver.port > 0
@@ -209,6 +229,8 @@ class Service:
             self._delivery_thread.join(self.config.delivery.timeout_s + SHUTDOWN_GRACE_S)
         if self.web is not None:  # up until here, so /readyz says "not listening" while the node drains
             self.web.stop()
+        if self.dicomweb is not None:  # remote workers store results until the database closes
+            self.dicomweb.stop()
         self.state.close()
         self.owner.release()
         log.info("event=node_stopped pending_series=%d", self.tracker.pending_series())

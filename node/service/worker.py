@@ -38,15 +38,17 @@ from node.pipeline.segment import Segmenter, close_segmenter, make_segmenter
 from node.pipeline.segmentation import NotReadyError, SegmenterError
 from node.priors.lookup import PriorSources
 from node.run import PipelineResult, Prepared, Segmented, Stages
+from node.service.dicomweb_client import ClientSettings, LeaseLost, fetch_series, store_results
 from node.service.ids import worker_id
 from node.service.owner import DatabaseReplaced, OwnerCheck
-from node.state.store import Job, JobStore, NewDelivery, WorkerReport, disk_full
+from node.state.store import Job, JobStore, NewDelivery, SeriesRecord, WorkerReport, disk_full
 from node.weights import missing_models
 
 log = logging.getLogger(__name__)
 
 _MAX_BACKOFF_S = 60.0
 HEARTBEAT_S = 10.0  # how often an idle worker tells the status page it is alive
+PAIRED_MODALITIES = ("MR",)  # series loaded with partners of the same study (Dixon water and fat)
 
 Pipeline = Callable[[Path, Path, Config], PipelineResult]  # a whole pipeline in one call: runs one job at a time
 T = TypeVar("T")
@@ -105,6 +107,7 @@ class Worker:
         self._weights_missing = _missing_weights(config)  # refreshed at every weights check
         self._engine_pid: int | None = None
         self._engine_restarts = 0
+        self._dicomweb: ClientSettings | None = None
 
     def run(self, stop: threading.Event) -> None:
         """Work until `stop` is set; a Stop raised mid-job hands back every job held before returning."""
@@ -210,24 +213,32 @@ class Worker:
     def _load(self, claimed: _Claimed) -> Prepared:
         if claimed.remote_url is None:
             return self._stages.prepare(Path(claimed.job.series_dir))
-        from node.service.dicomweb_client import fetch_series
-
-        folder = claimed.out_dir.parent / "series"
+        study = claimed.out_dir.parent / "study"  # laid out as serve's spool: partners beside the series
         series = self._store.get_series(claimed.job.series_uid)
         started = time.perf_counter()
-        fetch_series(claimed.remote_url, claimed.job, series, folder, self._client_settings())
+        for one in [series, *self._partners(series)]:
+            fetch_series(claimed.remote_url, claimed.job, one, study / one.series_uid, self._client_settings())
         fetched_s = time.perf_counter() - started
         try:
-            prepared = self._stages.prepare(folder)
+            prepared = self._stages.prepare(study / series.series_uid)
         finally:
-            shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(study, ignore_errors=True)
         prepared.seconds["fetch"] = fetched_s
         return prepared
 
-    def _client_settings(self):
-        from node.service.dicomweb_client import ClientSettings
+    def _partners(self, series: SeriesRecord) -> list[SeriesRecord]:
+        """The other series of the study the loader may pair with this one (a Dixon water series' fat partner)."""
+        if series.modality not in PAIRED_MODALITIES:
+            return []
+        return [other for other in self._store.study_series(series.study_uid)
+                if other.series_uid != series.series_uid and other.modality == series.modality
+                and other.serve == series.serve]
 
-        return ClientSettings.from_config(self._config.dicomweb)
+    def _client_settings(self) -> ClientSettings:
+        """Read once: the token (and certificates) for every serve's DICOMweb; a missing token file fails the job."""
+        if self._dicomweb is None:
+            self._dicomweb = ClientSettings.from_config(self._config.dicomweb)
+        return self._dicomweb
 
     def _segment(self, claimed: _Claimed) -> bool:
         """Run the engine on the loaded CT; False when the job has ended."""
@@ -257,6 +268,10 @@ class Worker:
             claimed.lease.stop()
             self._store.fail(job.id, job.token, f"refused input: {exc}", retry_in_s=None)
             log.warning("event=job_failed job=%d series=%s reason=%r", job.id, job.series_uid, f"refused input: {exc}")
+        except LeaseLost as exc:  # serve says another attempt holds the job now: drop it, record nothing
+            claimed.lease.stop()
+            log.warning("event=job_lease_lost job=%d series=%s token=%d reason=%r", job.id, job.series_uid, job.token,
+                        str(exc))
         except NotReadyError as exc:  # missing weights, or a precomputed segmentation not there yet
             claimed.lease.stop()
             self._store.hold(job.id, job.token, str(exc))
@@ -288,10 +303,10 @@ class Worker:
 
     def _return_results(self, claimed: _Claimed, result: PipelineResult) -> bool:
         """STOW-RS the SEG, SR and key image to the serve holding the series: it stores them and stages their deliveries."""
-        from node.service.dicomweb_client import store_results
-
         started = time.perf_counter()
         files = [result.files[name] for name in DICOM_RESULTS if name in result.files]
+        log.info("event=results_storing job=%d token=%d files=%d serve=%s", claimed.job.id, claimed.job.token,
+                 len(files), claimed.remote_url)
         store_results(claimed.remote_url, claimed.job, files, self._client_settings())
         result.seconds["stow"] = time.perf_counter() - started
         return True

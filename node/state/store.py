@@ -244,6 +244,8 @@ class JobStore(Protocol):
 
     def get_serve(self, name: str) -> ServeRecord | None: ...
 
+    def study_series(self, study_uid: str) -> list[SeriesRecord]: ...
+
     def record_stage_timings(self, job_id: int, attempt: int, seconds: dict[str, float]) -> None: ...
 
     def patient_results(self, patient_id: str, limit: int = 100) -> list[tuple[SeriesRecord, int, dict[str, Any]]]: ...
@@ -349,6 +351,12 @@ class State:
     def get_series(self, series_uid: str) -> SeriesRecord | None:
         rows = self._db.read(f"SELECT {_SERIES_COLUMNS} FROM series s WHERE s.series_uid = ?", (series_uid,))
         return SeriesRecord(*rows[0]) if rows else None
+
+    def study_series(self, study_uid: str) -> list[SeriesRecord]:
+        """Every series of a study the node recorded, in series UID order."""
+        rows = self._db.read(f"SELECT {_SERIES_COLUMNS} FROM series s WHERE s.study_uid = ? ORDER BY s.series_uid",
+                             (study_uid,))
+        return [SeriesRecord(*r) for r in rows]
 
     def has_job_for(self, series_uid: str, fingerprint: str) -> bool:
         """Whether this exact series content was already queued or skipped."""

@@ -59,11 +59,9 @@ def load_guard(web: WebConfig) -> Guard:
     """The guard for `web`, reading the secret file; warns about an exposed bind or a readable secret."""
     if not web.enabled:
         return Guard("none")
+    if (unprotected := unprotected_warning(web)) is not None:
+        log.warning("event=web_unprotected bind=%s port=%d reason=%s", web.bind, web.port, unprotected)
     if web.auth == "none":
-        if not is_loopback(web.bind):
-            log.warning("event=web_unprotected bind=%s port=%d reason=\"the status page and metrics are open to the "
-                        "network without authentication: set web.auth and web.secret_file, or web.bind = 127.0.0.1\"",
-                        web.bind, web.port)
         return Guard("none")
     path = Path(web.secret_file)
     try:
@@ -74,9 +72,24 @@ def load_guard(web: WebConfig) -> Guard:
                           "or token on one line, readable by the service user") from None
     if not secret:
         raise SecretError(f"web.secret_file {path} is empty: write the password or token on one line")
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        log.warning("event=web_secret_readable file=%s reason=\"other users can read the secret: chmod 600 %s\"", path, path)
+    if (readable := readable_secret_warning(path, mode)) is not None:
+        log.warning("event=web_secret_readable file=%s reason=%s", path, readable)
     return Guard(web.auth, secret)
+
+
+def unprotected_warning(web: WebConfig) -> str | None:
+    """Why the pages are open to the network, for the log and `config check`; None when they are not."""
+    if not web.enabled or web.auth != "none" or is_loopback(web.bind):
+        return None
+    return ("the status page and metrics are open to the network without authentication: set web.auth and "
+            "web.secret_file, or web.bind = 127.0.0.1")
+
+
+def readable_secret_warning(path: Path, mode: int) -> str | None:
+    """Why the secret file is exposed (group or others may read it), for the log and `config check`."""
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        return f"other users can read the secret: chmod 600 {path}"
+    return None
 
 
 def is_loopback(address: str) -> bool:
