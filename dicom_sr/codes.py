@@ -96,6 +96,30 @@ FLAG_STATE = {
     "not_assessed": _private("NOTASSESSED", "Not assessed"),
 }
 
+# Change over time (README "Change over time"): DICOM has no code for a prior value, a change or a rate.
+PRIOR_MEDIAN_HU = _private("PRIORMEDHU", "Median attenuation at prior time point")
+CHANGE_MEDIAN_HU = _private("DMEDHU", "Change in median attenuation since prior")
+RATE_MEDIAN_HU = _private("DMEDHUYR", "Change in median attenuation per year")
+PRIOR_VOLUME = _private("PRIORVOL", "Volume at prior time point")
+CHANGE_VOLUME = _private("DVOL", "Change in volume since prior")
+RATE_VOLUME = _private("DVOLYR", "Change in volume per year")
+PRIOR_INTERVAL = _private("PRIORDAYS", "Interval since prior time point")
+CHANGE_COMPARABLE = _private("CHGCOMP", "Comparable with prior acquisition")
+SIGNIFICANT_MEDIAN_HU = _private("SIGMEDHU", "Change in median attenuation above least significant change")
+SIGNIFICANT_VOLUME = _private("SIGVOL", "Change in volume above least significant change")
+YES = _sct("373066001", "Yes")
+NO = _sct("373067005", "No")
+HU_PER_YEAR = CodedConcept("[hnsf'U]/a", "UCUM", "Hounsfield unit per year")
+CUBIC_CENTIMETER_PER_YEAR = CodedConcept("cm3/a", "UCUM", "cubic centimeter per year")
+DAYS = CodedConcept("d", "UCUM", "day")
+BASELINE = _dcm("121079", "Baseline")  # the event a time point's offset counts from: the first result found
+# Acquisition facts in the Image Library entry, read back when the SR is a prior.
+KVP = _dcm("113733", "KVP")
+KILOVOLT = CodedConcept("kV", "UCUM", "kilovolt")
+CONVOLUTION_KERNEL = _private("KERNEL", "Convolution kernel")
+CONTRAST_STATUS = _private("CONTRAST", "Contrast status")
+CONTRAST = {True: _private("ENHANCED", "Contrast-enhanced"), False: _private("UNENHANCED", "Unenhanced"),
+            None: _sct("261665006", "Unknown")}
 # MR Dixon fat (node.pipeline.mr_measure): fractions in the SR are percent (UCUM %), measurements.json keeps 0-1.
 AREA = _sct("42798000", "Area")
 SQUARE_CENTIMETER = CodedConcept("cm2", "UCUM", "square centimeter")

@@ -8,7 +8,10 @@ axial slice through the middle of the measured muscle instead. Right: per-level 
 median HU and status, each span's totals (T1-T10, L1-L5) marked incomplete when they miss
 levels, and the T1-T10 screening flag (the only span with a muscle threshold); a bone column
 (trabecular median HU per vertebra, with the vertebrae that have no muscle row below the
-totals), the low-bone flag and, when the liver is measured, a liver line.
+totals), the low-bone flag and, when the liver is measured, a liver line. When the patient has
+earlier results (node.priors), two small trend plots under the picture: T1-T10 muscle median HU
+and the bone-flag vertebra's HU over time, a prior not comparable with this scan drawn hollow
+with the reasons noted.
 """
 
 from __future__ import annotations
@@ -17,9 +20,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+from dataclasses import dataclass  # noqa: E402
+from datetime import date  # noqa: E402
+
 import highdicom as hd  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
+from matplotlib.dates import DateFormatter, YearLocator  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from pydicom.dataset import Dataset  # noqa: E402
 
@@ -28,6 +35,7 @@ from node.pipeline.bone import BODY_MASK, VertebraResult  # noqa: E402
 from node.pipeline.ct import CTVolume  # noqa: E402
 from node.pipeline.flags import Flag, FlagState  # noqa: E402
 from node.pipeline.measure import LevelResult, MeasurementResult, MuscleStats, Software, SpanTotal  # noqa: E402
+from node.priors.change import Origin, Quantity, QuantityKey, parse_da, snapshot_from_result  # noqa: E402
 from node.screening import Coverage, LevelStatus, low_attenuation  # noqa: E402
 
 from . import codes  # noqa: E402
@@ -38,6 +46,8 @@ from .study import character_set, copy_patient_and_study, software_versions, sou
 
 WIDTH_PX, HEIGHT_PX, DPI = 1280, 800, 100
 PANEL = (0.01, 0.04, 0.46, 0.86)  # figure fractions (left, bottom, width, height) of the picture and its labels
+TREND_PANEL = (0.01, 0.33, 0.46, 0.57)  # the picture's panel when trend plots take the bottom of the left half
+TREND_HEIGHT = 0.22
 LABEL_STRIP_PX = 48  # room for "T10" left of the picture, inside the figure
 MIN_CORONAL_HEIGHT = 0.4  # of the panel: flatter coronal pictures are replaced by an axial slice
 WINDOW_HU = (-160.0, 240.0)  # soft-tissue window: muscle and fat apart
@@ -57,8 +67,11 @@ def render_key_image(ct: CTVolume, segments: SegmentMap, result: MeasurementResu
     figure = Figure(figsize=(WIDTH_PX / DPI, HEIGHT_PX / DPI), dpi=DPI, facecolor="black")
     canvas = FigureCanvasAgg(figure)
     levels = _level_of_voxel(segments)
-    if not _draw_coronal(figure, ct, levels, segments.levels):
-        _draw_axial(figure, ct, levels, segments.levels)
+    trends = trend_series(result)
+    panel = TREND_PANEL if trends else PANEL
+    if not _draw_coronal(figure, ct, levels, segments.levels, panel):
+        _draw_axial(figure, ct, levels, segments.levels, panel)
+    _draw_trends(figure, trends)
     _draw_table(figure.add_axes((0.49, 0.04, 0.50, 0.86)), result, options)
     figure.text(0.5, 0.965, DERIVED_BANNER, color="yellow", ha="center", va="center", fontsize=16, weight="bold")
     spans = " and ".join(total.span.name for total in result.totals)
@@ -83,12 +96,13 @@ def _colours(levels: tuple[str, ...]) -> np.ndarray:
     return colours
 
 
-def _picture_axes(figure: Figure, width_mm: float, height_mm: float, min_height: float = MIN_CORONAL_HEIGHT):
+def _picture_axes(figure: Figure, width_mm: float, height_mm: float, min_height: float = MIN_CORONAL_HEIGHT,
+                  panel: tuple[float, float, float, float] = PANEL):
     """Axes of the picture's true aspect, as large as the panel allows, right of the label strip, top-aligned.
 
     None when the picture would be lower than `min_height` of the panel.
     """
-    left, bottom, width, height = (PANEL[0] * WIDTH_PX, PANEL[1] * HEIGHT_PX, PANEL[2] * WIDTH_PX, PANEL[3] * HEIGHT_PX)
+    left, bottom, width, height = (panel[0] * WIDTH_PX, panel[1] * HEIGHT_PX, panel[2] * WIDTH_PX, panel[3] * HEIGHT_PX)
     scale = min((width - LABEL_STRIP_PX) / width_mm, height / height_mm)
     w_px, h_px = width_mm * scale, height_mm * scale
     if h_px < min_height * height:
@@ -103,10 +117,11 @@ def _coronal_axes(ct: CTVolume) -> tuple[int, int]:
     return lr, 3 - lr
 
 
-def _draw_coronal(figure: Figure, ct: CTVolume, level_of_voxel: np.ndarray, names: tuple[str, ...]) -> bool:
+def _draw_coronal(figure: Figure, ct: CTVolume, level_of_voxel: np.ndarray, names: tuple[str, ...],
+                  panel: tuple[float, float, float, float]) -> bool:
     lr, ap = _coronal_axes(ct)
     spacing_lr = ct.spacing[1] if lr == 1 else ct.spacing[2]
-    axes = _picture_axes(figure, ct.shape[lr] * spacing_lr, ct.shape[0] * ct.spacing[0])
+    axes = _picture_axes(figure, ct.shape[lr] * spacing_lr, ct.shape[0] * ct.spacing[0], panel=panel)
     if axes is None:
         return False
     depth = _muscle_depth(level_of_voxel.max(axis=0), ap)
@@ -120,14 +135,15 @@ def _draw_coronal(figure: Figure, ct: CTVolume, level_of_voxel: np.ndarray, name
     return True
 
 
-def _draw_axial(figure: Figure, ct: CTVolume, level_of_voxel: np.ndarray, names: tuple[str, ...]) -> None:
+def _draw_axial(figure: Figure, ct: CTVolume, level_of_voxel: np.ndarray, names: tuple[str, ...],
+                panel: tuple[float, float, float, float]) -> None:
     """One axial slice, patient right on the viewer's left and anterior up, through the measured muscle."""
     with_muscle = np.flatnonzero(level_of_voxel.any(axis=(1, 2)))
     k = int(with_muscle[len(with_muscle) // 2]) if with_muscle.size else ct.shape[0] // 2
     plane, levels = _axial(ct, ct.hu[k].astype(np.float32)), _axial(ct, level_of_voxel[k])
     transposed = abs(ct.direction[0, 1]) > abs(ct.direction[0, 0])
     row_mm, col_mm = (ct.spacing[2], ct.spacing[1]) if transposed else (ct.spacing[1], ct.spacing[2])
-    axes = _picture_axes(figure, plane.shape[1] * col_mm, plane.shape[0] * row_mm, min_height=0.0)
+    axes = _picture_axes(figure, plane.shape[1] * col_mm, plane.shape[0] * row_mm, min_height=0.0, panel=panel)
     axes.imshow(plane, cmap="gray", vmin=WINDOW_HU[0], vmax=WINDOW_HU[1], aspect="auto", interpolation="bilinear")
     axes.imshow(_colours(names)[levels], aspect="auto", interpolation="nearest")
     _mark_sides(axes)
@@ -183,6 +199,60 @@ def _label_levels(figure: Figure, axes, projected: np.ndarray, names: tuple[str,
         y = bottom + height * (1 - (float(rows.mean()) + 0.5) / n_rows)
         figure.text(left - 4 / WIDTH_PX, y, level, color=np.array(codes.LEVEL_RGB[level]) / 255, ha="right",
                     va="center", fontsize=10, weight="bold")
+
+
+@dataclass(frozen=True)
+class Trend:
+    """One quantity over time: (date, value, comparable with now) for each earlier result, then now."""
+
+    title: str
+    points: tuple[tuple[date, float, bool], ...]
+    note: str
+
+
+def trend_series(result: MeasurementResult) -> list[Trend]:
+    """T1-T10 muscle median HU and the bone-flag vertebra's HU over the same patient's results."""
+    longitudinal = result.longitudinal
+    now = parse_da(result.acquisition.study_date) if result.acquisition else None
+    if longitudinal is None or now is None:
+        return []
+    earlier = [p for p in longitudinal.priors if not p.identity and (p.interval_days or 0) > 0]
+    level = str(result.method.parameters.get("bone_flag_level", ""))
+    current = snapshot_values(result)
+    trends = []
+    for title, key in ((f"{THORACIC_SPAN.name} muscle median HU", QuantityKey(THORACIC_SPAN.name, "combined",
+                                                                                 Quantity.MUSCLE_MEDIAN_HU)),
+                       (f"{level} trabecular median HU", QuantityKey(level, "", Quantity.BONE_MEDIAN_HU))):
+        points = [(p.snapshot.study_day, p.snapshot.values[key], p.comparable) for p in reversed(earlier)
+                  if key in p.snapshot.values and p.snapshot.study_day is not None]
+        if points and key in current:
+            reasons = sorted({reason.split(":")[0] for p in earlier for reason in p.reasons})
+            note = "hollow: not comparable (" + ", ".join(reasons) + ")" if reasons else "all comparable"
+            trends.append(Trend(title, (*points, (now, current[key], True)), note))
+    return trends
+
+
+def _draw_trends(figure: Figure, trends: list[Trend]) -> None:
+    """Small plots under the picture; a prior not comparable with now is drawn hollow."""
+    for i, trend in enumerate(trends):
+        axes = figure.add_axes((0.05 + 0.235 * i, 0.08, 0.19, TREND_HEIGHT), facecolor="black")
+        days = [point[0] for point in trend.points]
+        values = [point[1] for point in trend.points]
+        axes.plot(days, values, color="#888888", linewidth=1)
+        for day, value, comparable in trend.points:
+            axes.plot([day], [value], "o", markersize=6, color="white", markerfacecolor="white" if comparable else "none")
+        axes.set_title(trend.title, color="white", fontsize=9)
+        axes.tick_params(colors="white", labelsize=7)
+        axes.xaxis.set_major_locator(YearLocator())
+        axes.xaxis.set_major_formatter(DateFormatter("%Y"))
+        for spine in axes.spines.values():
+            spine.set_color("#555555")
+        axes.text(0.5, -0.22, trend.note, color="orange" if "not" in trend.note else "#aaaaaa", fontsize=7,
+                  ha="center", va="top", transform=axes.transAxes)
+
+
+def snapshot_values(result: MeasurementResult) -> dict[QuantityKey, float]:
+    return dict(snapshot_from_result(result.to_dict(), Origin.CURRENT).values)
 
 
 def _draw_table(axes, result: MeasurementResult, options: EncodeOptions) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
 
@@ -32,6 +32,7 @@ class ResultFiles:
     seg: Path
     sr: Path
     key_image: Path
+    sr_reference: dict[str, str] = field(default_factory=dict)  # the SR's UIDs, for a later job's evidence
 
 
 @dataclass(frozen=True)
@@ -97,9 +98,12 @@ def write_results(ct: CTVolume, seg: Segmentation, result: MeasurementResult, ou
                   options: EncodeOptions) -> ResultFiles:
     """DIR/seg.dcm, DIR/sr.dcm and DIR/keyimage.dcm, each renamed into place only when complete."""
     out_dir = Path(out_dir)
-    files = ResultFiles(seg=out_dir / "seg.dcm", sr=out_dir / "sr.dcm", key_image=out_dir / "keyimage.dcm")
     with gc_paused():
         objects = build_results(ct, seg, result, options)
+        sr = objects.sr
+        files = ResultFiles(seg=out_dir / "seg.dcm", sr=out_dir / "sr.dcm", key_image=out_dir / "keyimage.dcm",
+                            sr_reference={"study_uid": str(sr.StudyInstanceUID), "series_uid": str(sr.SeriesInstanceUID),
+                                          "sop_instance_uid": str(sr.SOPInstanceUID), "sop_class_uid": str(sr.SOPClassUID)})
         make_dirs(out_dir)
         for dataset, path in ((objects.seg, files.seg), (objects.sr, files.sr), (objects.key_image, files.key_image)):
             write_dataset(dataset, path)

@@ -49,7 +49,6 @@ from highdicom.sr import (
     QualitativeEvaluation,
     ReferencedSegment,
     SourceSeriesForSegmentation,
-    TrackingIdentifier,
     VolumetricROIMeasurementsAndQualitativeEvaluations,
 )
 from pydicom.dataset import Dataset
@@ -67,6 +66,7 @@ from .biomarker_seg import parenchyma_label, trabecular_label
 from .options import MANUFACTURER, EncodeOptions
 from .seg import SIDES, muscle_levels, muscle_segment_number
 from .study import character_set, copy_patient_and_study, procedure_reported, software_versions, source_images
+from .timepoint import TimeContext, describe_acquisition
 
 ALL_SIDES = (*SIDES, "combined")
 
@@ -129,22 +129,25 @@ def build_sr(ct: CTVolume, seg: Dataset, result: MeasurementResult, options: Enc
     sources = source_images(ct)
     algorithm = _algorithm(result)
     levels, order = result.levels, muscle_levels(result)
+    time = TimeContext.of(result)
     groups: list = []
     for window in Window:
-        groups += [_volumetric_group(level, side, window, seg, str(sources[0].SeriesInstanceUID), algorithm, order)
+        groups += [_volumetric_group(level, side, window, seg, str(sources[0].SeriesInstanceUID), algorithm, order, time)
                    for level in levels for side in SIDES]
-        groups += [_level_group(level, window, algorithm) for level in levels]
-        groups += [_total_group(result, total, side, window, algorithm, with_qc=i == 0)
+        groups += [_level_group(level, window, algorithm, time) for level in levels]
+        groups += [_total_group(result, total, side, window, algorithm, time, with_qc=i == 0)
                    for i, total in enumerate(result.totals) for side in ALL_SIDES]
-    groups += _bone_and_organ_groups(result, algorithm, seg, str(sources[0].SeriesInstanceUID))
+    groups += _bone_and_organ_groups(result, algorithm, seg, str(sources[0].SeriesInstanceUID), time)
     report = MeasurementReport(
         observation_context=_observation_context(),
         procedure_reported=procedure_reported(ct.datasets[0]),
         imaging_measurements=groups,
+        referenced_images=[_library_image(sources[0], result)],
     )
+    describe_acquisition(report[0], result)
     settings = options.results
     document = Comprehensive3DSR(
-        evidence=[*sources, seg],
+        evidence=[*sources, seg, *time.evidence()],
         content=report[0],
         series_instance_uid=hd.UID(),
         series_number=settings.sr_series_number,
@@ -184,7 +187,7 @@ def _algorithm(result: MeasurementResult) -> AlgorithmIdentification:
             f"vertebral_body_source={method.vertebral_body_source}; a slice shared by two slabs counts in both "
             f"levels and lies in both SEG segments; reference={method.reference}")
     return AlgorithmIdentification(
-        name=f"paraspinal-node {method.name} method",
+        name=f"paraspinal-node {method.name} method v{method.version}",
         version=software.paraspinal_node,
         parameters=[text],
         family=codes.ARTIFICIAL_INTELLIGENCE,
@@ -195,37 +198,60 @@ def _result_texts(result: MeasurementResult) -> list[str]:
     return [str(value) for value in result.method.parameters.values()] + [result.method.reference]
 
 
+def _library_image(source: Dataset, result: MeasurementResult) -> Dataset:
+    """The first CT image for the Image Library, with the slice thickness the loader used (highdicom needs one)."""
+    image = Dataset()
+    image.update(source)
+    thickness = result.acquisition.slice_thickness_mm if result.acquisition else None
+    image.SliceThickness = f"{thickness if thickness is not None else 0:.6g}"
+    return image
+
+
 def _volumetric_group(level: LevelResult, side: str, window: Window, seg: Dataset, series_uid: str,
-                      algorithm: AlgorithmIdentification,
-                      order: tuple[str, ...]) -> VolumetricROIMeasurementsAndQualitativeEvaluations:
+                      algorithm: AlgorithmIdentification, order: tuple[str, ...],
+                      time: TimeContext) -> VolumetricROIMeasurementsAndQualitativeEvaluations:
     segment = ReferencedSegment(
         sop_class_uid=seg.SOPClassUID,
         sop_instance_uid=seg.SOPInstanceUID,
         segment_number=muscle_segment_number(level.level, side, order),
         source_series=SourceSeriesForSegmentation(series_uid),
     )
+    numbers, evaluations = _change(time, window, level.level, side)
     return VolumetricROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(identifier=tracking_label(level.level, side, window), uid=hd.UID()),
+        tracking_identifier=time.tracking(tracking_label(level.level, side, window)),
+        time_point_context=time.time_point(),
         referenced_segment=segment,
         finding_type=codes.DEEP_MUSCLE_OF_BACK,
         finding_sites=[_site(codes.VERTEBRA[level.level], side)],
         method=window.method,
         algorithm_id=algorithm,
-        measurements=_measurements(side_stats(level, side), window, level.status),
-        qualitative_evaluations=[_rating(level.status)],
+        measurements=_with(_measurements(side_stats(level, side), window, level.status), numbers),
+        qualitative_evaluations=[_rating(level.status), *evaluations],
     )
 
 
-def _level_group(level: LevelResult, window: Window, algorithm: AlgorithmIdentification) -> MeasurementsAndQualitativeEvaluations:
+def _change(time: TimeContext, window: Window, structure: str, side: str) -> tuple[list[Measurement], list]:
+    """The change items of an all-voxels group; the lean window's groups carry none."""
+    return time.change_items(structure, side) if window is Window.ALL else ([], [])
+
+
+def _with(measurements: list[Measurement] | None, more: list[Measurement]) -> list[Measurement] | None:
+    return [*(measurements or []), *more] or None
+
+
+def _level_group(level: LevelResult, window: Window, algorithm: AlgorithmIdentification,
+                 time: TimeContext) -> MeasurementsAndQualitativeEvaluations:
     """Both sides are the union of two segments, so no single segment is referenced."""
+    numbers, evaluations = _change(time, window, level.level, "combined")
     return MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(identifier=tracking_label(level.level, "combined", window), uid=hd.UID()),
+        tracking_identifier=time.tracking(tracking_label(level.level, "combined", window)),
+        time_point_context=time.time_point(),
         finding_type=codes.DEEP_MUSCLE_OF_BACK,
         finding_sites=[_site(codes.VERTEBRA[level.level], "combined")],
         method=window.method,
         algorithm_id=algorithm,
-        measurements=_measurements(level.combined, window, level.status),
-        qualitative_evaluations=[_rating(level.status)],
+        measurements=_with(_measurements(level.combined, window, level.status), numbers),
+        qualitative_evaluations=[_rating(level.status), *evaluations],
     )
 
 
@@ -235,7 +261,8 @@ def span_coverage(result: MeasurementResult, span: Span) -> Coverage:
 
 
 def _total_group(result: MeasurementResult, total: SpanTotal, side: str, window: Window,
-                 algorithm: AlgorithmIdentification, with_qc: bool) -> MeasurementsAndQualitativeEvaluations:
+                 algorithm: AlgorithmIdentification, time: TimeContext,
+                 with_qc: bool) -> MeasurementsAndQualitativeEvaluations:
     """The measurement's QC findings go with the first span's combined group, once."""
     totals = span_coverage(result, total.span)
     evaluations = [_rating(totals.status)]
@@ -243,14 +270,16 @@ def _total_group(result: MeasurementResult, total: SpanTotal, side: str, window:
     if with_qc and side == "combined" and window is Window.ALL:
         evaluations += [QualitativeEvaluation(name=codes.QUALITY_ASSESSMENT, value=codes.qc_finding(item.code))
                         for item in result.qc]
+    numbers, changes = _change(time, window, total.span.name, side)
     return MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(identifier=tracking_label(total.span.name, side, window), uid=hd.UID()),
+        tracking_identifier=time.tracking(tracking_label(total.span.name, side, window)),
+        time_point_context=time.time_point(),
         finding_type=codes.DEEP_MUSCLE_OF_BACK,
         finding_sites=[_site(codes.span_site(total.span), side)],
         method=window.method,
         algorithm_id=algorithm,
-        measurements=_measurements(side_stats(total.sides, side), window, totals.status),
-        qualitative_evaluations=evaluations,
+        measurements=_with(_measurements(side_stats(total.sides, side), window, totals.status), numbers),
+        qualitative_evaluations=evaluations + changes,
     )
 
 
@@ -273,7 +302,7 @@ def _measurements(muscle: MuscleStats, window: Window, status: LevelStatus) -> l
 
 
 def _bone_and_organ_groups(result: MeasurementResult, algorithm: AlgorithmIdentification, seg: Dataset,
-                           series_uid: str) -> list:
+                           series_uid: str, time: TimeContext) -> list:
     """Volumetric groups referencing their SEG segment (found by label) where the SEG holds one."""
     numbers = {str(item.SegmentLabel): int(item.SegmentNumber) for item in seg.SegmentSequence}
 
@@ -285,12 +314,13 @@ def _bone_and_organ_groups(result: MeasurementResult, algorithm: AlgorithmIdenti
 
     flag_level = result.method.parameters.get("bone_flag_level")
     groups = [_bone_group(vertebra, result.bone_flag if vertebra.level == flag_level else None, algorithm,
-                          reference(trabecular_label(vertebra.level)))
+                          reference(trabecular_label(vertebra.level)), time)
               for vertebra in result.vertebrae]
     if result.liver is not None:
-        groups += [_organ_group("liver", codes.LIVER, result.liver, algorithm, result.liver, reference(parenchyma_label("liver"))),
+        groups += [_organ_group("liver", codes.LIVER, result.liver, algorithm, result.liver,
+                                reference(parenchyma_label("liver")), time),
                    _organ_group("spleen", codes.SPLEEN, result.liver.spleen, algorithm, None,
-                                reference(parenchyma_label("spleen")))]
+                                reference(parenchyma_label("spleen")), time)]
     return groups
 
 
@@ -301,22 +331,24 @@ def _group(segment: ReferencedSegment | None, **content):
 
 
 def _bone_group(vertebra: VertebraResult, flag: Flag | None, algorithm: AlgorithmIdentification,
-                segment: ReferencedSegment | None):
-    evaluations = [_rating(vertebra.status)] + ([_flag(flag)] if flag is not None else [])
+                segment: ReferencedSegment | None, time: TimeContext):
+    numbers, changes = time.change_items(vertebra.level, "")
+    evaluations = [_rating(vertebra.status)] + ([_flag(flag)] if flag is not None else []) + changes
     return _group(
         segment,
-        tracking_identifier=TrackingIdentifier(identifier=trabecular_label(vertebra.level), uid=hd.UID()),
+        tracking_identifier=time.tracking(trabecular_label(vertebra.level)),
+        time_point_context=time.time_point(),
         finding_type=codes.VERTEBRAL_BODY,
         finding_sites=[FindingSite(anatomic_location=codes.VERTEBRA[vertebra.level])],
         method=codes.TRABECULAR_MASK if vertebra.mask == BODY_MASK else codes.WHOLE_VERTEBRA_MASK,
         algorithm_id=algorithm,
-        measurements=_stat_measurements(vertebra.trabecular, vertebra.status),
+        measurements=_with(_stat_measurements(vertebra.trabecular, vertebra.status), numbers),
         qualitative_evaluations=evaluations,
     )
 
 
 def _organ_group(name: str, site: CodedConcept, organ: OrganResult, algorithm: AlgorithmIdentification,
-                 liver: LiverResult | None, segment: ReferencedSegment | None):
+                 liver: LiverResult | None, segment: ReferencedSegment | None, time: TimeContext):
     """The liver's group also holds the liver-minus-spleen difference and the liver flag."""
     measurements = _stat_measurements(organ.parenchyma, organ.status) or []
     if organ.status is not LevelStatus.ABSENT:
@@ -324,10 +356,13 @@ def _organ_group(name: str, site: CodedConcept, organ: OrganResult, algorithm: A
     if liver is not None and liver.liver_minus_spleen_hu is not None:
         measurements.append(Measurement(name=codes.LIVER_MINUS_SPLEEN, value=liver.liver_minus_spleen_hu,
                                         unit=codes.HOUNSFIELD_UNIT))
-    evaluations = [_rating(organ.status)] + ([_flag(liver.flag)] if liver is not None else [])
+    numbers, changes = time.change_items(name, "")
+    measurements += numbers
+    evaluations = [_rating(organ.status)] + ([_flag(liver.flag)] if liver is not None else []) + changes
     return _group(
         segment,
-        tracking_identifier=TrackingIdentifier(identifier=parenchyma_label(name), uid=hd.UID()),
+        tracking_identifier=time.tracking(parenchyma_label(name)),
+        time_point_context=time.time_point(),
         finding_type=codes.PARENCHYMA,
         finding_sites=[FindingSite(anatomic_location=site)],
         method=codes.PARENCHYMA_MASK,

@@ -305,6 +305,30 @@ class ResultsConfig:
 
 
 @dataclass
+class PriorsConfig:
+    """Earlier results of the same patient: the node's state always, a PACS when `ae_title` and `host` are set.
+
+    Least significant changes are 2.77 x an assumed precision SD (README "Change over time"):
+    measure your own from repeat scans and set them here.
+    """
+
+    ae_title: str = ""  # the PACS queried for the node's earlier SRs; empty: only the node's own state
+    host: str = ""
+    port: int = 104
+    retrieve: str = "get"  # get (C-GET, falling back to C-MOVE when refused) or move (C-MOVE to receiver.ae_title)
+    timeout_s: float = 5.0  # the whole PACS lookup (query and retrieve); past it the job goes on without
+    max_series: int = 10  # SR series retrieved at most per job, newest first
+    lsc_muscle_hu: float = 4.2  # 2.77 x 1.5 HU
+    lsc_muscle_volume_percent: float = 7.0  # 2.77 x 2.5 %
+    lsc_bone_hu: float = 8.3  # 2.77 x 3 HU
+    lsc_liver_hu: float = 4.2  # 2.77 x 1.5 HU
+
+    @property
+    def pacs(self) -> bool:
+        return bool(self.ae_title and self.host)
+
+
+@dataclass
 class LoggingConfig:
     level: str = "INFO"
     format: str = "kv"  # kv (key=value) or json
@@ -389,6 +413,7 @@ class Config:
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     results: ResultsConfig = field(default_factory=ResultsConfig)
+    priors: PriorsConfig = field(default_factory=PriorsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     web: WebConfig = field(default_factory=WebConfig)
     dicomweb: DicomwebConfig = field(default_factory=DicomwebConfig)
@@ -534,6 +559,7 @@ def _validate(config: Config) -> None:
     _validate_biomarkers(config.measure, config.biomarkers)
     _validate_protocols(config.protocols)
     _validate_web(config.web)
+    _validate_priors(config.priors)
     _validate_dicomweb(config.dicomweb)
     _validate_positive(config)
     if config.logging.format not in ("kv", "json"):
@@ -565,6 +591,24 @@ def _validate_state(state: StateConfig) -> None:
                           f"{state.database.split('@')[-1]!r}")
     if state.password_file is not None and not state.shared:
         raise ConfigError("state.password_file is only used with a postgresql:// state.database: remove it")
+
+
+def _validate_priors(priors: PriorsConfig) -> None:
+    if bool(priors.ae_title) != bool(priors.host):
+        raise ConfigError("[priors] needs both ae_title and host to query a PACS (or neither: the node's state only)")
+    if priors.ae_title:
+        check_ae_title("priors.ae_title", priors.ae_title)
+    if not 0 < priors.port < 65536:
+        raise ConfigError(f"priors.port must be 1..65535, not {priors.port}")
+    if priors.retrieve not in ("get", "move"):
+        raise ConfigError(f"priors.retrieve must be get or move, not {priors.retrieve!r}")
+    if not 0 < priors.timeout_s <= 300:
+        raise ConfigError(f"priors.timeout_s must be more than 0 and at most 300 seconds, not {priors.timeout_s}")
+    if not 1 <= priors.max_series <= 100:
+        raise ConfigError(f"priors.max_series must be 1..100, not {priors.max_series}")
+    for key in ("lsc_muscle_hu", "lsc_muscle_volume_percent", "lsc_bone_hu", "lsc_liver_hu"):
+        if getattr(priors, key) <= 0:
+            raise ConfigError(f"priors.{key} must be greater than 0, not {getattr(priors, key)}")
 
 
 def _validate_web(web: WebConfig) -> None:

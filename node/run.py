@@ -30,6 +30,7 @@ from node.pipeline.report import write_mr_reports, write_reports
 from node.pipeline.seg_load import load_mr_segmentation, load_segmentation
 from node.pipeline.segment import Segmenter, close_segmenter, make_segmenter
 from node.pipeline.segmentation import Segmentation
+from node.priors.lookup import PriorSources
 from node.screening import LevelStatus
 
 log = logging.getLogger(__name__)
@@ -90,19 +91,25 @@ def segment_prepared(prepared: Prepared, config: Config, segmenter: Segmenter | 
     return Segmented(ct, seg, {**prepared.seconds, "segment": time.perf_counter() - started}, prepared.mr)
 
 
-def finish(segmented: Segmented, out_dir: Path, config: Config, dicom: bool = True) -> PipelineResult:
-    """Measure, write the reports and, with `dicom`, encode SEG, SR and key image into `out_dir`."""
+def finish(segmented: Segmented, out_dir: Path, config: Config, dicom: bool = True,
+           priors: PriorSources | None = None) -> PipelineResult:
+    """Measure, compare with `priors` when given (CT), write the reports and, with `dicom`, encode SEG, SR
+    and key image into `out_dir` (the reports are written again then, naming the SR for later jobs)."""
     if segmented.mr is not None:
         return _finish_mr(segmented, segmented.mr, out_dir, config, dicom)
     seconds = dict(segmented.seconds)
     ct, seg = segmented.ct, segmented.seg
     started = time.perf_counter()
     result = measure(ct, seg, config.measure, config.biomarkers, config.protocols)
+    started = _lap(seconds, "measure", started)
+    if priors is not None:
+        result.longitudinal = priors.look_up(result.to_dict())
+        started = _lap(seconds, "priors", started)
     json_path, csv_path = write_reports(result, out_dir)
     files = {"measurements_json": json_path, "measurements_csv": csv_path}
-    started = _lap(seconds, "measure", started)
     if dicom:  # NIfTI input is refused here in one line, after the reports are written
         files.update(_encode(ct, seg, result, out_dir, config))
+        write_reports(result, out_dir)
         _lap(seconds, "encode", started)
     log.info("event=measured series=%s levels_present=%d protocol=%s", ct.series_uid,
              sum(lv.status is not LevelStatus.ABSENT for lv in result.levels), result.protocol)
@@ -149,9 +156,11 @@ class Stages:
     finish: Callable[[Segmented, Path, Config], PipelineResult]
 
     @classmethod
-    def with_segmenter(cls, segmenter: Segmenter | None = None) -> Stages:
-        """The real stages on `segmenter` (the worker's long-lived one; None: a one-off per job)."""
-        return cls(prepare, functools.partial(segment_prepared, segmenter=segmenter), finish)
+    def with_segmenter(cls, segmenter: Segmenter | None = None, priors: PriorSources | None = None) -> Stages:
+        """The real stages on `segmenter` (the worker's long-lived one; None: a one-off per job), comparing
+        each result with its `priors` when given."""
+        return cls(prepare, functools.partial(segment_prepared, segmenter=segmenter),
+                   functools.partial(finish, priors=priors))
 
 
 def _lap(seconds: dict[str, float], stage: str, started: float) -> float:
@@ -187,4 +196,5 @@ def _encode(ct: CTVolume, seg: Segmentation, result: MeasurementResult, out_dir:
     from dicom_sr.results import write_results
 
     written = write_results(ct, seg, result, out_dir, EncodeOptions.from_config(config))
+    result.outputs["sr"] = written.sr_reference
     return {"seg": written.seg, "sr": written.sr, "keyimage": written.key_image}

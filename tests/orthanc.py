@@ -48,10 +48,12 @@ class Modality:
     host: str = "127.0.0.1"
     local_ae: str | None = None  # the calling AE Orthanc presents to this peer instead of its own
     tls: bool = False  # Orthanc talks DICOM TLS to it (UseDicomTls; needs DicomTls* in the config)
+    allow_get: bool = True  # False: Orthanc refuses this peer's C-GET (a PACS that only allows C-MOVE)
 
     def entry(self) -> dict:
         entry = {"AET": self.ae_title, "Host": self.host, "Port": self.port}
-        return entry | ({"LocalAet": self.local_ae} if self.local_ae else {}) | ({"UseDicomTls": True} if self.tls else {})
+        return (entry | ({"LocalAet": self.local_ae} if self.local_ae else {}) | ({"UseDicomTls": True} if self.tls else {})
+                | ({} if self.allow_get else {"AllowGet": False}))
 
 
 def orthanc_config(storage: Path, http_port: int, dicom_port: int, ae_title: str,

@@ -93,7 +93,7 @@ def test_enhanced_mr_is_refused_with_a_reason_when_mr_is_selected(tmp_path: Path
     config = ReceiverConfig(ae_title="NODE", port=free_port(), bind_address="127.0.0.1", min_free_disk_mb=1)
     enhanced = _mr_file(tmp_path, EnhancedMRImageStorage)
     for modalities, status in ((["CT", "MR"], 0x0122), (["CT"], 0x0000)):  # not selected: discarded as other storage
-        receiver = Receiver(config, spool, RecordingListener(), spooled_sop_classes(modalities))
+        receiver = Receiver(config, spool, RecordingListener(), spooled=spooled_sop_classes(modalities))
         receiver.start()
         try:
             assoc = AE(ae_title="PYSCU").associate("127.0.0.1", receiver.port, [build_context(EnhancedMRImageStorage)],

@@ -48,6 +48,14 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     worklist = _add(subparsers, "worklist", "screening worklist of processed studies", _worklist)
     worklist.add_argument("--since", help="only studies with StudyDate on or after this date (YYYY-MM-DD)")
     worklist.add_argument("--format", choices=("csv", "json"), default="csv")
+    worklist.add_argument("--where", action="append", default=[], metavar="COLUMN<NUMBER",
+                          help='keep rows where a column compares so, e.g. "t1_t10_median_hu_per_year<-2" '
+                               "(muscle HU fell more than 2 HU a year); repeatable")
+    worklist.add_argument("--sort", metavar="[-]COLUMN", help="order by a column, descending with a leading -")
+    trend = _add(subparsers, "trend", "one patient's results over time from the state, with the change of each",
+                 _trend)
+    trend.add_argument("patient_id", help="Patient ID as the series carry it")
+    trend.add_argument("--format", choices=("text", "json"), default="text")
 
 
 def _add(subparsers: argparse._SubParsersAction, name: str, help_text: str, handler) -> argparse.ArgumentParser:
@@ -232,15 +240,36 @@ def exposure_warnings(config: Config) -> list[str]:
 
 
 def _worklist(args: argparse.Namespace, config: Config) -> int:
-    from node.state.worklist import parse_since, render, worklist_row
+    from node.state.worklist import parse_condition, parse_since, render, select, worklist_row
 
     try:
         since = parse_since(args.since) if args.since else None
+        conditions = [parse_condition(text) for text in args.where]
+        select([], [], args.sort)  # a misspelt --sort is a usage error even on an empty worklist
     except ValueError as exc:
         print(f"paraspinal-node worklist: {exc}", file=sys.stderr)
         return ExitCode.USAGE
     state = open_configured(config)
     rows = [worklist_row(series, job_id, result, config.measure.low_attenuation_hu)
             for series, job_id, result in state.processed(since)]
-    sys.stdout.write(render(rows, args.format))
+    sys.stdout.write(render(select(rows, conditions, args.sort), args.format))
+    return ExitCode.OK
+
+
+def _trend(args: argparse.Namespace, config: Config) -> int:
+    """Every done result of one patient, oldest first: T1-T10 and bone figures, and the change each job found."""
+    from node.state.worklist import trend_rows
+
+    rows = trend_rows(open_configured(config).patient_results(args.patient_id, limit=1000))
+    if not rows:
+        print(f"paraspinal-node trend: no results for Patient ID {args.patient_id!r} in the state", file=sys.stderr)
+        return ExitCode.FAILED
+    if args.format == "json":
+        print(json.dumps(rows, indent=2))
+        return ExitCode.OK
+    names = list(rows[0])
+    print("  ".join(names))
+    for row in rows:
+        print("  ".join("-" if row[name] is None else f"{row[name]:.1f}" if isinstance(row[name], float)
+                        else str(row[name]) for name in names))
     return ExitCode.OK

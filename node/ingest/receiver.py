@@ -9,6 +9,8 @@ Policy, in the order a C-STORE meets it:
   `accept_other_storage` is on, so routers that forward whole studies see no failures; when it is
   off they are not offered in the presentation contexts at all.
 - Below `min_free_disk_mb` free space every store is answered 0xA700 (out of resources).
+- An SR from the PACS configured in [priors] (by AE title and address) is what a C-MOVE for the
+  patient's earlier results brought: it goes to the priors inbox (node.priors.inbox), never the spool.
 Before and after association every connection is bounded in memory and time by the pynetdicom
 adapter (node/ingest/association.py). Associations are rejected when the called AE is not one of
 `called_aes` (default: the node's own title), the calling AE is outside `allowed_calling_aes` (when
@@ -74,6 +76,7 @@ from node.ingest.spool import (
     StoreOutcome,
     read_data_set_header,
 )
+from node.priors.inbox import SR_STORAGE, PriorsInbox
 from node.tls import ServerTls, peer_names
 
 log = logging.getLogger(__name__)
@@ -121,10 +124,13 @@ class _Tally:
     refused: int = 0
 
 
-def presentation_contexts(accept_other_storage: bool,
-                          spooled: tuple[str, ...] = (CT_IMAGE_STORAGE,)) -> list[PresentationContext]:
+def presentation_contexts(accept_other_storage: bool, spooled: tuple[str, ...] = (CT_IMAGE_STORAGE,),
+                          priors: bool = False) -> list[PresentationContext]:
     """The SCP's contexts: Verification, the spooled image classes (decodable syntaxes; CT, and MR when
-    selected), Enhanced CT (and MR when selected) to refuse clearly, others."""
+    selected), Enhanced CT (and MR when selected) to refuse clearly, others.
+
+    `priors`: the SRs a C-MOVE for priors brings are offered even when other storage is not.
+    """
     contexts = [
         build_context(Verification),
         *(build_context(sop_class, CT_TRANSFER_SYNTAXES) for sop_class in spooled),
@@ -137,6 +143,8 @@ def presentation_contexts(accept_other_storage: bool,
             for cx in StoragePresentationContexts
             if cx.abstract_syntax not in own
         ]
+    elif priors:
+        contexts += [build_context(uid, ALL_TRANSFER_SYNTAXES) for uid in sorted(SR_STORAGE)]
     return contexts
 
 
@@ -176,11 +184,12 @@ class Receiver:
     """The node's storage SCP; `start()` returns once it listens, `stop()` drains it."""
 
     def __init__(self, config: ReceiverConfig, spool: Spool, listener: SpoolListener,
-                 spooled: tuple[str, ...] = (CT_IMAGE_STORAGE,)) -> None:
+                 *, spooled: tuple[str, ...] = (CT_IMAGE_STORAGE,), priors_inbox: PriorsInbox | None = None) -> None:
         """`spooled`: the image classes kept (node.ingest.dixon.spooled_sop_classes); others are discarded."""
         self.config = config
         self.spool = spool
         self.listener = listener
+        self.priors_inbox = priors_inbox
         self.spooled = spooled
         self._refused = refused_sop_classes(spooled)
         self._tallies: dict[Association, _Tally] = {}
@@ -307,7 +316,8 @@ class Receiver:
         ae = CountingAE(ae_title=self.config.ae_title)
         ae.maximum_associations = self.config.max_associations
         configure_ae(ae, self._limits())
-        ae.supported_contexts = presentation_contexts(self.config.accept_other_storage, self.spooled)
+        ae.supported_contexts = presentation_contexts(self.config.accept_other_storage, self.spooled,
+                                                      self.priors_inbox is not None)
         return ae
 
     def _active(self) -> list[Association]:
@@ -414,6 +424,9 @@ class Receiver:
         refusal = self._refused.get(sop_class)
         if refusal is not None:
             return self._refuse(tally, sop_uid, StoreStatus.SOP_CLASS_NOT_SUPPORTED, refusal)
+        inbox = self.priors_inbox
+        if inbox is not None and inbox.accepts(tally.calling_ae, event.assoc.requestor.address, sop_class):
+            return self._keep_prior(event, tally, inbox, sop_uid)
         if sop_class not in self.spooled:  # kept or not, a discarded instance is answered as stored
             tally.discarded += 1
             self.counter.discarded()
@@ -467,6 +480,20 @@ class Receiver:
         )
         return StoreStatus.SUCCESS
 
+    def _keep_prior(self, event: evt.Event, tally: _Tally, inbox: PriorsInbox, sop_uid: str) -> int | Dataset:
+        """A retrieved earlier SR: into the priors inbox for the worker that asked; no series, no job."""
+        if dataset_overflow(event.request.DataSet) is not None:
+            return _prior_refused(tally, sop_uid, StoreStatus.OUT_OF_RESOURCES, "data set over receiver.max_dataset_mb")
+        try:
+            head = part10_head(event.context.abstract_syntax, sop_uid, event.context.transfer_syntax)
+            with event.request.DataSet.getbuffer() as data_set:
+                inbox.put(sop_uid, [head, data_set])
+        except (SpoolError, ValueError, OSError) as exc:
+            return _prior_refused(tally, sop_uid, StoreStatus.PROCESSING_FAILURE, f"prior SR not kept: {exc}")
+        tally.stored += 1
+        log.debug("event=prior_received association=%s sop=%s", tally.association_id, sop_uid)
+        return StoreStatus.SUCCESS
+
     def _refuse(self, tally: _Tally, sop_uid: str, status: int, reason: str) -> Dataset:
         tally.refused += 1
         self.counter.refused(StoreStatus(status).name.lower())
@@ -480,6 +507,16 @@ class Receiver:
         answer.Status = int(status)
         answer.ErrorComment = reason[:64]
         return answer
+
+
+def _prior_refused(tally: _Tally, sop_uid: str, status: int, reason: str) -> Dataset:
+    """Refused without telling the listener: no series waits for a prior SR."""
+    tally.refused += 1
+    log.warning("event=prior_refused association=%s sop=%s status=0x%04X reason=%s", tally.association_id, sop_uid,
+                int(status), reason)
+    answer = Dataset()
+    answer.Status, answer.ErrorComment = int(status), reason[:64]
+    return answer
 
 
 def _check_request_uids(request: object, header: Dataset) -> None:

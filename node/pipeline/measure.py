@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage
@@ -21,6 +22,7 @@ from scipy import ndimage
 from node import __version__
 from node.config import BiomarkersConfig, MeasureConfig, ProtocolConfig, default_protocols
 from node.labels import AUTOCHTHON_LEFT, AUTOCHTHON_RIGHT, SPANS, SPINE, THORACIC_SPAN, VERTEBRA_LABEL, Span, spine_order
+from node.pipeline.acquisition import Acquisition, Subject, acquisition_of, subject_of
 from node.pipeline.bone import VertebraResult, bone_flag, measure_vertebrae
 from node.pipeline.contrast import ContrastStatus, contrast_status
 from node.pipeline.ct import CTVolume
@@ -31,7 +33,11 @@ from node.pipeline.segmentation import Segmentation
 from node.pipeline.stats import HUStats, hu_stats
 from node.screening import LevelStatus
 
+if TYPE_CHECKING:
+    from node.priors.change import Longitudinal
+
 METHOD_NAME = "seed"
+METHOD_VERSION = "1"  # raised whenever a change to the method changes the numbers: results of two versions are not compared
 METHOD_REFERENCE = (
     "Paraspinal muscle at T1-T10 by slabs of TotalSegmentator vertebral bodies (1-700 HU); "
     "median HU of left+right autochthon voxels, no HU window (MESA paraspinal muscle study)"
@@ -98,6 +104,7 @@ class Method:
     vertebral_body_source: str  # vertebrae_body, or whole_vertebra when the body task did not run
     parameters: dict[str, float | str]
     reference: str
+    version: str = METHOD_VERSION
 
 
 @dataclass
@@ -119,14 +126,20 @@ class MeasurementResult:
     bone_flag: Flag | None = None
     liver: LiverResult | None = None  # with [biomarkers] liver only
     protocol: str = ""  # which protocol chose the levels, and why; logged, not in measurements.json
+    subject: Subject | None = None  # the identity a later comparison checks; never the name
+    acquisition: Acquisition | None = None
+    longitudinal: Longitudinal | None = None  # set after measuring: priors found and the change (node.priors)
+    outputs: dict[str, dict[str, str]] = field(default_factory=dict)  # "sr": its UIDs, once encoded
 
     def to_dict(self) -> dict:
         """Each total under its span's key right after `levels`, as chest results always had `total`."""
-        data = dataclasses.asdict(self)
-        del data["protocol"]
+        longitudinal = self.longitudinal
+        data = dataclasses.asdict(dataclasses.replace(self, longitudinal=None))
+        for key in ("protocol", "longitudinal") + (() if self.outputs else ("outputs",)):
+            del data[key]
         totals = {total.span.key: dataclasses.asdict(total.sides) for total in self.totals}
         del data["totals"]
-        return {"levels": data.pop("levels"), **totals, **data}
+        return {"levels": data.pop("levels"), **totals, **data, **(longitudinal.to_dict() if longitudinal else {})}
 
     def level(self, name: str) -> LevelResult:
         return next(level for level in self.levels if level.level == name)
@@ -186,6 +199,8 @@ def measure(ct: CTVolume, seg: Segmentation, params: MeasureConfig, biomarkers: 
         bone_flag=bone_flag(every_vertebra, params, contrast),
         liver=liver,
         protocol=f"{protocol.name} ({choice.reason})",
+        subject=subject_of(header),
+        acquisition=acquisition_of(header, ct.slice_thickness if ct.slice_thickness is not None else ct.spacing[0]),
     )
 
 

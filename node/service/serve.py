@@ -32,6 +32,7 @@ from node.ingest.receiver import Receiver
 from node.ingest.series import SeriesTracker
 from node.ingest.spool import Spool
 from node.ingest.watch import Watcher
+from node.priors.inbox import PriorsInbox
 from node.service.housekeeping import Housekeeper
 from node.service.ids import serve_name
 from node.service.owner import OwnerError, StateDirOwner, check_state_present, make_private
@@ -110,7 +111,8 @@ class Service:
         self.tracker = SeriesTracker(self.spool, self.state, config.completion, config.selection,
                                      pending_file=pending_path(config.storage.state_dir))
         spooled = spooled_sop_classes(config.selection.modalities)
-        self.receiver = Receiver(config.receiver, self.spool, self.tracker, spooled)
+        self.receiver = Receiver(config.receiver, self.spool, self.tracker, spooled=spooled,
+                                 priors_inbox=PriorsInbox.from_config(config))
         self.watcher = Watcher(config.receiver, self.spool, self.tracker, spooled) if config.receiver.watch_dir else None
         self.supervisor = WorkerSupervisor(config_path, config.worker.count, self.state)
         self.delivery = DeliveryLoop(config, self.state)

@@ -36,6 +36,7 @@ from node.errors import InputError
 from node.labels import roi_subset
 from node.pipeline.segment import Segmenter, close_segmenter, make_segmenter
 from node.pipeline.segmentation import NotReadyError, SegmenterError
+from node.priors.lookup import PriorSources
 from node.run import PipelineResult, Prepared, Segmented, Stages
 from node.service.dicomweb_client import ClientSettings, LeaseLost, fetch_series, store_results
 from node.service.ids import worker_id
@@ -98,7 +99,8 @@ class Worker:
         self._store = store
         self._owner = owner
         whole = pipeline is not None and not isinstance(pipeline, Stages)
-        self._stages = pipeline if isinstance(pipeline, Stages) else Stages.with_segmenter()
+        self._stages = pipeline if isinstance(pipeline, Stages) else Stages.with_segmenter(
+            priors=PriorSources.from_config(config, store))
         self._whole: Pipeline | None = pipeline if whole else None  # a whole pipeline cannot overlap jobs
         self._clock = clock
         self._next_weights_check = 0.0
@@ -539,7 +541,8 @@ def run_worker(config: Config, store: JobStore, index: int = 0) -> int:
     warm_up()
     segmenter = start_segmenter(config)
     try:
-        worker = Worker(config, store, worker_id(index), Stages.with_segmenter(segmenter), index=index)
+        stages = Stages.with_segmenter(segmenter, PriorSources.from_config(config, store))
+        worker = Worker(config, store, worker_id(index), stages, index=index)
         if not config.state.shared:  # a shared state has no serve lock on this host to check
             worker.owner_check = OwnerCheck(config.storage.state_dir, config.storage.database)
         worker.engine = segmenter

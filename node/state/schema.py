@@ -153,6 +153,9 @@ SQLITE: tuple[str, ...] = (
     CREATE INDEX backfill_series_due ON backfill_series (backfill_id, status, not_before);
     CREATE INDEX backfill_series_attempts ON backfill_series (last_attempt_at);
     """,
+    """
+    CREATE INDEX series_by_patient ON series (patient_id, study_date);
+    """,
 )
 
 POSTGRESQL: tuple[str, ...] = (
@@ -292,6 +295,9 @@ POSTGRESQL: tuple[str, ...] = (
     );
     CREATE INDEX backfill_series_due ON backfill_series (backfill_id, status, not_before);
     CREATE INDEX backfill_series_attempts ON backfill_series (last_attempt_at);
+    """,
+    """
+    CREATE INDEX series_by_patient ON series (patient_id, study_date);
     """,
 )
 

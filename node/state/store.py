@@ -249,6 +249,8 @@ class JobStore(Protocol):
 
     def record_stage_timings(self, job_id: int, attempt: int, seconds: dict[str, float]) -> None: ...
 
+    def patient_results(self, patient_id: str, limit: int = 100) -> list[tuple[SeriesRecord, int, dict[str, Any]]]: ...
+
     def report_worker(self, report: WorkerReport) -> None: ...
 
     def results_withheld(self, series_uid: str) -> bool: ...
@@ -632,6 +634,21 @@ class State(BackfillState):
                                                     WHERE k.series_uid = j.series_uid AND k.status = 'done')
                  AND s.study_date >= :since
                ORDER BY s.study_date, j.id""", {"since": since or ""})
+        return [(SeriesRecord(*r[:_SERIES_WIDTH]), r[_SERIES_WIDTH], json.loads(r[_SERIES_WIDTH + 1])) for r in rows]
+
+    def patient_results(self, patient_id: str, limit: int = 100) -> list[tuple[SeriesRecord, int, dict[str, Any]]]:
+        """The latest done job of each series of one Patient ID, with its measurements, newest study first.
+
+        The earlier results a new one is compared with (node.priors), and `paraspinal-node trend`.
+        """
+        if not patient_id:
+            return []
+        rows = self._db.read(
+            f"""SELECT {_SERIES_COLUMNS}, j.id, j.result
+               FROM series s JOIN jobs j ON j.series_uid = s.series_uid
+               WHERE s.patient_id = :patient AND j.status = 'done' AND j.result IS NOT NULL
+                 AND j.id = (SELECT MAX(id) FROM jobs k WHERE k.series_uid = j.series_uid AND k.status = 'done')
+               ORDER BY s.study_date DESC, j.id DESC LIMIT :limit""", {"patient": patient_id, "limit": limit})
         return [(SeriesRecord(*r[:_SERIES_WIDTH]), r[_SERIES_WIDTH], json.loads(r[_SERIES_WIDTH + 1])) for r in rows]
 
     def runs(self, series_uid: str | None = None) -> list[Run]:

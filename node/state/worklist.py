@@ -6,6 +6,10 @@ The flag is raised when the T1–T10 median attenuation of the combined muscle i
 level is; the levels they include), come from node.screening, as on the key image and in the SR.
 An absent level has no figures, not a volume of 0. A series processed again after it grew is
 listed with its latest result.
+The change columns (node.priors) compare with the prior the node used: the date, whether the pair
+is comparable, Δ and Δ per year of the T1–T10 and L1–L5 median HU and volume, of the bone-flag
+vertebra and of the liver; `--where` filters on any column ("t1_t10_median_hu_per_year<-2": muscle
+HU fell by more than 2 HU a year) and `--sort` orders by one.
 The L1–L5 columns (abdominal CT, or complete lumbar levels of a chest CT) follow the same rules
 and are blank where no lumbar level was reported. Bone (trabecular median per vertebra T1–L5,
 the low-bone flag) and liver columns follow; the bone and liver flags read "low", "not_low" or
@@ -21,7 +25,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import operator
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
@@ -51,7 +58,19 @@ def columns() -> list[str]:
     return ["patient_id", "accession", "study_date", "series_instance_uid", "job", "modality",
             *_span_columns(THORACIC_SPAN), "low_attenuation", *_span_columns(LUMBAR_SPAN), *_dixon_columns(LUMBAR_SPAN),
             *[f"{level}_bone_hu" for level in SPINE], "contrast", "bone_flag_level", "bone_flag",
-            "liver_status", "liver_median_hu", "spleen_median_hu", "liver_minus_spleen_hu", "liver_flag"]
+            "liver_status", "liver_median_hu", "spleen_median_hu", "liver_minus_spleen_hu", "liver_flag",
+            *CHANGE_COLUMNS]
+
+
+# (column prefix, structure, side, quantity) of each change the worklist shows; "bone" is the flag vertebra's
+_CHANGES = (("t1_t10_median_hu", "T1-T10", "combined", "muscle_median_hu"),
+            ("t1_t10_volume_cm3", "T1-T10", "combined", "muscle_volume_cm3"),
+            ("l1_l5_median_hu", "L1-L5", "combined", "muscle_median_hu"),
+            ("l1_l5_volume_cm3", "L1-L5", "combined", "muscle_volume_cm3"),
+            ("bone_hu", None, "", "bone_median_hu"),
+            ("liver_median_hu", "liver", "", "liver_median_hu"))
+CHANGE_COLUMNS = ["prior_study_date", "prior_comparable", "priors_checked",
+                  *(f"{prefix}_{part}" for prefix, *_ in _CHANGES for part in ("change", "per_year", "significant"))]
 
 
 def _dixon_columns(span: Span) -> list[str]:
@@ -78,6 +97,7 @@ def worklist_row(series: SeriesRecord, job_id: int, result: dict[str, Any], low_
     row.update(_span_cells(LUMBAR_SPAN, result))
     row.update(_dixon_cells(LUMBAR_SPAN, result, row))
     row.update(_bone_and_liver(result))
+    row.update(change_cells(result))
     return row
 
 
@@ -96,6 +116,61 @@ def _dixon_cells(span: Span, result: dict[str, Any], row: dict[str, Any]) -> dic
         cells[f"{key}_fat_signal_fraction"] = combined.get("fat_signal_fraction")
         cells[f"{key}_fat_grade"] = combined.get("fat_grade") if dixon else NO_DIXON
     return cells
+
+
+def change_cells(result: dict[str, Any]) -> dict[str, Any]:
+    """Blank for results without a prior, and for those measured before the node compared."""
+    priors = result.get("priors") or {}
+    used = next((prior for prior in priors.get("found", []) if prior.get("used")), None)
+    row: dict[str, Any] = {"prior_study_date": used["study_date"] if used else None,
+                           "prior_comparable": used["comparable"] if used else None,
+                           "priors_checked": priors.get("checked")}
+    flag_level = (result.get("method") or {}).get("parameters", {}).get("bone_flag_level")
+    changes = {(c["structure"], c["side"], c["quantity"]): c for c in result.get("change") or []}
+    for prefix, structure, side, quantity in _CHANGES:
+        change = changes.get((structure or flag_level, side, quantity), {})
+        row[f"{prefix}_change"] = change.get("delta")
+        row[f"{prefix}_per_year"] = change.get("per_year")
+        row[f"{prefix}_significant"] = change.get("significant")
+    return row
+
+
+_OPERATORS: dict[str, Callable[[Any, Any], bool]] = {"<=": operator.le, ">=": operator.ge, "<": operator.lt,
+                                                     ">": operator.gt, "=": operator.eq}
+
+
+@dataclass(frozen=True)
+class Condition:
+    """`--where COLUMN<NUMBER` (or <=, >, >=, =): a row without a value in COLUMN never matches."""
+
+    column: str
+    compare: Callable[[Any, Any], bool]
+    value: float
+
+    def matches(self, row: dict[str, Any]) -> bool:
+        cell = row.get(self.column)
+        return isinstance(cell, int | float) and not isinstance(cell, bool) and self.compare(cell, self.value)
+
+
+def parse_condition(text: str) -> Condition:
+    match = re.fullmatch(r"\s*([a-z0-9_]+)\s*(<=|>=|<|>|=)\s*(-?[0-9.]+)\s*", text)
+    if match is None or match.group(1) not in columns():
+        raise ValueError(f"--where {text!r} is not COLUMN<NUMBER with a worklist column, e.g. "
+                         "\"t1_t10_median_hu_per_year<-2\"")
+    return Condition(match.group(1), _OPERATORS[match.group(2)], float(match.group(3)))
+
+
+def select(rows: list[dict], conditions: list[Condition], sort: str | None = None) -> list[dict]:
+    """Rows matching every condition, ordered by `sort` ("-COLUMN": descending), blanks last."""
+    kept = [row for row in rows if all(condition.matches(row) for condition in conditions)]
+    if sort:
+        column = sort.lstrip("-")
+        if column not in columns():
+            raise ValueError(f"--sort {sort!r}: no worklist column {column!r}")
+        filled = [row for row in kept if row.get(column) is not None]
+        blank = [row for row in kept if row.get(column) is None]
+        kept = sorted(filled, key=lambda row: row[column], reverse=sort.startswith("-")) + blank
+    return kept
 
 
 def _span_cells(span: Span, result: dict[str, Any]) -> dict[str, Any]:
@@ -165,3 +240,22 @@ def _csv_cell(value: Any) -> Any:
 def _iso_date(dicom_date: str) -> str:
     """DICOM DA (YYYYMMDD) as YYYY-MM-DD; anything else as it was sent."""
     return f"{dicom_date[:4]}-{dicom_date[4:6]}-{dicom_date[6:8]}" if re.fullmatch(r"\d{8}", dicom_date) else dicom_date
+
+
+def trend_rows(results: list[tuple[SeriesRecord, int, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """`paraspinal-node trend`: one row per result, oldest first; no patient name anywhere."""
+    rows = []
+    for series, job_id, result in sorted(results, key=lambda r: (r[0].study_date, r[1])):
+        thoracic = _span_cells(THORACIC_SPAN, result)
+        bone = _bone_and_liver(result)
+        flag_level = (result.get("method") or {}).get("parameters", {}).get("bone_flag_level")
+        acquisition = result.get("acquisition") or {}
+        change = change_cells(result)
+        rows.append({"study_date": _iso_date(series.study_date), "job": job_id, "series": series.series_uid,
+                     "contrast": bone["contrast"], "kvp": acquisition.get("kvp"),
+                     "t1_t10_median_hu": thoracic["t1_t10_median_hu"], "t1_t10_volume_cm3": thoracic["t1_t10_volume_cm3"],
+                     "bone_level": flag_level, "bone_hu": bone.get(f"{flag_level}_bone_hu"),
+                     "prior": change["prior_study_date"], "comparable": change["prior_comparable"],
+                     "t1_t10_hu_per_year": change["t1_t10_median_hu_per_year"],
+                     "bone_hu_per_year": change["bone_hu_per_year"]})
+    return rows
