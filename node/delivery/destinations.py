@@ -11,17 +11,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from node.config import Config, DestinationConfig
-from node.delivery.sender import SendOutcome
 from node.durable import write_atomic
 from node.state.store import Delivery
+
+if TYPE_CHECKING:  # the sender (pynetdicom) is imported where deliveries are sent, not where they are planned
+    from node.delivery.sender import SendOutcome
 
 RESULTS_FOLDER = "folder"  # the key of the results folder destination (delivery.results_dir)
 DICOM_RESULTS = ("seg", "sr", "keyimage")
 
-Sender = Callable[[DestinationConfig, list[Path], str, float], list[SendOutcome]]
+Sender = Callable[[DestinationConfig, list[Path], str, float], "list[SendOutcome]"]
 
 
 @dataclass(frozen=True)

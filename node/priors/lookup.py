@@ -25,17 +25,7 @@ from node.priors.change import (
     snapshot_from_result,
 )
 from node.priors.inbox import PriorsInbox
-from node.priors.pacs import (
-    Deadline,
-    FoundSeries,
-    Pacs,
-    PacsUnavailable,
-    RetrieveRefused,
-    SeriesQuery,
-    find_sr_series,
-    get_series,
-    move_series,
-)
+from node.priors.pacs import Deadline, FoundSeries, Pacs, PacsUnavailable, RetrieveRefused, SeriesQuery
 
 log = logging.getLogger(__name__)
 MANUFACTURER = "paraspinal-node"  # dicom_sr.options writes it into every result object
@@ -102,6 +92,8 @@ class PriorSources:
         return priors, [SourceCheck(STATE, True, len(priors), time.perf_counter() - started)], known
 
     def _from_pacs(self, current: Snapshot, known_srs: set[str]) -> tuple[list[Snapshot], SourceCheck]:
+        from node.priors import retrieve  # pynetdicom: loaded only by a worker that asks a PACS
+
         pacs, settings = self.pacs, self.settings
         assert pacs is not None
         started = time.perf_counter()
@@ -110,7 +102,7 @@ class PriorSources:
                             MANUFACTURER)
         source = f"pacs {pacs.describe()}"
         try:
-            found = find_sr_series(pacs, self.calling_ae, query, deadline, settings.max_series)
+            found = retrieve.find_sr_series(pacs, self.calling_ae, query, deadline, settings.max_series)
             wanted = [series for series in found if series.series_uid not in known_srs]
             datasets, how = self._retrieve(pacs, wanted, deadline) if wanted else ([], "")
         except PacsUnavailable as exc:
@@ -121,14 +113,15 @@ class PriorSources:
 
     def _retrieve(self, pacs: Pacs, wanted: list[FoundSeries], deadline: Deadline) -> tuple[list, str]:
         """C-GET unless configured to move; a refused C-GET falls back to C-MOVE."""
+        from node.priors import retrieve
         if self.settings.retrieve == "get":
             try:
-                return get_series(pacs, self.calling_ae, wanted, deadline), "get"
+                return retrieve.get_series(pacs, self.calling_ae, wanted, deadline), "get"
             except RetrieveRefused as exc:
                 log.info("event=priors_get_refused source=%s reason=%r: trying C-MOVE", pacs.describe(), str(exc))
         if self.inbox is None:
             raise PacsUnavailable("C-MOVE needs the priors inbox: [priors] ae_title and host")
-        return move_series(pacs, self.calling_ae, self.calling_ae, wanted, deadline, self.inbox), "move"
+        return retrieve.move_series(pacs, self.calling_ae, self.calling_ae, wanted, deadline, self.inbox), "move"
 
 
 def _read(datasets: list) -> list[Snapshot]:
