@@ -315,6 +315,7 @@ class PriorsConfig:
     ae_title: str = ""  # the PACS queried for the node's earlier SRs; empty: only the node's own state
     host: str = ""
     port: int = 104
+    tls: TlsClientConfig | None = None  # `tls = true` or a [priors.tls] table; absent: plain DICOM
     retrieve: str = "get"  # get (C-GET, falling back to C-MOVE when refused) or move (C-MOVE to receiver.ae_title)
     timeout_s: float = 5.0  # the whole PACS lookup (query and retrieve); past it the job goes on without
     max_series: int = 10  # SR series retrieved at most per job, newest first
@@ -326,6 +327,11 @@ class PriorsConfig:
     @property
     def pacs(self) -> bool:
         return bool(self.ae_title and self.host)
+
+    @property
+    def peer(self) -> DestinationConfig:
+        """The PACS as a DICOM peer, as node.query_retrieve asks one."""
+        return DestinationConfig(self.ae_title, self.host, self.port, self.tls)
 
 
 @dataclass
@@ -698,6 +704,8 @@ def _validate_tls(config: Config) -> None:
     peers = [(f"destinations[{i}]", d) for i, d in enumerate(config.destinations)]
     if config.backfill.pacs is not None:
         peers.append(("backfill.pacs", config.backfill.pacs))
+    if config.priors.pacs:
+        peers.append(("priors", config.priors.peer))
     for key, peer in peers:
         if peer.tls is not None and (peer.tls.certificate is None) != (peer.tls.private_key is None):
             raise ConfigError(f"{key}.tls.certificate and {key}.tls.private_key go together: set both or neither")

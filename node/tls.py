@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from node.config import ReceiverTlsConfig, TlsClientConfig
+from node.config import DestinationConfig, ReceiverTlsConfig, TlsClientConfig
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,13 @@ def client_context(config: TlsClientConfig, key: str = "tls") -> ssl.SSLContext:
 def server_name(config: TlsClientConfig, host: str) -> str:
     """The name the peer's certificate must carry."""
     return config.server_name or host
+
+
+def tls_args(peer: DestinationConfig, key: str = "tls") -> tuple[ssl.SSLContext, str] | None:
+    """pynetdicom's `tls_args` for a peer with `tls` set; None for plain DICOM. `key` names its settings in errors."""
+    if peer.tls is None:
+        return None
+    return client_context(peer.tls, key), server_name(peer.tls, peer.host)
 
 
 def _load(context: ssl.SSLContext, certificate: Path, private_key: Path, key: str) -> None:

@@ -20,13 +20,13 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from support import Clock
 
-from node.backfill.pacs import Answers, Retrieved
 from node.backfill.runner import BackfillRunner, next_day
 from node.backfill.windows import WindowError, is_open, next_open, parse_windows
 from node.config import BackfillConfig, Config, DestinationConfig, ReceiverConfig, SelectionConfig
 from node.ingest.receiver import Receiver
 from node.ingest.series import SeriesTracker
 from node.ingest.spool import Spool
+from node.query_retrieve import Answers, Retrieved
 from node.state.backfill import Candidate, CandidateStatus, NewBackfill
 from node.state.store import SeriesRecord, State, open_state
 

@@ -27,12 +27,12 @@ from datetime import date, datetime, timedelta
 
 from pydicom.dataset import Dataset
 
-from node.backfill.pacs import Answers, Pacs, PacsError, Retrieved, StoreHandlers
 from node.backfill.windows import is_open, parse_windows
 from node.config import BackfillQueryConfig, Config
 from node.ingest.series import SeriesSummary, selection_refusal
 from node.ingest.spool import Spool
 from node.pipeline.protocol import protocol_by_header
+from node.query_retrieve import Answers, Pacs, PacsError, Retrieved, Storage, StoreHandlers, storage_classes
 from node.state.backfill import Backfill, Candidate, CandidateRow
 from node.state.store import State
 
@@ -97,11 +97,10 @@ class BackfillRunner:
         self._settings = settings
         self._state = state
         self._spool = spool
-        self._store = store or []
-        self._spooled_classes = spooled_classes or []
+        self._storage = Storage(storage_classes(spooled_classes or []), store or [])
         self._clock = clock
         self._windows = parse_windows(settings.windows)
-        self._pacs = pacs or (Pacs(settings.pacs, config.receiver.ae_title, settings.timeout_s)
+        self._pacs = pacs or (Pacs(settings.pacs, config.receiver.ae_title, "backfill.pacs", settings.timeout_s)
                               if settings.pacs is not None else None)
         self._destination = settings.move_destination or config.receiver.ae_title
         self._pool = ThreadPoolExecutor(settings.max_associations, thread_name_prefix="backfill-retrieve")
@@ -264,7 +263,7 @@ class BackfillRunner:
     def _transfer(self, candidate: Candidate) -> Retrieved:
         identifier = retrieve_identifier(candidate)
         if self._settings.retrieve == "get":
-            return self._pacs.get(identifier, self._spooled_classes, self._store)
+            return self._pacs.get(identifier, self._storage)
         return self._pacs.move(identifier, self._destination)
 
     def _retry(self, row: CandidateRow, reason: str) -> None:

@@ -8,7 +8,6 @@ the caller too.
 from __future__ import annotations
 
 import logging
-import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 
 from node.config import DestinationConfig
-from node.tls import client_context, server_name
+from node.tls import tls_args
 
 log = logging.getLogger(__name__)
 
@@ -176,13 +175,6 @@ def _associate(
         evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: opened.append(True))], tls_args=tls_args(destination),
     )
     return assoc, bool(opened)
-
-
-def tls_args(peer: DestinationConfig) -> tuple[ssl.SSLContext, str] | None:
-    """pynetdicom's `tls_args` for a peer with `tls` set (node.tls.client_context); None for plain DICOM."""
-    if peer.tls is None:
-        return None
-    return client_context(peer.tls, "tls"), server_name(peer.tls, peer.host)
 
 
 def _association_failure(assoc: Association, connected: bool, destination: DestinationConfig) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from node.config import Config, PriorsConfig
 from node.priors.change import (
@@ -25,7 +25,10 @@ from node.priors.change import (
     snapshot_from_result,
 )
 from node.priors.inbox import PriorsInbox
-from node.priors.pacs import Deadline, FoundSeries, Pacs, PacsUnavailable, RetrieveRefused, SeriesQuery
+
+if TYPE_CHECKING:
+    from node.priors.retrieve import FoundSeries
+    from node.query_retrieve import Deadline, Pacs
 
 log = logging.getLogger(__name__)
 MANUFACTURER = "paraspinal-node"  # dicom_sr.options writes it into every result object
@@ -54,11 +57,6 @@ class PriorSources:
                    PriorsInbox.from_config(config))
 
     @property
-    def pacs(self) -> Pacs | None:
-        settings = self.settings
-        return Pacs(settings.ae_title, settings.host, settings.port) if settings.pacs else None
-
-    @property
     def lsc(self) -> LeastSignificantChange:
         s = self.settings
         return LeastSignificantChange(s.lsc_muscle_hu, s.lsc_muscle_volume_percent, s.lsc_bone_hu, s.lsc_liver_hu)
@@ -69,7 +67,7 @@ class PriorSources:
         if not current.subject.patient_id:
             return Longitudinal((SourceCheck(STATE, False, 0, 0.0, "the series has no Patient ID"),))
         priors, checks, known_srs = self._from_state(current)
-        if self.pacs is not None:
+        if self.settings.pacs:
             found, check = self._from_pacs(current, known_srs)
             priors += found
             checks.append(check)
@@ -93,19 +91,20 @@ class PriorSources:
 
     def _from_pacs(self, current: Snapshot, known_srs: set[str]) -> tuple[list[Snapshot], SourceCheck]:
         from node.priors import retrieve  # pynetdicom: loaded only by a worker that asks a PACS
+        from node.query_retrieve import Deadline, Pacs, PacsError
 
-        pacs, settings = self.pacs, self.settings
-        assert pacs is not None
+        settings = self.settings
+        pacs = Pacs(settings.peer, self.calling_ae, "priors", settings.timeout_s)
         started = time.perf_counter()
-        deadline = Deadline(settings.timeout_s)
-        query = SeriesQuery(current.subject.patient_id, current.subject.issuer_of_patient_id, self.sr_description,
-                            MANUFACTURER)
-        source = f"pacs {pacs.describe()}"
+        deadline = Deadline(settings.timeout_s, "priors.timeout_s")
+        query = retrieve.SeriesQuery(current.subject.patient_id, current.subject.issuer_of_patient_id,
+                                     self.sr_description, MANUFACTURER)
+        source = f"pacs {pacs.name}"
         try:
-            found = retrieve.find_sr_series(pacs, self.calling_ae, query, deadline, settings.max_series)
+            found = retrieve.find_sr_series(pacs, query, deadline, settings.max_series)
             wanted = [series for series in found if series.series_uid not in known_srs]
             datasets, how = self._retrieve(pacs, wanted, deadline) if wanted else ([], "")
-        except PacsUnavailable as exc:
+        except PacsError as exc:
             log.warning("event=priors_not_checked source=%s reason=%r", source, str(exc))
             return [], SourceCheck(source, False, 0, time.perf_counter() - started, str(exc))
         priors = _read(datasets)
@@ -114,14 +113,16 @@ class PriorSources:
     def _retrieve(self, pacs: Pacs, wanted: list[FoundSeries], deadline: Deadline) -> tuple[list, str]:
         """C-GET unless configured to move; a refused C-GET falls back to C-MOVE."""
         from node.priors import retrieve
+        from node.query_retrieve import PacsError, Refused
+
         if self.settings.retrieve == "get":
             try:
-                return retrieve.get_series(pacs, self.calling_ae, wanted, deadline), "get"
-            except RetrieveRefused as exc:
-                log.info("event=priors_get_refused source=%s reason=%r: trying C-MOVE", pacs.describe(), str(exc))
+                return retrieve.get_series(pacs, wanted, deadline), "get"
+            except Refused as exc:
+                log.info("event=priors_get_refused source=%s reason=%r: trying C-MOVE", pacs.name, str(exc))
         if self.inbox is None:
-            raise PacsUnavailable("C-MOVE needs the priors inbox: [priors] ae_title and host")
-        return retrieve.move_series(pacs, self.calling_ae, self.calling_ae, wanted, deadline, self.inbox), "move"
+            raise PacsError("C-MOVE needs the priors inbox: [priors] ae_title and host")
+        return retrieve.move_series(pacs, self.calling_ae, wanted, deadline, self.inbox), "move"
 
 
 def _read(datasets: list) -> list[Snapshot]:

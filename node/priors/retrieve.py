@@ -1,31 +1,44 @@
-"""C-FIND at series level, then C-GET, or C-MOVE to the node's own AE (pynetdicom; see node/priors/pacs.py).
+"""The priors' questions to the PACS: the node's SR series of a patient (C-FIND), then C-GET or C-MOVE.
 
-Imported only when a lookup asks a PACS, so that a worker without `[priors]` does not load pynetdicom.
+Every step shares one Deadline (`[priors] timeout_s`) through node.query_retrieve, and at most
+`max_series` series are retrieved. C-GET brings the SRs back on its own association; a PACS that
+refuses it (Refused: no C-GET context, or a failure status) is asked for a C-MOVE to the node's
+receiver, which keeps what arrives in the priors inbox. Imported only when a lookup asks a PACS, so
+that a worker without `[priors]` does not load pynetdicom.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, build_role, evt
-from pynetdicom.sop_class import (
-    Comprehensive3DSRStorage,
-    ComprehensiveSRStorage,
-    StudyRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelGet,
-    StudyRootQueryRetrieveInformationModelMove,
-)
+from pynetdicom import evt
+from pynetdicom.sop_class import Comprehensive3DSRStorage, ComprehensiveSRStorage
 
 from node.priors.inbox import PriorsInbox
-from node.priors.pacs import Deadline, FoundSeries, Pacs, PacsUnavailable, RetrieveRefused, SeriesQuery
+from node.query_retrieve import Deadline, Pacs, PacsError, Refused, Retrieved, Service, Storage
 
-PENDING = (0xFF00, 0xFF01)
-SR_CLASSES = (Comprehensive3DSRStorage, ComprehensiveSRStorage)
+SR_CLASSES = [Comprehensive3DSRStorage, ComprehensiveSRStorage]
 
 
-def find_sr_series(pacs: Pacs, calling_ae: str, query: SeriesQuery, deadline: Deadline, limit: int) -> list[FoundSeries]:
+@dataclass(frozen=True)
+class SeriesQuery:
+    """The node's own SR series of one patient: the C-FIND keys."""
+
+    patient_id: str
+    issuer_of_patient_id: str
+    series_description: str
+    manufacturer: str
+
+
+@dataclass(frozen=True)
+class FoundSeries:
+    study_uid: str
+    series_uid: str
+    study_date: str
+
+
+def find_sr_series(pacs: Pacs, query: SeriesQuery, deadline: Deadline, limit: int) -> list[FoundSeries]:
     """The patient's SR series this node wrote, newest study first, at most `limit`."""
     identifier = Dataset()
     identifier.QueryRetrieveLevel = "SERIES"
@@ -36,17 +49,11 @@ def find_sr_series(pacs: Pacs, calling_ae: str, query: SeriesQuery, deadline: De
     identifier.SeriesDescription = query.series_description
     identifier.Manufacturer = ""
     identifier.StudyInstanceUID = identifier.SeriesInstanceUID = identifier.StudyDate = ""
-    found = []
-    with _session(pacs, calling_ae, deadline, [StudyRootQueryRetrieveInformationModelFind]) as assoc:
-        for status, answer in assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind):
-            deadline.left()
-            code = int(status.get("Status", -1)) if status else -1
-            if code in PENDING and answer is not None:
-                if _ours(answer, query):
-                    found.append(FoundSeries(str(answer.StudyInstanceUID), str(answer.SeriesInstanceUID),
-                                             str(answer.get("StudyDate", "") or "")))
-            elif code != 0x0000:
-                raise PacsUnavailable(_status_reason("C-FIND", code))
+    answers = pacs.find(identifier, deadline)
+    if not answers.complete:
+        raise PacsError(f"{pacs.name} ended the C-FIND with {answers.describe()}")
+    found = [FoundSeries(str(answer.StudyInstanceUID), str(answer.SeriesInstanceUID),
+                         str(answer.get("StudyDate", "") or "")) for answer in answers.matches if _ours(answer, query)]
     found.sort(key=lambda s: s.study_date, reverse=True)
     return found[:limit]
 
@@ -59,8 +66,8 @@ def _ours(answer: Dataset, query: SeriesQuery) -> bool:
             and manufacturer in ("", query.manufacturer) and bool(answer.get("SeriesInstanceUID")))
 
 
-def get_series(pacs: Pacs, calling_ae: str, series: list[FoundSeries], deadline: Deadline) -> list[Dataset]:
-    """C-GET each series' SRs; RetrieveRefused when the PACS does not allow C-GET."""
+def get_series(pacs: Pacs, series: list[FoundSeries], deadline: Deadline) -> list[Dataset]:
+    """C-GET each series' SRs on one association; Refused when the PACS does not allow C-GET."""
     received: list[Dataset] = []
 
     def keep(event: evt.Event) -> int:
@@ -69,25 +76,18 @@ def get_series(pacs: Pacs, calling_ae: str, series: list[FoundSeries], deadline:
         received.append(dataset)
         return 0x0000
 
-    contexts = [StudyRootQueryRetrieveInformationModelGet, *SR_CLASSES]
-    roles = [build_role(uid, scp_role=True) for uid in SR_CLASSES]
-    with _session(pacs, calling_ae, deadline, contexts, roles, [(evt.EVT_C_STORE, keep)]) as assoc:
-        if not any(cx.abstract_syntax == StudyRootQueryRetrieveInformationModelGet for cx in assoc.accepted_contexts):
-            raise RetrieveRefused("the PACS accepts no C-GET")
+    with pacs.session(Service.GET, deadline, Storage(SR_CLASSES, [(evt.EVT_C_STORE, keep)])) as session:
         for found in series:
-            _retrieve(assoc.send_c_get(_series_identifier(found), StudyRootQueryRetrieveInformationModelGet),
-                      "C-GET", deadline, refused=RetrieveRefused)
+            _check(session.get(_series_identifier(found)), "C-GET", pacs)
     return received
 
 
-def move_series(pacs: Pacs, calling_ae: str, destination_ae: str, series: list[FoundSeries], deadline: Deadline,
+def move_series(pacs: Pacs, destination_ae: str, series: list[FoundSeries], deadline: Deadline,
                 inbox: PriorsInbox) -> list[Dataset]:
-    """C-MOVE each series' SRs to the node's receiver, then take them from the priors inbox."""
-    with _session(pacs, calling_ae, deadline, [StudyRootQueryRetrieveInformationModelMove]) as assoc:
+    """C-MOVE each series' SRs to the node's receiver on one association, then take them from the priors inbox."""
+    with pacs.session(Service.MOVE, deadline) as session:
         for found in series:
-            _retrieve(assoc.send_c_move(_series_identifier(found), destination_ae,
-                                        StudyRootQueryRetrieveInformationModelMove), "C-MOVE", deadline,
-                      refused=PacsUnavailable)
+            _check(session.move(_series_identifier(found), destination_ae), "C-MOVE", pacs)
     return inbox.take([found.series_uid for found in series])
 
 
@@ -99,50 +99,8 @@ def _series_identifier(found: FoundSeries) -> Dataset:
     return identifier
 
 
-def _retrieve(responses, what: str, deadline: Deadline, refused: type[Exception]) -> None:
-    """Wait for the final response; a failure (or nothing retrieved with failures) raises `refused`."""
-    for status, _ in responses:
-        deadline.left()
-        code = int(status.get("Status", -1)) if status else -1
-        if code in PENDING:
-            continue
-        failed = int(status.get("NumberOfFailedSuboperations", 0) or 0) if status else 0
-        completed = int(status.get("NumberOfCompletedSuboperations", 0) or 0) if status else 0
-        if code == 0x0000 or (code == 0xB000 and completed):
-            return
-        raise refused(_status_reason(what, code) + (f", {failed} failed" if failed else ""))
-
-
-@contextmanager
-def _session(pacs: Pacs, calling_ae: str, deadline: Deadline, contexts: list[str], roles=(),
-             handlers=()) -> Iterator:
-    """An association released when done, aborted when anything went wrong (no half-finished retrieve lingers)."""
-    assoc = _associate(pacs, calling_ae, deadline, contexts, roles, handlers)
-    try:
-        yield assoc
-    except BaseException:
-        assoc.abort()
-        raise
-    if assoc.is_established:
-        assoc.release()
-
-
-def _associate(pacs: Pacs, calling_ae: str, deadline: Deadline, contexts: list[str], roles=(), handlers=()):
-    ae = AE(ae_title=calling_ae)
-    for uid in contexts:
-        ae.add_requested_context(uid)
-    left = deadline.left()
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = left
-    assoc = ae.associate(pacs.host, pacs.port, ae_title=pacs.ae_title, ext_neg=list(roles), evt_handlers=list(handlers))
-    if not assoc.is_established:
-        if assoc.is_rejected:
-            raise PacsUnavailable(f"{pacs.describe()} rejected the association: is {calling_ae} a known modality there?")
-        deadline.left()
-        raise PacsUnavailable(f"{pacs.describe()} did not answer (down, or port closed)")
-    return assoc
-
-
-def _status_reason(what: str, code: int) -> str:
-    if code == -1:
-        return f"{what}: no answer within priors.timeout_s"
-    return f"{what} refused with status 0x{code:04X}"
+def _check(result: Retrieved, what: str, pacs: Pacs) -> None:
+    """Success, or a warning with something retrieved, is enough; anything else is Refused with the PACS's counts."""
+    if result.status == 0x0000 or (result.status == 0xB000 and result.completed):
+        return
+    raise Refused(f"{pacs.name} answered the {what} with {result.describe()}")
