@@ -186,6 +186,7 @@ def serve_warnings(config: Path, tmp_path: Path) -> set[str]:
     ('[receiver.tls]\ncertificate = "c"\nprivate_key = "k"\nrequire_client_certificate = false\nport = 11112\n',
      "differ from receiver.port"),
     ('[[destinations]]\nae_title = "P"\nhost = "h"\ntls = { certificate = "c" }\n', "go together"),
+    ('[priors]\nae_title = "P"\nhost = "h"\n[priors.tls]\nprivate_key = "k"\n', "priors.tls.certificate and"),
     ('[backfill]\nwindows = ["25:00-06:00"]\n', "not a time of day"),
     ('[backfill.pacs]\nae_title = "P"\nhost = "h"\n[backfill.query]\nprotocols = ["neck"]\n', "must name"),
 ])

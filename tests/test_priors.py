@@ -4,7 +4,8 @@ The later phantom is the default phantom with every muscle voxel 6 HU lower and 
 voxel between 100 and 600 HU 12 HU lower: the slabs, and so the volumes, stay; the medians move
 by exactly -6 and -12 (checked against the phantom's own truth). The earlier study is two years
 (731 days) before. Priors come from a real SQLite state, and from a real Orthanc holding the
-earlier SR: by C-GET, and by C-MOVE into a real receiver when Orthanc refuses C-GET.
+earlier SR: by C-GET, and by C-MOVE into a real receiver when Orthanc refuses C-GET; by C-GET
+over mutual DICOM TLS too (certificates from tests/tls_certs.py).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from test_readers import DCIODVFY, TID1500READER, complaints
 
 from dicom_sr import codes
 from dicom_sr.timepoint import tracking_uid
-from node.config import Config, PriorsConfig, ReceiverConfig
+from node.config import Config, PriorsConfig, ReceiverConfig, TlsClientConfig
 from node.ingest.receiver import Receiver
 from node.ingest.spool import Spool
 from node.pipeline.acquisition import Subject
@@ -368,6 +369,35 @@ def test_pacs_that_refuses_c_get_is_asked_for_a_c_move(tmp_path: Path, world: Wo
         move_only.stop()
     assert measurements["priors"]["searched"][1]["retrieve"] == "move"
     assert_exact_change(measurements, world, phantom)
+
+
+@needs_orthanc
+def test_prior_found_at_a_tls_pacs_and_refused_without_the_right_ca_or_tls(
+        world: World, phantom: ph.Phantom, pki, state: State, tmp_path: Path) -> None:
+    """[priors] tls: C-FIND and C-GET over mutual TLS with an Orthanc that speaks only TLS on its DICOM port."""
+    tls = {"DicomTlsEnabled": True, "DicomTlsCertificate": str(pki.server.certificate),
+           "DicomTlsPrivateKey": str(pki.server.key), "DicomTlsTrustedCertificates": str(pki.ca),
+           "DicomTlsRemoteCertificateRequired": True}
+    orthanc = Orthanc(tmp_path / "orthanc", {"node": Modality(NODE_AE, free_port(), tls=True)}, "TLSPACS", tls)
+    orthanc.start()
+    try:
+        orthanc.upload([world.prior_result.files["sr"]])
+        config = Config()
+        config.storage.state_dir = tmp_path / "node"
+        client = TlsClientConfig(ca_certificates=pki.ca, certificate=pki.client.certificate, private_key=pki.client.key)
+        config.priors = PriorsConfig(ae_title="TLSPACS", host="127.0.0.1", port=orthanc.dicom_port, tls=client)
+        measurements, result = later_json(world, PriorSources.from_config(config, state), tmp_path / "out")
+        current = result.measurement.to_dict()
+        other_ca = dataclasses.replace(client, ca_certificates=pki.other_ca)
+        refused = {name: pacs_sources(config, state, tls=tls).look_up(current).to_dict()["priors"]["searched"][1]
+                   for name, tls in (("another CA", other_ca), ("plain DICOM", None))}
+    finally:
+        orthanc.stop()
+    searched = measurements["priors"]["searched"][1]
+    assert (searched["status"], searched["found"], searched["retrieve"]) == ("checked", 1, "get")
+    assert_exact_change(measurements, world, phantom)
+    assert refused["another CA"]["status"] == "not checked" and "TLS" in refused["another CA"]["reason"]
+    assert refused["plain DICOM"]["status"] == "not checked", "Orthanc's DICOM port speaks TLS only"
 
 
 @needs_orthanc

@@ -196,7 +196,8 @@ def _echo(args: argparse.Namespace, config: Config) -> int:
     except ValueError as exc:
         print(f"paraspinal-node echo: {exc}", file=sys.stderr)
         return ExitCode.USAGE
-    known = [p for p in [*config.destinations, config.backfill.pacs] if p is not None]
+    priors = config.priors.peer if config.priors.pacs else None
+    known = [p for p in [*config.destinations, config.backfill.pacs, priors] if p is not None]
     peer = next((p for p in known if (p.ae_title, p.host, p.port) == (peer.ae_title, peer.host, peer.port)), peer)
     try:  # a configured peer is echoed with its TLS settings
         outcome = echo(peer, config.receiver.ae_title, config.delivery.timeout_s)

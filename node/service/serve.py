@@ -210,6 +210,8 @@ class Service:
         peers = [(f"destinations[{i}].tls", d) for i, d in enumerate(self.config.destinations)]
         if self.config.backfill.pacs is not None:
             peers.append(("backfill.pacs.tls", self.config.backfill.pacs))
+        if self.config.priors.pacs:
+            peers.append(("priors.tls", self.config.priors.peer))
         for key, peer in peers:
             if peer.tls is not None:
                 client_context(peer.tls, key)
