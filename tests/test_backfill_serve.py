@@ -143,6 +143,7 @@ def test_backfill_survives_kill_9_measures_each_chest_ct_once_and_sends_nothing(
     assert (done["found"], done["failed"]) == (2, 0)
     jobs = [j for j in serve.jobs() if j["status"] == "done"]
     assert sorted(j["series"] for j in jobs) == sorted(series), "a series missed or measured twice"
-    assert {p.stem for p in serve.results.glob("*.json")} == set(series)
+    wait_until(lambda: {p.stem for p in serve.results.glob("*.json")} == set(series),  # the delivery loop writes them
+               "both results in the results folder", WAIT_S)
     sops = {orthanc.metadata(i, "SopClassUid") for i in orthanc.get("/instances")}
     assert sops == {"1.2.840.10008.5.1.4.1.1.2"}, f"results were sent to the PACS: {sops}"
