@@ -64,6 +64,7 @@ from node.screening import Coverage, LevelStatus, coverage
 
 from . import codes
 from .biomarker_seg import parenchyma_label, trabecular_label
+from .encoding import comprehensive_3d_sr
 from .options import MANUFACTURER, EncodeOptions
 from .seg import SIDES, muscle_levels, muscle_segment_number
 from .study import character_set, copy_patient_and_study, procedure_reported, software_versions, source_images
@@ -143,7 +144,7 @@ def build_sr(ct: CTVolume, seg: Dataset, result: MeasurementResult, options: Enc
         imaging_measurements=groups,
     )
     settings = options.results
-    document = Comprehensive3DSR(
+    document = comprehensive_3d_sr(
         evidence=[*sources, seg],
         content=report[0],
         series_instance_uid=hd.UID(),
