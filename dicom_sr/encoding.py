@@ -21,16 +21,23 @@ give, item for item, and that the library details relied on below still hold.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from io import BytesIO
 
 from highdicom.sr import Comprehensive3DSR, ContainerContentItem, ContentSequence
-from pydicom.dataelem import RawDataElement
+from pydicom.charset import convert_encodings, default_encoding
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.filewriter import correct_ambiguous_vr
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import correct_ambiguous_vr, write_data_element
 
 CONTENT_SEQUENCE = 0x0040A730
 REFERENCE_VALUE_TYPES = ("IMAGE", "COMPOSITE")  # what highdicom's evidence check looks for
+# VRs whose bytes follow from a str or int/float value and the character set alone
+FLAT_VRS = frozenset({"AE", "CS", "SH", "LO", "ST", "LT", "UT", "UC", "UR", "US", "UL", "SS", "SL", "FL", "FD"})
+FLAT_TYPES = (str, int, float)
+CHARACTER_SET = 0x00080005
+SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 
 
 def comprehensive_3d_sr(evidence: Sequence[Dataset], content: ContainerContentItem, **kwargs) -> Comprehensive3DSR:
@@ -65,25 +72,80 @@ def referenced_instances(content: Dataset) -> set[str]:
 
 
 def encode(dataset: Dataset) -> bytes:
-    """The bytes of dataset.save_as(..., enforce_file_format=True)."""
+    """The bytes of dataset.save_as(..., enforce_file_format=True); `dataset` is left as it was."""
     syntax = dataset.file_meta.TransferSyntaxUID
     correct_ambiguous_vr(dataset, syntax.is_little_endian)
-    for item in _datasets(dataset):
-        if item.original_encoding == (None, None) and not any(isinstance(e, RawDataElement) for e in item.elements()):
-            # pydicom 3 skips its correction of a dataset whose original encoding and character
-            # set (`_character_set`, what it writes text in) are those it is written with.
-            item.set_original_encoding(syntax.is_implicit_VR, syntax.is_little_endian, item._character_set)
-    buffer = BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
+    swapped: list[tuple[Dataset, DataElement]] = []
+    try:
+        _prepare(dataset, syntax.is_implicit_VR, syntax.is_little_endian, swapped)
+        buffer = BytesIO()
+        dataset.save_as(buffer, enforce_file_format=True)
+        return buffer.getvalue()
+    finally:
+        for item, element in reversed(swapped):
+            item[element.tag] = element
 
 
-def _datasets(dataset: Dataset) -> Iterator[Dataset]:
-    """`dataset` and every sequence item in it, at any depth."""
-    pending = [dataset]
+def _prepare(dataset: Dataset, implicit: bool, little: bool, swapped: list[tuple[Dataset, DataElement]]) -> None:
+    """Mark the items created in memory as encoded the way they are written; swap repeated flat sequences for their bytes.
+
+    pydicom 3 skips its VR correction of a dataset whose original encoding and character set
+    (`_character_set`, which it compares) are those it writes with; it then writes a raw
+    element's bytes as they are (Dataset.set_original_encoding: "to enable optimized writing").
+    Two thirds of the SR's elements are in code sequences of some 70 distinct values.
+    """
+    cached = not implicit and little
+    ours: set[int] = set()
+    encoded: dict[tuple, RawDataElement] = {}
+    pending: list[tuple[Dataset, list[str]]] = [(dataset, convert_encodings(default_encoding))]
     while pending:
-        item = pending.pop()
-        yield item
-        for element in item.elements():
-            if element.VR == "SQ" and not isinstance(element, RawDataElement):
-                pending.extend(element.value)
+        item, parent_encodings = pending.pop()
+        elements = list(item.values())
+        if id(item) not in ours and item.original_encoding == (None, None) \
+                and not any(type(e) is RawDataElement for e in elements):
+            item.set_original_encoding(implicit, little, item._character_set)
+            ours.add(id(item))
+        # the character sets pydicom's write_dataset writes the item's elements in and passes on
+        encodings = convert_encodings(item.SpecificCharacterSet) if CHARACTER_SET in item else parent_encodings
+        flat = cached and id(item) in ours
+        for element in elements:
+            if element.VR != "SQ" or type(element) is RawDataElement:
+                continue
+            key = _flat_key(element, encodings, ours) if flat else None
+            if key is None:
+                pending.extend((child, encodings) for child in element.value)
+                continue
+            if key not in encoded:
+                for child in element.value:
+                    child.set_original_encoding(implicit, little, child._character_set)
+                    ours.add(id(child))
+                encoded[key] = _raw_sequence(element, encodings)
+            swapped.append((item, element))
+            item[element.tag] = encoded[key]
+
+
+def _flat_key(element: DataElement, encodings: list[str], ours: set[int]) -> tuple | None:
+    """What decides the bytes of a sequence of flat items created in memory (a code, say); None if it is not one."""
+    key: list = [element.tag, element.is_undefined_length, *encodings]
+    for item in element.value:
+        if id(item) not in ours and item.original_encoding != (None, None):
+            return None
+        key.append(item.is_undefined_length_sequence_item)
+        for field in item.values():
+            if type(field) is RawDataElement or field.VR not in FLAT_VRS or type(field.value) not in FLAT_TYPES:
+                return None
+            key.append((field.tag, field.VR, field.value))
+        key.append(None)  # end of item
+    return tuple(key)
+
+
+def _raw_sequence(element: DataElement, encodings: list[str]) -> RawDataElement:
+    """The element as pydicom writes it (explicit VR little endian), held as a raw element."""
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_data_element(fp, element, encodings)
+    value = fp.getvalue()[12:]  # after tag, VR, reserved bytes and length
+    if element.is_undefined_length:
+        value = value[: -len(SEQUENCE_DELIMITER)]  # which pydicom writes after a raw element's value
+    return RawDataElement(element.tag, "SQ", 0xFFFFFFFF if element.is_undefined_length else len(value), value, 0,
+                          False, True)

@@ -19,6 +19,7 @@ import numpy as np
 import phantom as ph
 import pydicom
 import pytest
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
@@ -36,7 +37,8 @@ from node.pipeline.segmentation import Segmentation
 
 GENERATED = {"ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime", "SeriesDate",
              "SeriesTime", "ContributionDateTime", "AcquisitionDateTime", "DateOfSecondaryCapture",
-             "TimeOfSecondaryCapture"}
+             "TimeOfSecondaryCapture",
+             "FileMetaInformationGroupLength"}  # follows the length of the generated UIDs
 
 
 def plain_encode(dataset: Dataset) -> bytes:
@@ -190,3 +192,19 @@ def test_encode_skips_pydicoms_repeated_corrections(monkeypatch):
     encode(_with_ambiguous_vr_in_a_sequence())
     corrected = [ds for ds in calls if not isinstance(ds, FileMetaDataset)]
     assert len(corrected) == 3  # ours, at the root and (recursing) its two items; pydicom's plain path: 6
+
+
+def test_encode_leaves_the_objects_as_they_were(measured_ct):
+    """`encode` swaps repeated code sequences for their bytes while it writes, and back."""
+    ct, seg, result = measured_ct
+    objects = build_results(ct, seg, result, EncodeOptions())
+    for dataset in (objects.seg, objects.sr):
+        first = encode(dataset)
+        pending = [dataset]
+        while pending:
+            item = pending.pop()
+            for element in item.values():
+                assert not isinstance(element, RawDataElement)
+                if element.VR == "SQ":
+                    pending.extend(element.value)
+        assert encode(dataset) == first == plain_encode(dataset)
