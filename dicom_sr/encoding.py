@@ -36,7 +36,6 @@ REFERENCE_VALUE_TYPES = ("IMAGE", "COMPOSITE")  # what highdicom's evidence chec
 # VRs whose bytes follow from a str or int/float value and the character set alone
 FLAT_VRS = frozenset({"AE", "CS", "SH", "LO", "ST", "LT", "UT", "UC", "UR", "US", "UL", "SS", "SL", "FL", "FD"})
 FLAT_TYPES = (str, int, float)
-CHARACTER_SET = 0x00080005
 SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 
 
@@ -97,29 +96,30 @@ def _prepare(dataset: Dataset, implicit: bool, little: bool, swapped: list[tuple
     cached = not implicit and little
     ours: set[int] = set()
     encoded: dict[tuple, RawDataElement] = {}
-    pending: list[tuple[Dataset, list[str]]] = [(dataset, convert_encodings(default_encoding))]
+    # (item, the character sets its parent passes on): pydicom's write_dataset(item, parent_encoding)
+    pending: list[tuple[Dataset, str | list[str]]] = [(dataset, default_encoding)]
     while pending:
-        item, parent_encodings = pending.pop()
+        item, parent_encoding = pending.pop()
         elements = list(item.values())
         if id(item) not in ours and item.original_encoding == (None, None) \
                 and not any(type(e) is RawDataElement for e in elements):
             item.set_original_encoding(implicit, little, item._character_set)
             ours.add(id(item))
-        # the character sets pydicom's write_dataset writes the item's elements in and passes on
-        encodings = convert_encodings(item.SpecificCharacterSet) if CHARACTER_SET in item else parent_encodings
+        encoding = item.get("SpecificCharacterSet", parent_encoding)  # what write_dataset writes the item in
+        passed_on = convert_encodings(encoding)  # what write_data_element passes on to the items of a sequence
         flat = cached and id(item) in ours
         for element in elements:
             if element.VR != "SQ" or type(element) is RawDataElement:
                 continue
-            key = _flat_key(element, encodings, ours) if flat else None
+            key = _flat_key(element, passed_on, ours) if flat else None
             if key is None:
-                pending.extend((child, encodings) for child in element.value)
+                pending.extend((child, passed_on) for child in element.value)
                 continue
             if key not in encoded:
                 for child in element.value:
                     child.set_original_encoding(implicit, little, child._character_set)
                     ours.add(id(child))
-                encoded[key] = _raw_sequence(element, encodings)
+                encoded[key] = _raw_sequence(element, encoding)
             swapped.append((item, element))
             item[element.tag] = encoded[key]
 
@@ -132,14 +132,18 @@ def _flat_key(element: DataElement, encodings: list[str], ours: set[int]) -> tup
             return None
         key.append(item.is_undefined_length_sequence_item)
         for field in item.values():
-            if type(field) is RawDataElement or field.VR not in FLAT_VRS or type(field.value) not in FLAT_TYPES:
+            if type(field) is RawDataElement or field.VR not in FLAT_VRS:
                 return None
-            key.append((field.tag, field.VR, field.value))
+            value = field.value
+            kind = type(value)
+            if kind not in FLAT_TYPES:
+                return None
+            key.append((field.tag, field.VR, kind, value.hex() if kind is float else value))  # -0.0 == 0.0
         key.append(None)  # end of item
     return tuple(key)
 
 
-def _raw_sequence(element: DataElement, encodings: list[str]) -> RawDataElement:
+def _raw_sequence(element: DataElement, encodings: str | list[str]) -> RawDataElement:
     """The element as pydicom writes it (explicit VR little endian), held as a raw element."""
     fp = DicomBytesIO()
     fp.is_little_endian, fp.is_implicit_VR = True, False

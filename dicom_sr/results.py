@@ -76,7 +76,7 @@ def build_results(ct: CTVolume, seg: Segmentation, result: MeasurementResult, op
     check_referable(ct)
     segments = segment_map(seg, result)
     seg_object = build_seg(ct, segments, result, options)
-    append_bone_and_organ_segments(seg_object, ct, seg, result, options)
+    append_bone_and_organ_segments(seg_object, ct, seg, result, options, segments.boxes)
     return ResultObjects(
         seg=seg_object,
         sr=build_sr(ct, seg_object, result, options),
