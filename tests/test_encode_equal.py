@@ -101,8 +101,9 @@ def measured_ct(tmp_path_factory):
     return ct, seg, measure(ct, seg, MeasureConfig())
 
 
-@pytest.mark.parametrize("results", [ResultsConfig(), ResultsConfig(labelmap=True, institution_name="Spital Zürich")],
-                         ids=["binary", "labelmap-utf8"])
+@pytest.mark.parametrize("results", [ResultsConfig(), ResultsConfig(labelmap=True, institution_name="Spital Zürich"),
+                                     ResultsConfig(jpeg2000=True)],
+                         ids=["binary", "labelmap-utf8", "jpeg2000"])
 def test_ct_results_equal_the_plain_encoders(measured_ct, results, tmp_path, monkeypatch):
     ct, seg, result = measured_ct
     options = EncodeOptions(results)
