@@ -13,7 +13,10 @@ plain datasets.
 again before writing each of its sequence items, each time over the whole subtree, so an item
 at depth d is corrected d times (a third of writing the SR). Here the whole tree is corrected
 once, as pydicom's first pass would, and every item created in memory is marked as already
-encoded the way it is written, so the writer's repeats are skipped.
+encoded the way it is written, so the writer's repeats are skipped. Two thirds of the SR's
+elements lie in code sequences of some 70 distinct values: each distinct flat sequence is
+written by pydicom once per object and its bytes stand in, as a raw element, for the others
+while the object is written; the elements are put back afterwards.
 
 tests/test_encode_equal.py checks that both give what highdicom and pydicom's plain paths
 give, item for item, and that the library details relied on below still hold.
