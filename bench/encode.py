@@ -21,6 +21,8 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 import phantom as ph  # noqa: E402
 
+from dicom_sr.biomarker_seg import append_bone_and_organ_segments  # noqa: E402
+from dicom_sr.encoding import encode  # noqa: E402
 from dicom_sr.keyimage import build_key_image  # noqa: E402
 from dicom_sr.options import EncodeOptions  # noqa: E402
 from dicom_sr.results import gc_paused, warm_up  # noqa: E402
@@ -62,18 +64,25 @@ def timed(label: str, timings: dict[str, tuple[float, float]], function, *args):
     return value
 
 
+def write(dataset: Dataset, path: Path) -> None:
+    """As write_results writes (encode, then the bytes), without its fsync."""
+    path.write_bytes(encode(dataset))
+
+
 def encode_once(ct: CTVolume, seg: Segmentation, result: MeasurementResult,
                 options: EncodeOptions) -> tuple[dict[str, tuple[float, float]], dict[str, int], int]:
-    """One job's encoding, timed per step; also the file sizes and the SEG's frame count."""
+    """One job's encoding as write_results does it, timed per step; also the file sizes and the SEG's frame count."""
     timings: dict[str, tuple[float, float]] = {}
     with tempfile.TemporaryDirectory() as out, gc_paused():  # as write_results does
         segments = timed("segment map", timings, segment_map, seg, result)
         seg_object = timed("SEG build", timings, build_seg, ct, segments, result, options)
-        timed("SEG write", timings, seg_object.save_as, Path(out) / "seg.dcm")
+        timed("SEG bone, organs", timings, append_bone_and_organ_segments, seg_object, ct, seg, result, options,
+              segments.boxes)
+        timed("SEG write", timings, write, seg_object, Path(out) / "seg.dcm")
         sr = timed("SR build", timings, build_sr, ct, seg_object, result, options)
-        timed("SR write", timings, sr.save_as, Path(out) / "sr.dcm")
+        timed("SR write", timings, write, sr, Path(out) / "sr.dcm")
         key_image = timed("key image build", timings, build_key_image, ct, segments, result, options)
-        timed("key image write", timings, key_image.save_as, Path(out) / "keyimage.dcm")
+        timed("key image write", timings, write, key_image, Path(out) / "keyimage.dcm")
         sizes = {p.name: p.stat().st_size for p in Path(out).iterdir()}
     return timings, sizes, int(seg_object.NumberOfFrames)
 

@@ -58,11 +58,15 @@ class _Extra:
 
 
 def append_bone_and_organ_segments(main: Dataset, ct: CTVolume, seg: Segmentation, result: MeasurementResult,
-                                   options: EncodeOptions) -> None:
-    """Add the trabecular and parenchyma segments to `main` (a BINARY SEG built by build_seg)."""
+                                   options: EncodeOptions, boxes: list | None = None) -> None:
+    """Add the trabecular and parenchyma segments to `main` (a BINARY SEG built by build_seg).
+
+    `boxes`: ndimage.find_objects(seg.labels) through AUTOCHTHON_RIGHT at least (SegmentMap.boxes),
+    to spare a pass over the volume.
+    """
     if options.results.labelmap:
         return
-    extras, numbers = _label_map(ct, seg, result)
+    extras, numbers = _label_map(ct, seg, result, boxes)
     if not extras or not numbers.any():
         return
     other = hd.seg.Segmentation(
@@ -80,9 +84,11 @@ def append_bone_and_organ_segments(main: Dataset, ct: CTVolume, seg: Segmentatio
     _merge(main, other, offset=len(main.SegmentSequence))
 
 
-def _label_map(ct: CTVolume, seg: Segmentation, result: MeasurementResult) -> tuple[list[_Extra], np.ndarray]:
+def _label_map(ct: CTVolume, seg: Segmentation, result: MeasurementResult,
+               boxes: list | None) -> tuple[list[_Extra], np.ndarray]:
     """Trabecular masks and organ parenchyma never overlap each other: one label map holds them all."""
-    boxes = ndimage.find_objects(seg.labels, max_label=AUTOCHTHON_RIGHT)
+    if boxes is None or len(boxes) < AUTOCHTHON_RIGHT:
+        boxes = ndimage.find_objects(seg.labels, max_label=AUTOCHTHON_RIGHT)
     numbers = np.zeros(ct.shape, np.uint8)
     extras: list[_Extra] = []
     low, high = float(result.method.parameters["body_hu_min"]), float(result.method.parameters["body_hu_max"])

@@ -35,6 +35,7 @@ from node.pipeline.mr_measure import DixonStats, MRLevelResult, MRMeasurementRes
 from node.screening import LevelStatus
 
 from . import codes
+from .encoding import comprehensive_3d_sr
 from .options import MANUFACTURER, EncodeOptions
 from .seg import SIDES, muscle_levels, muscle_segment_number
 from .sr import ALL_SIDES, _observation_context, _rating, _site, span_coverage, tracking_label
@@ -81,7 +82,7 @@ def build_mr_sr(image: CTVolume, seg: Dataset, result: MRMeasurementResult, opti
     report = MeasurementReport(observation_context=_observation_context(), procedure_reported=_procedure(sources[0]),
                                imaging_measurements=groups)
     settings = options.results
-    document = Comprehensive3DSR(
+    document = comprehensive_3d_sr(
         evidence=[*sources, seg], content=report[0], series_instance_uid=hd.UID(),
         series_number=settings.sr_series_number, sop_instance_uid=hd.UID(), instance_number=1,
         manufacturer=MANUFACTURER, is_complete=True, series_description=settings.sr_series_description,

@@ -6,7 +6,6 @@ import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from io import BytesIO
 from pathlib import Path
 
 import highdicom as hd
@@ -21,6 +20,7 @@ from node.pipeline.measure import MeasurementResult
 from node.pipeline.segmentation import Segmentation
 
 from .biomarker_seg import append_bone_and_organ_segments
+from .encoding import encode
 from .keyimage import build_key_image
 from .options import EncodeOptions
 from .seg import build_seg, segment_map
@@ -77,7 +77,7 @@ def build_results(ct: CTVolume, seg: Segmentation, result: MeasurementResult, op
     check_referable(ct)
     segments = segment_map(seg, result)
     seg_object = build_seg(ct, segments, result, options)
-    append_bone_and_organ_segments(seg_object, ct, seg, result, options)
+    append_bone_and_organ_segments(seg_object, ct, seg, result, options, segments.boxes)
     return ResultObjects(
         seg=seg_object,
         sr=build_sr(ct, seg_object, result, options),
@@ -112,6 +112,4 @@ def write_results(ct: CTVolume, seg: Segmentation, result: MeasurementResult, ou
 
 def write_dataset(dataset: Dataset, path: Path) -> None:
     """Durable before the worker records the job done and queues its deliveries."""
-    buffer = BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    write_atomic(path, buffer.getvalue())
+    write_atomic(path, encode(dataset))

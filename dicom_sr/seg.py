@@ -32,7 +32,7 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 from scipy import ndimage
 
-from node.labels import AUTOCHTHON_LEFT, AUTOCHTHON_RIGHT, MEASURED_LEVELS, VERTEBRA_LABEL
+from node.labels import AUTOCHTHON_LEFT, AUTOCHTHON_RIGHT, LIVER, MEASURED_LEVELS, SPLEEN, VERTEBRA_LABEL
 from node.pipeline.ct import CTVolume
 from node.pipeline.measure import MeasurementResult, Software
 from node.pipeline.segmentation import Segmentation
@@ -45,6 +45,7 @@ SIDES = ("left", "right")
 SIDE_LABEL = {"left": AUTOCHTHON_LEFT, "right": AUTOCHTHON_RIGHT}
 MUSCLE_SEGMENTS = 2 * len(MEASURED_LEVELS)  # on chest CT without lumbar levels
 REFERENCED_SEGMENT_NUMBER = 0x0062000B
+BOXED_LABELS = max(*VERTEBRA_LABEL.values(), AUTOCHTHON_LEFT, AUTOCHTHON_RIGHT, LIVER, SPLEEN)
 
 
 @dataclass(frozen=True)
@@ -78,19 +79,21 @@ class SegmentMap:
     """The SEG's segments and, on the CT grid, the segment number of every voxel (0 = none).
 
     `numbers` gives a shared slice to its upper level; `shared` lists what the lower levels
-    also hold there; `levels` are the muscle levels in segment order.
+    also hold there; `levels` are the muscle levels in segment order; `boxes` are
+    ndimage.find_objects of the labels (label i at i - 1) through every label the SEG uses.
     """
 
     specs: list[SegmentSpec]
     numbers: np.ndarray  # uint8 [k, r, c]
     shared: list[SharedSlice]
     levels: tuple[str, ...]
+    boxes: list[tuple[slice, ...] | None]
 
 
 def segment_map(seg: Segmentation, result: MeasurementResult) -> SegmentMap:
     """Only slab slices and vertebra bounding boxes are visited: a full pass over 10^8 voxels costs seconds."""
     levels = muscle_levels(result)
-    boxes = ndimage.find_objects(seg.labels, max_label=max(VERTEBRA_LABEL.values()))
+    boxes = ndimage.find_objects(seg.labels, max_label=BOXED_LABELS)  # one pass, whatever the number of labels
     present = [level for level in levels if boxes[VERTEBRA_LABEL[level] - 1] is not None]
     specs = [SegmentSpec(muscle_segment_number(level, side, levels), level, side) for level in levels for side in SIDES]
     specs += [SegmentSpec(2 * len(levels) + 1 + i, level, None) for i, level in enumerate(present)]
@@ -99,7 +102,7 @@ def segment_map(seg: Segmentation, result: MeasurementResult) -> SegmentMap:
     for spec in specs[2 * len(levels):]:
         box = boxes[VERTEBRA_LABEL[spec.level] - 1]
         numbers[box][seg.labels[box] == VERTEBRA_LABEL[spec.level]] = spec.number
-    return SegmentMap(specs, numbers, shared, levels)
+    return SegmentMap(specs, numbers, shared, levels, boxes)
 
 
 def _paint_muscle(numbers: np.ndarray, labels: np.ndarray, result: MeasurementResult,

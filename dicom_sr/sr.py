@@ -63,6 +63,7 @@ from node.screening import Coverage, LevelStatus, coverage
 
 from . import codes
 from .biomarker_seg import parenchyma_label, trabecular_label
+from .encoding import comprehensive_3d_sr
 from .options import MANUFACTURER, EncodeOptions
 from .seg import SIDES, muscle_levels, muscle_segment_number
 from .study import character_set, copy_patient_and_study, procedure_reported, software_versions, source_images
@@ -146,7 +147,7 @@ def build_sr(ct: CTVolume, seg: Dataset, result: MeasurementResult, options: Enc
     )
     describe_acquisition(report[0], result)
     settings = options.results
-    document = Comprehensive3DSR(
+    document = comprehensive_3d_sr(
         evidence=[*sources, seg, *time.evidence()],
         content=report[0],
         series_instance_uid=hd.UID(),

@@ -26,8 +26,8 @@ from node.labels import AUTOCHTHON_LEFT, AUTOCHTHON_RIGHT, LUMBAR, ROI_SUBSET, V
 from node.pipeline.contrast import contrast_status
 from node.pipeline.ct_load import load_ct
 from node.pipeline.measure import measure
-from node.pipeline.protocol import choose_protocol
 from node.pipeline.segmentation import Segmentation
+from node.protocol import choose_protocol
 from node.state.store import SeriesRecord
 from node.state.worklist import columns, worklist_row
 

@@ -32,7 +32,7 @@ from node.service.worker import Stop, Worker, install_stop_handler
 from node.state.store import JobStatus, SeriesRecord, State, open_state
 
 WAIT_S = 60.0
-STAGES = ["load", "segment", "measure", "encode"]
+STAGES = ["load", "segment", "measure", "priors", "encode"]
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from node.backfill.windows import is_open, parse_windows
 from node.config import BackfillQueryConfig, Config
 from node.ingest.series import SeriesSummary, selection_refusal
 from node.ingest.spool import Spool
-from node.pipeline.protocol import protocol_by_header
+from node.protocol import protocol_by_header
 from node.query_retrieve import Answers, Pacs, PacsError, Retrieved, Storage, StoreHandlers, storage_classes
 from node.state.backfill import Backfill, Candidate, CandidateRow
 from node.state.store import State

@@ -7,7 +7,7 @@ its vBMD code) is, per level (T1–T10 there; the same rule at L1–L5):
   muscle    = (autochthon_left ∪ autochthon_right) on the slab's slices
 and a span's total (T1–T10, L1–L5) is the muscle on the union of its levels' slabs. Attenuation
 is the median HU of all muscle voxels with no HU window (the `lean` block adds the −29..150 HU
-window users ask for). Which levels are reported is the series' protocol (node.pipeline.protocol).
+window users ask for). Which levels are reported is the series' protocol (node.protocol).
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from node.pipeline.contrast import ContrastStatus, contrast_status
 from node.pipeline.ct import CTVolume
 from node.pipeline.flags import Flag
 from node.pipeline.liver import LiverResult, measure_liver
-from node.pipeline.protocol import choose_protocol
 from node.pipeline.segmentation import Segmentation
 from node.pipeline.stats import HUStats, hu_stats
+from node.protocol import choose_protocol
 from node.screening import LevelStatus
 
 if TYPE_CHECKING:

@@ -39,8 +39,8 @@ from node.pipeline.measure import (
     union_of_slabs,
 )
 from node.pipeline.mr_load import MRImages
-from node.pipeline.protocol import choose_protocol
 from node.pipeline.segmentation import Segmentation
+from node.protocol import choose_protocol
 from node.screening import NO_DIXON, LevelStatus
 
 METHOD_NAME = "mr-dixon"

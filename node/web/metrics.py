@@ -25,7 +25,7 @@ from node.config import Config
 from node.state.store import JobStatus, State
 from node.web.status import THROUGHPUT_WINDOW_S, Live, WorkerView, weights_missing, worker_views
 
-STAGES = ("fetch", "load", "segment", "measure", "encode", "stow", "deliver")  # fetch, stow: remote workers
+STAGES = ("fetch", "load", "segment", "measure", "priors", "encode", "stow", "deliver")  # fetch, stow: remote workers
 BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 _RULE = re.compile(r"selection\.([a-z_]+)")
 GPU_QUERY_INTERVAL_S = 5.0
