@@ -32,7 +32,7 @@ from node.service.worker import Stop, Worker, install_stop_handler
 from node.state.store import JobStatus, SeriesRecord, State, open_state
 
 WAIT_S = 60.0
-STAGES = ["load", "segment", "measure", "priors", "encode"]
+STAGES = ["load", "segment", "measure", "encode"]  # and "priors" between measure and encode where the worker compares
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ def assert_done_once(state: State, config: Config, job_id: int, series_uid: str)
     assert all(Path(d.file).is_file() for d in deliveries if d.destination != RESULTS_FOLDER)
     (folder,) = [d for d in deliveries if d.destination == RESULTS_FOLDER]
     assert (Path(folder.file) / "measurements.json").is_file()
-    assert [t.stage for t in state.stage_timings([job_id])] == STAGES
+    assert [t.stage for t in state.stage_timings([job_id]) if t.stage != "priors"] == STAGES
 
 
 def test_next_job_loads_and_previous_job_encodes_while_the_engine_runs_one(config: Config, state: State,

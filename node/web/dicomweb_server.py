@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import ssl
-import threading
-import time
 
 import uvicorn
 
@@ -19,11 +17,9 @@ from node.service.dicomweb_client import read_token
 from node.state.store import State
 from node.web.auth import is_loopback
 from node.web.dicomweb import DicomwebSite
-from node.web.server import _bind
+from node.web.server import AppThread, bind
 
 log = logging.getLogger(__name__)
-
-START_TIMEOUT_S = 10.0
 
 
 class ListenerError(Exception):
@@ -46,15 +42,14 @@ class DicomwebServer:
         self._config = config
         token = read_token(config.dicomweb.token_file, "dicomweb.token_file")  # TokenError refuses the start
         self._app = DicomwebSite(config, state, token).app()
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
+        self._running: AppThread | None = None
         self.port: int | None = None
 
     def start(self) -> None:
         """Listen and serve in a background thread; ListenerError when the address or TLS files cannot be used."""
         web = self._config.dicomweb
         try:
-            sock = _bind(web.bind, web.port)
+            sock = bind(web.bind, web.port)
         except OSError as exc:
             raise ListenerError(f"cannot serve DICOMweb on {web.bind}:{web.port} ({exc.strerror or exc}): stop what "
                                 "uses the port or change dicomweb.port / dicomweb.bind") from None
@@ -73,21 +68,13 @@ class DicomwebServer:
             sock.close()
             raise ListenerError(f"cannot use dicomweb.tls_certificate, tls_private_key or ca_certificates ({exc}): "
                                 "give readable PEM files, the key matching the certificate") from None
-        self._server = uvicorn.Server(settings)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, name="dicomweb",
-                                        daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not self._server.started and self._thread.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.01)
+        self._running = AppThread(settings, sock, "dicomweb")
         if (warning := exposure_warning(web)) is not None:
             log.warning("event=dicomweb_unencrypted reason=\"%s\"", warning)
         log.info("event=dicomweb_started address=%s:%d tls=%s client_certificates=%s url=%s", web.bind, self.port,
                  web.tls_certificate is not None, web.ca_certificates is not None, web.url)
 
     def stop(self) -> None:
-        if self._server is None:
-            return
-        self._server.should_exit = True
-        self._thread.join(10.0)
-        self._server = None
+        if self._running is not None:
+            self._running.stop()
+            self._running = None
