@@ -69,11 +69,19 @@ def _is_library(record: logging.LogRecord) -> bool:
 
 
 def _library_text(record: logging.LogRecord) -> str:
-    """A library record's text as the library meant it (escaped as a whole afterwards)."""
+    """A library record's text as the library meant it (escaped as a whole afterwards), person names redacted."""
     try:
-        return record.getMessage()
+        text = record.getMessage()
     except (TypeError, ValueError):  # a malformed call: show it rather than lose the line
-        return f"{record.msg} args={record.args!r}"
+        text = f"{record.msg} args={record.args!r}"
+    if _ABOUT_A_PERSON.search(text):  # everything from the first quote on may be the name: cut it
+        return _QUOTE.split(text, maxsplit=1)[0] + "<value redacted>"
+    return text
+
+
+# pydicom quotes the value it finds invalid ("Invalid value for VR PN: 'Doe^Jane\n'."): never a name in the log.
+_ABOUT_A_PERSON = re.compile(r"\bPN\b|Person ?Name|Patient'?s? ?Name", re.IGNORECASE)
+_QUOTE = re.compile(r"""['"]""")
 
 
 def message(record: logging.LogRecord) -> str:

@@ -91,6 +91,14 @@ def test_a_library_message_quoting_a_peer_value_is_one_escaped_field(formatter: 
     assert pairs["level"] == "WARNING" and pairs["message"] == text
 
 
+@pytest.mark.parametrize("formatter", [KeyValueFormatter(), JsonFormatter()])
+def test_a_library_message_quoting_a_person_name_keeps_its_reason_but_not_the_name(formatter: logging.Formatter) -> None:
+    # pydicom's wording for a value it finds invalid (pydicom.valuerep.validate_regex), and a possessive form
+    for text in (f"Invalid value for VR PN: {'Doe^Jane' + chr(10)!r}.", "Invalid Patient's Name 'Doe^Jane'"):
+        line = formatter.format(library_record("py.warnings", text))
+        assert "Doe" not in line and "Jane" not in line and "<value redacted>" in line
+
+
 def test_warnings_thread_crashes_and_lines_outside_associations_all_reach_the_formatter(capsys: pytest.CaptureFixture) -> None:
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
