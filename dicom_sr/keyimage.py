@@ -16,6 +16,8 @@ with the reasons noted.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -255,6 +257,25 @@ def snapshot_values(result: MeasurementResult) -> dict[QuantityKey, float]:
     return dict(snapshot_from_result(result.to_dict(), Origin.CURRENT).values)
 
 
+def dark_table(axes, header: list[str], rows: list[list[str]], widths: list[float], fontsize: int,
+               levels: list[str], bold: Callable[[int], bool]):
+    """The key image's table, white on black: the header and the `bold` rows in bold, the first len(levels)
+    rows' names in their SEG colours (CT and MR tables alike)."""
+    table = axes.table(cellText=rows, colLabels=header, loc="upper center", cellLoc="center", colWidths=widths)
+    table.auto_set_font_size(False)
+    table.set_fontsize(fontsize)
+    table.scale(1.0, 1.6)
+    for (row, column), cell in table.get_celld().items():
+        cell.set_facecolor("black")
+        cell.set_edgecolor("#555555")
+        cell.get_text().set_color("white")
+        if row == 0 or bold(row):
+            cell.get_text().set_weight("bold")
+        if column == 0 and 0 < row <= len(levels):
+            cell.get_text().set_color(np.array(codes.LEVEL_RGB[levels[row - 1]]) / 255)
+    return table
+
+
 def _draw_table(axes, result: MeasurementResult, options: EncodeOptions) -> None:
     axes.set_axis_off()
     header = ["Level", "Volume (cm³)", "Median HU", "HU left / right", "Status", "Bone HU"]
@@ -265,22 +286,11 @@ def _draw_table(axes, result: MeasurementResult, options: EncodeOptions) -> None
     rows += [[level, "", "", "", "", cell] for level, cell in bone.items()]
     incomplete = {len(levels) + 1 + i for i, total in enumerate(result.totals)
                   if span_coverage(result, total.span).status is not LevelStatus.COMPLETE}
-    table = axes.table(cellText=rows, colLabels=header, loc="upper center", cellLoc="center",
-                       colWidths=[0.1, 0.18, 0.16, 0.22, 0.16, 0.18])
-    table.auto_set_font_size(False)
-    table.set_fontsize(11)
-    table.scale(1.0, 1.6)
-    for (row, column), cell in table.get_celld().items():
-        cell.set_facecolor("black")
-        cell.set_edgecolor("#555555")
-        cell.get_text().set_color("white")
-        if row == 0 or len(levels) < row <= len(levels) + len(result.totals):
-            cell.get_text().set_weight("bold")
-        if column == 0 and 0 < row <= len(levels):
-            cell.get_text().set_color(np.array(codes.LEVEL_RGB[levels[row - 1].level]) / 255)
-        if row in incomplete and column == 4:
-            cell.get_text().set_color("orange")
-            cell.get_text().set_fontsize(8)  # "INCOMPLETE" fits the status column
+    table = dark_table(axes, header, rows, [0.1, 0.18, 0.16, 0.22, 0.16, 0.18], 11, [level.level for level in levels],
+                       lambda row: len(levels) < row <= len(levels) + len(result.totals))
+    for row in incomplete:
+        table[row, 4].get_text().set_color("orange")
+        table[row, 4].get_text().set_fontsize(8)  # "INCOMPLETE" fits the status column
     _draw_flag(axes, result, options)
     _draw_biomarkers(axes, result)
 

@@ -22,7 +22,6 @@ from node.pipeline.mr_load import MRImages  # noqa: E402
 from node.pipeline.mr_measure import DixonStats, MRMeasurementResult  # noqa: E402
 from node.screening import LevelStatus  # noqa: E402
 
-from . import codes  # noqa: E402
 from .keyimage import (  # noqa: E402
     DERIVED_BANNER,
     DPI,
@@ -37,6 +36,7 @@ from .keyimage import (  # noqa: E402
     _muscle_depth,
     _orient,
     _picture_axes,
+    dark_table,
 )
 from .seg import SegmentMap  # noqa: E402
 from .sr import span_coverage  # noqa: E402
@@ -95,19 +95,8 @@ def _draw_table(axes, result: MRMeasurementResult) -> None:
         status = span_coverage(result, total.span).status
         sides = total.sides
         rows.append(_row(total.span.name, sides.left, sides.right, sides.combined, status, STATUS_MARK[status]))
-    table = axes.table(cellText=rows, colLabels=header, loc="upper center", cellLoc="center",
-                       colWidths=[0.09, 0.13, 0.11, 0.18, 0.2, 0.15, 0.12])
-    table.auto_set_font_size(False)
-    table.set_fontsize(10)
-    table.scale(1.0, 1.6)
-    for (row, column), cell in table.get_celld().items():
-        cell.set_facecolor("black")
-        cell.set_edgecolor("#555555")
-        cell.get_text().set_color("white")
-        if row == 0 or row > len(result.levels):
-            cell.get_text().set_weight("bold")
-        if column == 0 and 0 < row <= len(result.levels):
-            cell.get_text().set_color(np.array(codes.LEVEL_RGB[result.levels[row - 1].level]) / 255)
+    dark_table(axes, header, rows, [0.09, 0.13, 0.11, 0.18, 0.2, 0.15, 0.12], 10,
+               [level.level for level in result.levels], lambda row: row > len(result.levels))
     note = (f"Grade: simplified Goutallier of the {result.fat.grade_metric.replace('_', ' ')}\n"
             "I < 10 %, II 10-50 %, III > 50 %" if result.fat.dixon else "Fat grade not assessed: no Dixon")
     axes.text(0.5, 0.12, note, color="white" if result.fat.dixon else "orange", ha="center", va="center",

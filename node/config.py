@@ -434,20 +434,23 @@ _VALID_ENGINES = ("resident", "totalsegmentator")
 
 def load_config(path: Path | None = None, environ: typing.Mapping[str, str] | None = None) -> Config:
     """Read `path` (or only defaults), apply environment overrides, validate."""
-    raw: dict = {}
-    if path is not None:
-        try:
-            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} not found: pass an existing --config FILE") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    raw = _read_toml(path, "config file", "--config") if path is not None else {}
     config = _build(Config, raw, "")
     environ = os.environ if environ is None else environ
     _apply_environment(config, environ)
     _place_under_state_dir(config, raw.get("segmenter", {}), environ)
     _validate(config)
     return config
+
+
+def _read_toml(path: Path, what: str, option: str) -> dict:
+    """The TOML file given by `option`, or a ConfigError naming it and the fix."""
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} not found: pass an existing {option} FILE") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{what} {path} is not valid TOML: {exc}") from None
 
 
 def _place_under_state_dir(config: Config, segmenter: dict, environ: typing.Mapping[str, str]) -> None:
@@ -752,12 +755,7 @@ def validate_query(query: BackfillQueryConfig, protocols: list[ProtocolConfig], 
 
 def load_query(path: Path, config: Config) -> BackfillQueryConfig:
     """`--query-config FILE`: a [query] table of BackfillQueryConfig keys over the config's backfill.query."""
-    try:
-        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"query config {path} not found: pass an existing --query-config FILE") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"query config {path} is not valid TOML: {exc}") from None
+    raw = _read_toml(path, "query config", "--query-config")
     unknown = sorted(set(raw) - {"query"})
     if unknown:
         raise ConfigError(f"query config {path}: unknown table or key {unknown[0]!r}: put the keys under [query]")

@@ -54,25 +54,21 @@ class PrecomputedSegmenter:
         self.model_s = config.simulated_model_s
 
     def segment(self, ct: CTVolume) -> Segmentation:
-        time.sleep(self.model_s)  # a model's time, for scale-out benches and fault tests (0 by default)
-        folder = self.root / str(ct.series_uid)
-        if not folder.is_dir():
-            raise PrecomputedMissingError(
-                f"no precomputed segmentation in {folder} yet: the job waits until the TotalSegmentator output "
-                "for this series is put there"
-            )
-        return load_segmentation(folder, ct)
+        return load_segmentation(self._folder(ct, "the TotalSegmentator output for this series is"), ct)
 
     def segment_mr(self, image: CTVolume) -> Segmentation:
         """The MR series' masks from `precomputed_dir/<SeriesInstanceUID>/`, named as total_mr and vertebrae_mr name them."""
+        return load_mr_segmentation(self._folder(image, "the total_mr and vertebrae_mr masks of this series are"), image)
+
+    def _folder(self, image: CTVolume, what: str) -> Path:
+        """The series' folder, after a model's time (for scale-out benches and fault tests; 0 by default)."""
         time.sleep(self.model_s)
         folder = self.root / str(image.series_uid)
         if not folder.is_dir():
             raise PrecomputedMissingError(
-                f"no precomputed segmentation in {folder} yet: the job waits until the total_mr and vertebrae_mr "
-                "masks of this series are put there"
+                f"no precomputed segmentation in {folder} yet: the job waits until {what} put there"
             )
-        return load_mr_segmentation(folder, image)
+        return folder
 
 
 def _load_folder(folder: Path, ct: CTVolume) -> Segmentation:

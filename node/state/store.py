@@ -495,7 +495,7 @@ class State(BackfillState):
                    VALUES (?, ?, ?, 'pending', ?, ?, ?) ON CONFLICT (job_id, destination, file) DO NOTHING""",
                 [(job_id, destination, file, tx.now, tx.now, tx.now) for destination, file in rows])
             tx.execute("DELETE FROM staged_deliveries WHERE job_id = ?", (job_id,))
-            self._end_run(tx, token, RunOutcome.DONE)
+            self._end_run(tx, token, True, RunOutcome.DONE)
             return True
 
         return self._db.write(finish)
@@ -510,7 +510,7 @@ class State(BackfillState):
                    lease_owner = NULL, lease_expires_at = NULL, updated_at = :now WHERE {_HELD}""",
                 {"status": status, "error": error, "retry": tx.now + retry_in_s if retry_in_s is not None else 0,
                  "finished": finished, "now": tx.now, "id": job_id, "token": token}).rowcount == 1
-            return ok and self._end_run(tx, token, RunOutcome.FAILED)
+            return self._end_run(tx, token, ok, RunOutcome.FAILED)
 
         return self._db.write(record)
 
@@ -522,7 +522,7 @@ class State(BackfillState):
                 f"""UPDATE jobs SET status = 'held', last_error = :reason, attempts = greatest(attempts - 1, 0),
                    lease_owner = NULL, lease_expires_at = NULL, updated_at = :now WHERE {_HELD}""",
                 {"reason": reason, "now": tx.now, "id": job_id, "token": token}).rowcount == 1
-            return ok and self._end_run(tx, token, RunOutcome.HELD)
+            return self._end_run(tx, token, ok, RunOutcome.HELD)
 
         return self._db.write(park)
 
@@ -534,15 +534,17 @@ class State(BackfillState):
                 f"""UPDATE jobs SET status = 'queued', attempts = greatest(attempts - 1, 0), lease_owner = NULL,
                    lease_expires_at = NULL, updated_at = :now WHERE {_HELD}""",
                 {"now": tx.now, "id": job_id, "token": token}).rowcount == 1
-            return ok and self._end_run(tx, token, RunOutcome.RELEASED)
+            return self._end_run(tx, token, ok, RunOutcome.RELEASED)
 
         return self._db.write(give_back)
 
     @staticmethod
-    def _end_run(tx: Transaction, token: int, outcome: RunOutcome) -> bool:
-        tx.execute("UPDATE runs SET ended_at = ?, outcome = ? WHERE token = ? AND ended_at IS NULL",
-                   (tx.now, str(outcome), token))
-        return True
+    def _end_run(tx: Transaction, token: int, changed: bool, outcome: RunOutcome) -> bool:
+        """The run of `token` ends with `outcome` when its job `changed` (the token held the lease); says `changed`."""
+        if changed:
+            tx.execute("UPDATE runs SET ended_at = ?, outcome = ? WHERE token = ? AND ended_at IS NULL",
+                       (tx.now, str(outcome), token))
+        return changed
 
     def release_held(self) -> int:
         """Queue every held job again; returns how many."""
